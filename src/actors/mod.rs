@@ -1,0 +1,192 @@
+//! The live side of the fleet: shard supervisors and one actor per active orb.
+//!
+//! [`Fleet`] is the only door in: listeners and the API call its methods, which route by a
+//! stable hash of `(tenant, orb)` to a shard, which activates the orb's actor on demand.
+//! Calls carry a timeout (`ACTOR_CALL_TIMEOUT_MS`); casts are used where nobody waits.
+
+pub mod orb;
+pub mod shard;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef};
+
+use crate::clock::Clock;
+use crate::error::{ApiError, ErrorCode};
+use crate::limits::ACTOR_CALL_TIMEOUT_MS;
+use crate::metrics::Metrics;
+use crate::model::orb::{ConnectRequest, DisconnectReason, OrbRecord, OrbStatus};
+use crate::model::state_report::StateReport;
+use crate::model::{OrbKey, TelemetryPoint};
+use crate::storage::Store;
+use orb::{KickSender, OrbMsg};
+use shard::{ShardActor, ShardArgs, ShardMsg};
+
+/// What every orb actor and shard shares: immutable configuration and handles.
+pub struct OrbCtx {
+    pub store: Store,
+    pub clock: Clock,
+    pub metrics: Arc<Metrics>,
+    /// `--dev`: the dev tenant admits anonymous clients and registers orbs on first contact.
+    pub dev: bool,
+    /// Identifies this process in presence records.
+    pub boot_id: u64,
+    pub idle_passivate_ms: u64,
+}
+
+/// Handle to the shards; cheap to clone.
+#[derive(Clone)]
+pub struct Fleet {
+    shards: Arc<Vec<ActorRef<ShardMsg>>>,
+    ctx: Arc<OrbCtx>,
+}
+
+fn timeout() -> Option<Duration> {
+    Some(Duration::from_millis(ACTOR_CALL_TIMEOUT_MS))
+}
+
+fn call_failed(what: &str) -> ApiError {
+    ApiError::new(ErrorCode::Unavailable, format!("{what}: the orb actor did not answer in time"))
+}
+
+impl Fleet {
+    /// Starts `shards` shard supervisors.
+    pub async fn start(ctx: OrbCtx, shards: usize) -> Result<Fleet, ractor::SpawnErr> {
+        let ctx = Arc::new(ctx);
+        let mut refs = Vec::with_capacity(shards);
+        for index in 0..shards {
+            let (actor, _join) = Actor::spawn(None, ShardActor, ShardArgs { index, ctx: ctx.clone() }).await?;
+            refs.push(actor);
+        }
+        Ok(Fleet { shards: Arc::new(refs), ctx })
+    }
+
+    pub fn ctx(&self) -> &Arc<OrbCtx> {
+        &self.ctx
+    }
+
+    fn shard(&self, key: &OrbKey) -> &ActorRef<ShardMsg> {
+        &self.shards[(key.route_hash() % self.shards.len() as u64) as usize]
+    }
+
+    fn cast(&self, key: &OrbKey, msg: OrbMsg) {
+        if self.shard(key).cast(ShardMsg::Route(key.clone(), msg)).is_err() {
+            tracing::debug!(orb = %key, "fleet is stopped; message dropped");
+        }
+    }
+
+    /// Registers a new orb; `AlreadyExists` when the id is taken in its tenant.
+    pub async fn register(&self, record: OrbRecord) -> Result<(), ApiError> {
+        let key = record.key();
+        match self.shard(&key).call(|reply| ShardMsg::Register(Box::new(record), reply), timeout()).await {
+            Ok(CallResult::Success(r)) => r,
+            _ => Err(call_failed("registration")),
+        }
+    }
+
+    /// Admits a connection for `key`; returns its connection sequence number.
+    pub async fn connect(&self, key: &OrbKey, req: ConnectRequest, kick: KickSender) -> Result<u64, ErrorCode> {
+        let res = self
+            .shard(key)
+            .call(|reply| ShardMsg::Route(key.clone(), OrbMsg::Connect { req, kick, reply }), timeout())
+            .await;
+        match res {
+            Ok(CallResult::Success(r)) => r,
+            // No answer: the orb does not exist (the shard dropped the port) or is overloaded.
+            Ok(CallResult::SenderError) => Err(ErrorCode::Unauthenticated),
+            Ok(CallResult::Timeout) | Err(_) => Err(ErrorCode::Unavailable),
+        }
+    }
+
+    pub fn disconnected(&self, key: &OrbKey, conn_seq: u64, reason: DisconnectReason) {
+        self.cast(key, OrbMsg::Disconnected { conn_seq, reason });
+    }
+
+    /// Applies a durable point to the orb's live state.
+    pub fn telemetry(&self, key: &OrbKey, point: Arc<TelemetryPoint>) {
+        self.cast(key, OrbMsg::Telemetry(point));
+    }
+
+    pub fn refused(&self, key: &OrbKey, code: ErrorCode, reason: String) {
+        self.cast(key, OrbMsg::Refused { code, reason });
+    }
+
+    /// Merges and persists a state report; returns when it is durable.
+    pub async fn report(&self, key: &OrbKey, report: StateReport) -> Result<(), ApiError> {
+        match self
+            .shard(key)
+            .call(|reply| ShardMsg::Route(key.clone(), OrbMsg::Report { report, reply }), timeout())
+            .await
+        {
+            Ok(CallResult::Success(r)) => r,
+            Ok(CallResult::SenderError) => Err(ApiError::new(ErrorCode::NotFound, format!("orb {key} is not registered"))),
+            Ok(CallResult::Timeout) | Err(_) => Err(call_failed("state report")),
+        }
+    }
+
+    /// Activates the orb (registering it when the dev tenant allows) and returns its status;
+    /// `None` when there is no such orb.
+    pub async fn touch(&self, key: &OrbKey) -> Result<Option<OrbStatus>, ApiError> {
+        match self.shard(key).call(|reply| ShardMsg::Route(key.clone(), OrbMsg::Touch { reply }), timeout()).await {
+            Ok(CallResult::Success(s)) => Ok(Some(s)),
+            Ok(CallResult::SenderError) => Ok(None),
+            Ok(CallResult::Timeout) | Err(_) => Err(call_failed("activation")),
+        }
+    }
+
+    pub async fn decommission(&self, key: &OrbKey) -> Result<(), ApiError> {
+        match self
+            .shard(key)
+            .call(|reply| ShardMsg::Route(key.clone(), OrbMsg::Decommission { reply }), timeout())
+            .await
+        {
+            Ok(CallResult::Success(r)) => r,
+            Ok(CallResult::SenderError) => Err(ApiError::new(ErrorCode::NotFound, format!("orb {key} is not registered"))),
+            Ok(CallResult::Timeout) | Err(_) => Err(call_failed("decommission")),
+        }
+    }
+
+    /// The registry record and live state of an orb, from its actor when it is live and from
+    /// the store otherwise (reads never activate an actor). `None` when there is no such orb.
+    pub async fn view(&self, key: &OrbKey) -> Result<Option<serde_json::Value>, ApiError> {
+        let live = match self.shard(key).call(|reply| ShardMsg::ViewIfLive(key.clone(), reply), timeout()).await {
+            Ok(CallResult::Success(live)) => live,
+            _ => return Err(call_failed("view")),
+        };
+        if let Some(actor) = live {
+            if let Ok(CallResult::Success(v)) = actor.call(|reply| OrbMsg::View { reply }, timeout()).await {
+                return Ok(Some(v));
+            }
+            // The actor stopped between the two calls: read the store instead.
+        }
+        let store = &self.ctx.store;
+        let Some(record) = store.orb(key).map_err(ApiError::internal)? else { return Ok(None) };
+        let state = orb::restore(store, key, record, self.ctx.boot_id).map_err(ApiError::internal)?;
+        Ok(Some(state.to_json()))
+    }
+
+    /// Live orb actors across all shards.
+    pub async fn live_count(&self) -> usize {
+        let mut n = 0;
+        for s in self.shards.iter() {
+            if let Ok(CallResult::Success(c)) = s.call(ShardMsg::LiveCount, timeout()).await {
+                n += c;
+            }
+        }
+        n
+    }
+
+    /// Fault injection: makes the orb's actor panic (activating it first).
+    pub fn inject_panic(&self, key: &OrbKey) {
+        self.cast(key, OrbMsg::InjectPanic);
+    }
+
+    /// Stops every shard and, with them, every orb actor; waits until they are gone.
+    pub async fn stop(&self) {
+        for s in self.shards.iter() {
+            let _ = s.stop_and_wait(Some("fleet stopping".into()), Some(Duration::from_secs(10))).await;
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! The orb actor: one per active orb, holding its live state.
+//!
+//! Parent: its shard (`shard.rs`), which restarts it from durable state when it fails and
+//! stops it when it has been idle and offline for `idle_passivate`.
+//! Mailbox: unbounded in ractor; bounded in practice by the MQTT receive maximum per connection
+//! and the group-commit queue that every telemetry message passes before it is routed here.
+//! Invariants: decisions live in `model::orb::OrbState` (pure); this file only performs the
+//! effects. Everything the actor shows is restored from the store on activation, so a restart
+//! loses nothing that was acknowledged. The actor never touches fjall; it uses `storage::Store`.
+
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::oneshot;
+
+use super::shard::ShardMsg;
+use super::OrbCtx;
+use crate::error::{ApiError, ErrorCode};
+use crate::model::orb::{Admission, ConnectRequest, DisconnectReason, Effect, Event, OrbRecord, OrbState, OrbStatus};
+use crate::model::state_report::StateReport;
+use crate::model::{OrbKey, TelemetryPoint};
+use crate::storage::{Batch, Store};
+
+/// Closes a live connection; held by the actor for the orb's current connection.
+pub type KickSender = oneshot::Sender<DisconnectReason>;
+
+/// Messages to an orb actor.
+pub enum OrbMsg {
+    /// Admit a connection; the reply carries its connection sequence number.
+    Connect { req: ConnectRequest, kick: KickSender, reply: RpcReplyPort<Result<u64, ErrorCode>> },
+    /// A connection ended.
+    Disconnected { conn_seq: u64, reason: DisconnectReason },
+    /// A telemetry point that is durable already.
+    Telemetry(Arc<TelemetryPoint>),
+    /// A state report to merge, persist and apply; replies when durable.
+    Report { report: StateReport, reply: RpcReplyPort<Result<(), ApiError>> },
+    /// A message of this orb was refused at the edge.
+    Refused { code: ErrorCode, reason: String },
+    /// Activate (registering in the dev tenant if allowed) and report the status.
+    Touch { reply: RpcReplyPort<OrbStatus> },
+    /// Retire the orb and close its connection.
+    Decommission { reply: RpcReplyPort<Result<(), ApiError>> },
+    /// The registry record and live state as JSON.
+    View { reply: RpcReplyPort<serde_json::Value> },
+    /// Fault injection for supervision tests: the handler panics.
+    InjectPanic,
+}
+
+/// The actor (immutable configuration lives in `OrbCtx`).
+pub struct OrbActor;
+
+/// Start-up arguments.
+pub struct OrbArgs {
+    pub key: OrbKey,
+    pub ctx: Arc<OrbCtx>,
+    pub shard: ActorRef<ShardMsg>,
+    /// The registry record when the shard has just read or created it.
+    pub record: Option<OrbRecord>,
+}
+
+/// Actor state.
+pub struct OrbActorState {
+    key: OrbKey,
+    ctx: Arc<OrbCtx>,
+    shard: ActorRef<ShardMsg>,
+    orb: OrbState,
+    kick: Option<(u64, KickSender)>,
+}
+
+/// Rebuilds an orb's state from the store; the same function serves activation and reads of
+/// orbs that are not live. A presence record from an earlier process is marked offline: its
+/// connection died with that process.
+pub fn restore(store: &Store, key: &OrbKey, record: OrbRecord, boot_id: u64) -> Result<OrbState, crate::storage::Error> {
+    let mut orb = OrbState::new(record);
+    if let Some(mut presence) = store.presence(key)? {
+        if presence.online && presence.boot_id != boot_id {
+            presence.online = false;
+            presence.disconnect_reason = Some(DisconnectReason::ServerShutdown);
+        }
+        orb.presence = presence;
+    }
+    if let Some(reported) = store.reported(key)? {
+        orb.reported = reported;
+    }
+    if let Some(stored) = store.latest_point(key)? {
+        orb.last_seen_ms = Some(stored.received_ms.max(orb.reported.updated_ms.unwrap_or(0)));
+        orb.last = Some(stored.point);
+    }
+    Ok(orb)
+}
+
+impl Actor for OrbActor {
+    type Msg = OrbMsg;
+    type State = OrbActorState;
+    type Arguments = OrbArgs;
+
+    async fn pre_start(&self, _myself: ActorRef<OrbMsg>, args: OrbArgs) -> Result<OrbActorState, ActorProcessingErr> {
+        let OrbArgs { key, ctx, shard, record } = args;
+        let record = match record {
+            Some(r) => r,
+            None => ctx.store.orb(&key)?.ok_or_else(|| format!("orb {key} is not registered"))?,
+        };
+        let orb = restore(&ctx.store, &key, record, ctx.boot_id)?;
+        ctx.metrics.live_actors.inc();
+        ctx.metrics.actor_activations.inc();
+        Ok(OrbActorState { key, ctx, shard, orb, kick: None })
+    }
+
+    async fn post_start(&self, _myself: ActorRef<OrbMsg>, state: &mut OrbActorState) -> Result<(), ActorProcessingErr> {
+        if state.orb.presence.online {
+            // Restarted while a connection of this process is live: keep the shard from
+            // passivating us.
+            let _ = state.shard.cast(ShardMsg::Online(state.key.clone(), true));
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<OrbMsg>, state: &mut OrbActorState) -> Result<(), ActorProcessingErr> {
+        state.ctx.metrics.live_actors.dec();
+        Ok(())
+    }
+
+    async fn handle(&self, _myself: ActorRef<OrbMsg>, msg: OrbMsg, state: &mut OrbActorState) -> Result<(), ActorProcessingErr> {
+        let now = state.ctx.clock.now_ms();
+        match msg {
+            OrbMsg::Connect { req, kick, reply } => match state.orb.admit(&req, now) {
+                Admission::Accepted { conn_seq, effects } => {
+                    state.orb.presence.boot_id = state.ctx.boot_id;
+                    perform(state, effects).await?;
+                    state.kick = Some((conn_seq, kick));
+                    let _ = reply.send(Ok(conn_seq));
+                }
+                Admission::Refused(code) => {
+                    let _ = reply.send(Err(code));
+                }
+            },
+            OrbMsg::Disconnected { conn_seq, reason } => {
+                let effects = state.orb.apply(Event::Disconnected { conn_seq, reason }, now);
+                if !effects.is_empty() {
+                    state.kick = None;
+                }
+                perform(state, effects).await?;
+            }
+            OrbMsg::Telemetry(point) => {
+                let effects = state.orb.apply(Event::Telemetry(&point), now);
+                perform(state, effects).await?;
+            }
+            OrbMsg::Report { report, reply } => {
+                let result = report_state(state, &report, now).await;
+                let _ = reply.send(result);
+            }
+            OrbMsg::Refused { code, reason } => {
+                state.orb.apply(Event::Refused { code, reason: &reason }, now);
+            }
+            OrbMsg::Touch { reply } => {
+                let _ = reply.send(state.orb.record.status);
+            }
+            OrbMsg::Decommission { reply } => {
+                let effects = state.orb.apply(Event::Decommission, now);
+                let result = perform(state, effects).await.map_err(|e| ApiError::internal(e));
+                let _ = reply.send(result);
+            }
+            OrbMsg::View { reply } => {
+                let _ = reply.send(state.orb.to_json());
+            }
+            OrbMsg::InjectPanic => {
+                panic!("fault injection: orb actor {} panics on request", state.key);
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn report_state(state: &mut OrbActorState, report: &StateReport, now: u64) -> Result<(), ApiError> {
+    let next = state
+        .orb
+        .prepare_report(report, now)
+        .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+    let mut batch = Batch::new();
+    Store::add_reported(&mut batch, &state.key, &next);
+    state.ctx.store.commit(batch).await.map_err(ApiError::internal)?;
+    let effects = state.orb.apply(Event::Reported(&next), now);
+    perform(state, effects).await.map_err(ApiError::internal)
+}
+
+/// Carries out the state machine's effects in order.
+async fn perform(state: &mut OrbActorState, effects: Vec<Effect>) -> Result<(), crate::storage::Error> {
+    for effect in effects {
+        match effect {
+            Effect::SaveRecord => {
+                let mut batch = Batch::new();
+                Store::add_orb(&mut batch, &state.orb.record);
+                state.ctx.store.commit(batch).await?;
+            }
+            Effect::SavePresence => {
+                // Awaited so presence records of one orb reach the store in order (a connect
+                // can never overwrite the disconnect that followed it).
+                let mut batch = Batch::new();
+                Store::add_presence(&mut batch, &state.key, &state.orb.presence);
+                state.ctx.store.commit(batch).await?;
+            }
+            Effect::Kick { conn_seq, reason } => {
+                if let Some((seq, _)) = &state.kick {
+                    if *seq == conn_seq {
+                        if let Some((_, tx)) = state.kick.take() {
+                            let _ = tx.send(reason);
+                        }
+                    }
+                }
+            }
+            Effect::Online(online) => {
+                let _ = state.shard.cast(ShardMsg::Online(state.key.clone(), online));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,291 @@
+//! Wiring: ordered start and stop of everything.
+//!
+//! Start: store -> fleet (shards) -> listeners bound (port 0 resolved) -> MQTT, gRPC, HTTP
+//! serving -> `endpoints.json` -> ready. Stop (SIGTERM/SIGINT): refuse new work -> close MQTT
+//! connections (in-flight publishes finish their commits) -> HTTP and gRPC -> orb actors ->
+//! final group commit and fsync -> exit 0.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::actors::{Fleet, OrbCtx};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::limits::SHUTDOWN_GRACE_MS;
+use crate::metrics::Metrics;
+use crate::net::http::{HttpCtx, Readiness};
+use crate::net::ingest::Ingest;
+use crate::net::mqtt::{MqttCtx, MqttListener};
+use crate::storage::{Store, StoreOptions};
+
+/// Start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Storage(#[from] crate::storage::Error),
+    #[error("binding the {what} listener on {addr}: {source}")]
+    Bind { what: &'static str, addr: String, source: std::io::Error },
+    #[error("starting the {what}: {message}")]
+    Start { what: &'static str, message: String },
+    #[error("writing {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+/// Where the listeners ended up (port 0 resolved).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoints {
+    pub mqtt: SocketAddr,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+}
+
+impl Endpoints {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "mqtt": self.mqtt.to_string(),
+            "grpc": self.grpc.to_string(),
+            "http": self.http.to_string(),
+        })
+    }
+}
+
+/// A running server.
+pub struct Server {
+    endpoints: Endpoints,
+    fleet: Fleet,
+    store: Store,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    mqtt: Option<MqttListener>,
+    http: (Option<oneshot::Sender<()>>, Option<JoinHandle<()>>),
+    grpc: (Option<oneshot::Sender<()>>, Option<JoinHandle<()>>),
+    sweeper: JoinHandle<()>,
+}
+
+fn bind(what: &'static str, addr: &str) -> Result<std::net::TcpListener, AppError> {
+    let l = std::net::TcpListener::bind(addr).map_err(|source| AppError::Bind { what, addr: addr.into(), source })?;
+    l.set_nonblocking(true).map_err(|source| AppError::Bind { what, addr: addr.into(), source })?;
+    Ok(l)
+}
+
+fn local(what: &'static str, l: &std::net::TcpListener) -> Result<SocketAddr, AppError> {
+    l.local_addr().map_err(|source| AppError::Bind { what, addr: "?".into(), source })
+}
+
+/// Writes `endpoints.json` atomically (temp file + rename).
+fn write_endpoints(dir: &Path, e: &Endpoints) -> Result<(), AppError> {
+    let path = dir.join("endpoints.json");
+    let tmp = dir.join("endpoints.json.tmp");
+    let write = |p: &Path| std::fs::write(p, e.to_json().to_string());
+    write(&tmp).and_then(|_| std::fs::rename(&tmp, &path)).map_err(|source| AppError::Write { path, source })
+}
+
+fn boot_id() -> u64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("operating system random source failed");
+    u64::from_le_bytes(b)
+}
+
+impl Server {
+    /// Starts everything; returns once every listener is serving.
+    pub async fn start(config: &Config, clock: Clock) -> Result<Server, AppError> {
+        let metrics = Arc::new(Metrics::default());
+        let store_opts = StoreOptions {
+            cache_bytes: config.storage.cache_mb * 1024 * 1024,
+            commit_queue_max: config.storage.commit_queue_max,
+        };
+        let dir = config.data_dir.clone();
+        let m = metrics.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(&dir, &store_opts, m))
+            .await
+            .map_err(|e| AppError::Start { what: "store", message: e.to_string() })??;
+        let orb_count = store.orb_count()?;
+        tracing::info!(data_dir = %config.data_dir.display(), orbs = orb_count, "store open");
+
+        let fleet = Fleet::start(
+            OrbCtx {
+                store: store.clone(),
+                clock: clock.clone(),
+                metrics: metrics.clone(),
+                dev: config.dev,
+                boot_id: boot_id(),
+                idle_passivate_ms: config.actors.idle_passivate_s * 1000,
+            },
+            config.actors.shards,
+        )
+        .await
+        .map_err(|e| AppError::Start { what: "shards", message: e.to_string() })?;
+
+        let mqtt_l = bind("mqtt", &config.mqtt_addr)?;
+        let grpc_l = bind("grpc", &config.grpc_addr)?;
+        let http_l = bind("http", &config.http_addr)?;
+        let endpoints = Endpoints { mqtt: local("mqtt", &mqtt_l)?, grpc: local("grpc", &grpc_l)?, http: local("http", &http_l)? };
+
+        let draining = Arc::new(AtomicBool::new(false));
+        let readiness = Arc::new(Readiness { draining: draining.clone(), ..Default::default() });
+        let ingest = Arc::new(Ingest {
+            fleet: fleet.clone(),
+            store: store.clone(),
+            clock: clock.clone(),
+            metrics: metrics.clone(),
+            max_payload_bytes: config.telemetry.max_payload_bytes,
+        });
+
+        let workers = match config.mqtt.workers {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        };
+        let mqtt_ctx = Arc::new(MqttCtx {
+            ingest: ingest.clone(),
+            dev: config.dev,
+            keepalive_max_s: config.mqtt.keepalive_max_s,
+            draining: draining.clone(),
+        });
+        let mqtt = MqttListener::start(mqtt_l, mqtt_ctx, &config.mqtt, workers)
+            .map_err(|e| AppError::Start { what: "mqtt listener", message: e.to_string() })?;
+        readiness.mqtt.store(true, Ordering::Release);
+
+        let (grpc_tx, grpc_rx) = oneshot::channel::<()>();
+        let grpc_l = tokio::net::TcpListener::from_std(grpc_l).map_err(|source| AppError::Bind { what: "grpc", addr: config.grpc_addr.clone(), source })?;
+        let r = readiness.clone();
+        let grpc_task = tokio::spawn(async move {
+            r.grpc.store(true, Ordering::Release);
+            if let Err(e) = crate::net::grpc::serve(grpc_l, async { let _ = grpc_rx.await; }).await {
+                tracing::error!(error = %e, "grpc listener failed");
+            }
+            r.grpc.store(false, Ordering::Release);
+        });
+
+        let http_ctx = Arc::new(HttpCtx {
+            ingest,
+            dev: config.dev,
+            admin_token: config.auth.admin_token.clone(),
+            readiness: readiness.clone(),
+        });
+        let (http_tx, http_rx) = oneshot::channel::<()>();
+        let http_l = tokio::net::TcpListener::from_std(http_l).map_err(|source| AppError::Bind { what: "http", addr: config.http_addr.clone(), source })?;
+        let router = crate::net::http::router(http_ctx);
+        let r = readiness.clone();
+        let http_task = tokio::spawn(async move {
+            r.http.store(true, Ordering::Release);
+            let serve = axum::serve(http_l, router).with_graceful_shutdown(async { let _ = http_rx.await; });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "http listener failed");
+            }
+            r.http.store(false, Ordering::Release);
+        });
+
+        let sweep_store = store.clone();
+        let sweep_clock = clock.clone();
+        let every = Duration::from_secs(config.storage.dedupe_sweep_interval_s);
+        let sweeper = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let (s, now) = (sweep_store.clone(), sweep_clock.now_ms());
+                match tokio::task::spawn_blocking(move || s.sweep_dedupe(now)).await {
+                    Ok(Ok(n)) if n > 0 => tracing::debug!(removed = n, "dedupe sweep"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "dedupe sweep failed"),
+                    _ => {}
+                }
+            }
+        });
+
+        write_endpoints(&config.data_dir, &endpoints)?;
+        if config.dev {
+            tracing::warn!("dev mode: tenant \"default\" admits anonymous clients and registers orbs on first contact");
+        }
+        if !config.dev && config.auth.admin_token.is_empty() {
+            tracing::warn!("no auth.admin_token set: the operator REST API refuses every call");
+        }
+        tracing::info!(mqtt = %endpoints.mqtt, grpc = %endpoints.grpc, http = %endpoints.http, "ready");
+        Ok(Server {
+            endpoints,
+            fleet,
+            store,
+            metrics,
+            readiness,
+            mqtt: Some(mqtt),
+            http: (Some(http_tx), Some(http_task)),
+            grpc: (Some(grpc_tx), Some(grpc_task)),
+            sweeper,
+        })
+    }
+
+    pub fn endpoints(&self) -> Endpoints {
+        self.endpoints
+    }
+
+    pub fn fleet(&self) -> &Fleet {
+        &self.fleet
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Drains and stops, in the order of the module header. Everything acknowledged is durable
+    /// when this returns.
+    pub async fn shutdown(mut self) {
+        tracing::info!("draining");
+        self.readiness.draining.store(true, Ordering::Release);
+        let grace = Duration::from_millis(SHUTDOWN_GRACE_MS);
+        if let Some(mqtt) = self.mqtt.take() {
+            if tokio::time::timeout(grace, mqtt.stop()).await.is_err() {
+                tracing::warn!("mqtt listener did not stop within the grace period");
+            }
+            self.readiness.mqtt.store(false, Ordering::Release);
+        }
+        for (tx, task) in [&mut self.http, &mut self.grpc] {
+            if let Some(tx) = tx.take() {
+                let _ = tx.send(());
+            }
+            if let Some(task) = task.take() {
+                if tokio::time::timeout(grace, task).await.is_err() {
+                    tracing::warn!("a listener did not stop within the grace period");
+                }
+            }
+        }
+        self.sweeper.abort();
+        self.fleet.stop().await;
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
+        tracing::info!("stopped; everything acknowledged is on disk");
+    }
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// `orbmanager serve`: runs until SIGINT/SIGTERM, then drains.
+pub async fn serve(config: Config) -> Result<(), AppError> {
+    let server = Server::start(&config, Clock::system()).await?;
+    shutdown_signal().await;
+    server.shutdown().await;
+    Ok(())
+}

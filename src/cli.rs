@@ -1,0 +1,114 @@
+//! The command line (a stable contract: tests and scripts rely on it; see DESIGN.md).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Overrides;
+
+#[derive(Debug, Parser)]
+#[command(name = "orbmanager", version, about = "Fleet control plane for smart hardware")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Run the server in dev mode with a simulated city fleet, and print where to look.
+    Demo(DemoArgs),
+    /// Fleet simulator / MQTT load generator; prints a JSON summary.
+    Sim(SimArgs),
+}
+
+/// Options shared by `serve` and `demo`. Each has an `ORBMANAGER_*` twin and a config key.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "ORBMANAGER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory [default: ./orbmanager-data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// MQTT listener, ip:port (port 0 picks one) [default: 127.0.0.1:1883].
+    #[arg(long)]
+    pub mqtt_addr: Option<String>,
+    /// gRPC listener [default: 127.0.0.1:50051].
+    #[arg(long)]
+    pub grpc_addr: Option<String>,
+    /// HTTP listener [default: 127.0.0.1:8080].
+    #[arg(long)]
+    pub http_addr: Option<String>,
+    /// Development mode: open dev tenant `default`, anonymous clients, auto-registration.
+    #[arg(long)]
+    pub dev: bool,
+}
+
+impl ServeArgs {
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            data_dir: self.data_dir.clone(),
+            mqtt_addr: self.mqtt_addr.clone(),
+            grpc_addr: self.grpc_addr.clone(),
+            http_addr: self.http_addr.clone(),
+            dev: self.dev,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Simulated orbs.
+    #[arg(long, default_value_t = 1000)]
+    pub orbs: usize,
+    /// Telemetry interval per orb, in ms.
+    #[arg(long, default_value_t = 2000)]
+    pub interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SimArgs {
+    /// MQTT broker address (host:port). Any MQTT broker works (`--target` is an alias).
+    #[arg(long, alias = "target", default_value = "127.0.0.1:1883")]
+    pub mqtt: String,
+    /// Simulated orbs, one connection each.
+    #[arg(long, default_value_t = 100)]
+    pub orbs: usize,
+    /// Telemetry interval per orb, in ms.
+    #[arg(long, default_value_t = 2000)]
+    pub interval_ms: u64,
+    /// Telemetry payload size, in bytes (JSON padded with metrics).
+    #[arg(long, default_value_t = 256)]
+    pub payload_bytes: usize,
+    /// QoS of telemetry publishes (0 or 1).
+    #[arg(long, default_value_t = 1)]
+    pub qos: u8,
+    /// How long to publish, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub duration_s: u64,
+    /// Tenant of the simulated orbs.
+    #[arg(long, default_value = "default")]
+    pub tenant: String,
+    /// Orb id prefix; orbs are `<prefix>00001`...
+    #[arg(long, default_value = "sim-")]
+    pub prefix: String,
+    /// MQTT protocol level: 4 (3.1.1) or 5.
+    #[arg(long, default_value_t = 4)]
+    pub protocol: u8,
+    /// New connections per second during ramp-up.
+    #[arg(long, default_value_t = 2000)]
+    pub connect_rate: u32,
+    /// JSON lines `{"tenant_id","orb_id","device_token"}` to authenticate with (non-dev servers).
+    #[arg(long)]
+    pub credentials: Option<PathBuf>,
+    /// Use anonymous connections with no username (dev mode, or brokers such as mosquitto).
+    #[arg(long)]
+    pub anonymous: bool,
+    /// Also write the JSON summary to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}

@@ -1,0 +1,392 @@
+//! Configuration: one serde tree, read from defaults, then the TOML file, then `ORBMANAGER_*`
+//! environment variables, then command-line flags; validated once at start.
+//!
+//! Every key has an environment twin named after its path: `mqtt_addr` is
+//! `ORBMANAGER_MQTT_ADDR`, `[mqtt] max_packet_size` is `ORBMANAGER_MQTT_MAX_PACKET_SIZE`.
+//! The twins are derived from the tree itself, so a new key gets one without extra code.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::limits;
+
+/// The whole configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the store, `endpoints.json` and object files live.
+    pub data_dir: PathBuf,
+    /// Development mode: the dev tenant `default` is open (see DESIGN.md).
+    pub dev: bool,
+    pub mqtt_addr: String,
+    pub grpc_addr: String,
+    pub http_addr: String,
+    /// Log filter in `tracing` syntax (`info`, `orbmanager=debug,info`).
+    pub log: String,
+    pub mqtt: MqttConfig,
+    pub telemetry: TelemetryConfig,
+    pub storage: StorageConfig,
+    pub actors: ActorsConfig,
+    pub auth: AuthConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Largest MQTT packet either way, in bytes (v5 clients are told in CONNACK).
+    pub max_packet_size: u32,
+    /// QoS 1 publishes a client may have unacknowledged (v5 Receive Maximum).
+    pub receive_maximum: u16,
+    /// Payload bytes a connection may have in flight before the server stops reading.
+    pub inflight_bytes_max: usize,
+    /// Longest keep-alive granted, in seconds.
+    pub keepalive_max_s: u16,
+    /// Time to complete CONNECT, in seconds.
+    pub connect_timeout_s: u16,
+    /// Concurrent connections per node.
+    pub max_connections: usize,
+    /// Worker threads (0: one per core).
+    pub workers: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Largest telemetry payload, in bytes.
+    pub max_payload_bytes: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Block cache, in MiB.
+    pub cache_mb: u64,
+    /// Write requests waiting for group commit before writers wait.
+    pub commit_queue_max: usize,
+    /// How often expired `msg_id` dedupe entries are removed, in seconds.
+    pub dedupe_sweep_interval_s: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActorsConfig {
+    /// Shard supervisors (orbs are routed by a hash of tenant and orb).
+    pub shards: usize,
+    /// Idle time after which an offline orb actor is passivated, in seconds.
+    pub idle_passivate_s: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Bootstrap operator token for the REST API (empty: none). Prefer the environment twin
+    /// `ORBMANAGER_AUTH_ADMIN_TOKEN` over writing it into a file.
+    pub admin_token: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./orbmanager-data"),
+            dev: false,
+            mqtt_addr: "127.0.0.1:1883".into(),
+            grpc_addr: "127.0.0.1:50051".into(),
+            http_addr: "127.0.0.1:8080".into(),
+            log: "info".into(),
+            mqtt: MqttConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            storage: StorageConfig::default(),
+            actors: ActorsConfig::default(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            max_packet_size: limits::MQTT_PACKET_SIZE_MAX_BYTES,
+            receive_maximum: limits::MQTT_RECEIVE_MAXIMUM,
+            inflight_bytes_max: limits::MQTT_INFLIGHT_BYTES_MAX,
+            keepalive_max_s: limits::MQTT_KEEPALIVE_MAX_S,
+            connect_timeout_s: limits::MQTT_CONNECT_TIMEOUT_S,
+            max_connections: limits::MQTT_CONNECTIONS_MAX,
+            workers: 0,
+        }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig { max_payload_bytes: limits::TELEMETRY_PAYLOAD_MAX_BYTES }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { cache_mb: 64, commit_queue_max: limits::COMMIT_QUEUE_MAX, dedupe_sweep_interval_s: 60 }
+    }
+}
+
+impl Default for ActorsConfig {
+    fn default() -> Self {
+        ActorsConfig { shards: limits::SHARDS_DEFAULT, idle_passivate_s: limits::ORB_IDLE_PASSIVATE_S }
+    }
+}
+
+/// Configuration errors, each naming the key or source at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {name}={value:?}: {message}")]
+    Env { name: String, value: String, message: String },
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+/// Values given on the command line; they win over everything else.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub mqtt_addr: Option<String>,
+    pub grpc_addr: Option<String>,
+    pub http_addr: Option<String>,
+    pub dev: bool,
+}
+
+/// Environment variable name of a config path.
+pub fn env_name(path: &[&str]) -> String {
+    format!("ORBMANAGER_{}", path.join("_").to_uppercase())
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Leaf paths of a table, with their default values.
+fn leaves(t: &toml::Table, prefix: &mut Vec<String>, out: &mut Vec<(Vec<String>, toml::Value)>) {
+    for (k, v) in t {
+        prefix.push(k.clone());
+        match v {
+            toml::Value::Table(inner) => leaves(inner, prefix, out),
+            other => out.push((prefix.clone(), other.clone())),
+        }
+        prefix.pop();
+    }
+}
+
+fn set_path(t: &mut toml::Table, path: &[String], value: toml::Value) {
+    let (last, parents) = path.split_last().expect("leaf paths are never empty");
+    let mut cur = t;
+    for p in parents {
+        cur = cur
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .expect("parents of leaves are tables");
+    }
+    cur.insert(last.clone(), value);
+}
+
+/// Reads an environment value with the type of the key's default.
+fn env_value(name: &str, raw: &str, default: &toml::Value) -> Result<toml::Value, ConfigError> {
+    let err = |message: &str| ConfigError::Env { name: name.into(), value: raw.into(), message: message.into() };
+    Ok(match default {
+        toml::Value::String(_) => toml::Value::String(raw.to_string()),
+        toml::Value::Boolean(_) => match raw.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => toml::Value::Boolean(true),
+            "0" | "false" | "no" | "off" | "" => toml::Value::Boolean(false),
+            _ => return Err(err("expected true or false")),
+        },
+        toml::Value::Integer(_) => toml::Value::Integer(raw.trim().parse().map_err(|_| err("expected an integer"))?),
+        toml::Value::Float(_) => toml::Value::Float(raw.trim().parse().map_err(|_| err("expected a number"))?),
+        _ => return Err(err("this key cannot be set from the environment")),
+    })
+}
+
+impl Config {
+    /// Loads the configuration: defaults, then `file`, then `env` (`ORBMANAGER_*` pairs),
+    /// then `overrides`. Returns the config and warnings (unknown `ORBMANAGER_*` variables).
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<(Config, Vec<String>), ConfigError> {
+        let defaults = toml::Table::try_from(Config::default()).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut table = defaults.clone();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+            let over: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+            merge(&mut table, over);
+            // Unknown keys are reported here, with the file's name, rather than later.
+            table
+                .clone()
+                .try_into::<Config>()
+                .map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        }
+        let mut keys = Vec::new();
+        leaves(&defaults, &mut Vec::new(), &mut keys);
+        let mut warnings = Vec::new();
+        for (name, raw) in env {
+            if !name.starts_with("ORBMANAGER_") || name == "ORBMANAGER_CONFIG" {
+                continue;
+            }
+            match keys.iter().find(|(path, _)| env_name(&path.iter().map(String::as_str).collect::<Vec<_>>()) == name) {
+                Some((path, default)) => set_path(&mut table, path, env_value(&name, &raw, default)?),
+                None => warnings.push(format!("ignoring unknown environment variable {name}")),
+            }
+        }
+        let o = overrides;
+        let string_overrides = [("data_dir", o.data_dir.as_ref().map(|p| p.display().to_string())), ("mqtt_addr", o.mqtt_addr.clone()), ("grpc_addr", o.grpc_addr.clone()), ("http_addr", o.http_addr.clone())];
+        for (k, v) in string_overrides {
+            if let Some(v) = v {
+                table.insert(k.into(), toml::Value::String(v));
+            }
+        }
+        if o.dev {
+            table.insert("dev".into(), toml::Value::Boolean(true));
+        }
+        let config: Config = table.try_into().map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok((config, warnings))
+    }
+
+    /// Checks ranges and relations between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        for (name, addr) in [("mqtt_addr", &self.mqtt_addr), ("grpc_addr", &self.grpc_addr), ("http_addr", &self.http_addr)] {
+            if addr.parse::<SocketAddr>().is_err() {
+                return invalid(format!("{name} = {addr:?} is not an ip:port address"));
+            }
+        }
+        let m = &self.mqtt;
+        if !(1024..=256 * 1024 * 1024).contains(&m.max_packet_size) {
+            return invalid(format!("mqtt.max_packet_size = {} must be 1 KiB..256 MiB", m.max_packet_size));
+        }
+        if m.receive_maximum == 0 {
+            return invalid("mqtt.receive_maximum must be at least 1".into());
+        }
+        if m.inflight_bytes_max < m.max_packet_size as usize {
+            return invalid(format!("mqtt.inflight_bytes_max = {} must be at least mqtt.max_packet_size", m.inflight_bytes_max));
+        }
+        if !(5..=3600).contains(&m.keepalive_max_s) {
+            return invalid(format!("mqtt.keepalive_max_s = {} must be 5..3600", m.keepalive_max_s));
+        }
+        if !(1..=300).contains(&m.connect_timeout_s) {
+            return invalid(format!("mqtt.connect_timeout_s = {} must be 1..300", m.connect_timeout_s));
+        }
+        if !(1..=1_000_000).contains(&m.max_connections) {
+            return invalid(format!("mqtt.max_connections = {} must be 1..1000000", m.max_connections));
+        }
+        if m.workers > 256 {
+            return invalid(format!("mqtt.workers = {} must be at most 256", m.workers));
+        }
+        let t = &self.telemetry;
+        if t.max_payload_bytes < 256 || t.max_payload_bytes + 1024 > m.max_packet_size as usize {
+            return invalid(format!(
+                "telemetry.max_payload_bytes = {} must be at least 256 and leave 1 KiB under mqtt.max_packet_size = {}",
+                t.max_payload_bytes, m.max_packet_size
+            ));
+        }
+        let s = &self.storage;
+        if s.cache_mb == 0 || s.cache_mb > 1024 * 1024 {
+            return invalid(format!("storage.cache_mb = {} must be 1..1048576", s.cache_mb));
+        }
+        if !(1..=1_000_000).contains(&s.commit_queue_max) {
+            return invalid(format!("storage.commit_queue_max = {} must be 1..1000000", s.commit_queue_max));
+        }
+        if s.dedupe_sweep_interval_s == 0 {
+            return invalid("storage.dedupe_sweep_interval_s must be at least 1".into());
+        }
+        let a = &self.actors;
+        if !(1..=4096).contains(&a.shards) {
+            return invalid(format!("actors.shards = {} must be 1..4096", a.shards));
+        }
+        if a.idle_passivate_s == 0 {
+            return invalid("actors.idle_passivate_s must be at least 1".into());
+        }
+        if !self.auth.admin_token.is_empty() && self.auth.admin_token.len() < 16 {
+            return invalid("auth.admin_token must be at least 16 characters".into());
+        }
+        if self.log.trim().is_empty() {
+            return invalid("log must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)], o: &Overrides) -> Result<(Config, Vec<String>), ConfigError> {
+        Config::load(None, env.iter().map(|(k, v)| (k.to_string(), v.to_string())), o)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let (c, w) = load(&[], &Overrides::default()).unwrap();
+        assert_eq!(c, Config::default());
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn env_twins_exist_for_every_key_and_are_typed() {
+        let (c, _) = load(
+            &[
+                ("ORBMANAGER_MQTT_ADDR", "127.0.0.1:0"),
+                ("ORBMANAGER_DEV", "true"),
+                ("ORBMANAGER_MQTT_MAX_PACKET_SIZE", "131072"),
+                ("ORBMANAGER_ACTORS_SHARDS", "4"),
+                ("ORBMANAGER_AUTH_ADMIN_TOKEN", "0123456789abcdef"),
+            ],
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.mqtt_addr, "127.0.0.1:0");
+        assert!(c.dev);
+        assert_eq!(c.mqtt.max_packet_size, 131_072);
+        assert_eq!(c.actors.shards, 4);
+        assert_eq!(c.auth.admin_token, "0123456789abcdef");
+    }
+
+    #[test]
+    fn bad_env_values_name_the_variable() {
+        let err = load(&[("ORBMANAGER_ACTORS_SHARDS", "many")], &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("ORBMANAGER_ACTORS_SHARDS") && err.contains("integer"), "{err}");
+        let (_, warnings) = load(&[("ORBMANAGER_NOPE", "1")], &Overrides::default()).unwrap();
+        assert_eq!(warnings, vec!["ignoring unknown environment variable ORBMANAGER_NOPE".to_string()]);
+    }
+
+    #[test]
+    fn flags_beat_env() {
+        let o = Overrides { http_addr: Some("127.0.0.1:9".into()), ..Default::default() };
+        let (c, _) = load(&[("ORBMANAGER_HTTP_ADDR", "127.0.0.1:8")], &o).unwrap();
+        assert_eq!(c.http_addr, "127.0.0.1:9");
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let mut c = Config::default();
+        c.telemetry.max_payload_bytes = c.mqtt.max_packet_size as usize;
+        assert!(c.validate().unwrap_err().to_string().contains("telemetry.max_payload_bytes"));
+        let mut c = Config::default();
+        c.http_addr = "localhost".into();
+        assert!(c.validate().unwrap_err().to_string().contains("http_addr"));
+        let mut c = Config::default();
+        c.actors.shards = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("actors.shards"));
+    }
+}

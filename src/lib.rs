@@ -1,0 +1,20 @@
+//! OrbManager: the fleet control plane library behind the `orbmanager` binary.
+//!
+//! The binary is a thin shell (`src/main.rs`); everything a test or a bench needs to start a
+//! real server, open a store or drive a simulated fleet lives here. See ARCHITECTURE.md for the
+//! map and the invariants.
+
+pub mod actors;
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod limits;
+pub mod metrics;
+pub mod model;
+pub mod net;
+pub mod sim;
+pub mod storage;

@@ -1,0 +1,86 @@
+//! Every bound in the system as a named constant, unit last.
+//!
+//! Configurable bounds have their defaults here and their ranges checked in `config.rs`;
+//! the rest are fixed by design and asserted where they are used.
+
+/// Longest tenant or orb identifier, in bytes.
+pub const ID_LEN_MAX: usize = 64;
+
+/// Default MQTT maximum packet size (both directions), in bytes.
+pub const MQTT_PACKET_SIZE_MAX_BYTES: u32 = 256 * 1024;
+/// Default number of unacknowledged QoS 1/2 publishes a client may have in flight.
+pub const MQTT_RECEIVE_MAXIMUM: u16 = 64;
+/// Default total payload bytes a client may have in flight before reads pause.
+pub const MQTT_INFLIGHT_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Default longest keep-alive the server grants, in seconds; longer requests are capped.
+pub const MQTT_KEEPALIVE_MAX_S: u16 = 300;
+/// Keep-alive the server imposes on clients that ask for none, in seconds.
+pub const MQTT_KEEPALIVE_DEFAULT_S: u16 = 60;
+/// Default time a new TCP connection has to complete CONNECT, in seconds.
+pub const MQTT_CONNECT_TIMEOUT_S: u16 = 10;
+/// Default cap on concurrent MQTT connections per node (the process has 20,000 files).
+pub const MQTT_CONNECTIONS_MAX: usize = 18_000;
+/// Longest MQTT client identifier accepted, in bytes.
+pub const MQTT_CLIENT_ID_LEN_MAX: usize = 128;
+/// Longest password (device token) accepted at CONNECT, in bytes.
+pub const MQTT_PASSWORD_LEN_MAX: usize = 256;
+
+/// Default largest telemetry payload, in bytes (JSON as received).
+pub const TELEMETRY_PAYLOAD_MAX_BYTES: usize = 64 * 1024;
+/// Most metrics one telemetry point may carry.
+pub const TELEMETRY_METRICS_MAX: usize = 256;
+/// Longest metric name, in bytes.
+pub const TELEMETRY_METRIC_NAME_LEN_MAX: usize = 64;
+/// Longest `msg_id`, in bytes.
+pub const TELEMETRY_MSG_ID_LEN_MAX: usize = 128;
+/// Longest `mode` string, in bytes.
+pub const TELEMETRY_MODE_LEN_MAX: usize = 64;
+/// How far into the future a device clock may be before its `ts` is refused, in ms.
+pub const TELEMETRY_CLOCK_SKEW_MAX_MS: u64 = 24 * 3600 * 1000;
+/// Earliest accepted `ts` (2000-01-01T00:00:00Z), in unix ms.
+pub const TELEMETRY_TS_MIN_MS: u64 = 946_684_800_000;
+/// Most points one HTTP fallback request may carry.
+pub const TELEMETRY_HTTP_BATCH_MAX: usize = 1_000;
+/// Width of one dedupe bucket, in ms. A `msg_id` is remembered for one to two buckets.
+pub const DEDUPE_BUCKET_MS: u64 = 10 * 60 * 1000;
+
+/// Largest `state/{tenant}/{orb}` report, in bytes.
+pub const STATE_REPORT_MAX_BYTES: usize = 16 * 1024;
+/// Most named component versions one orb reports.
+pub const STATE_COMPONENTS_MAX: usize = 64;
+/// Longest component name or version string, in bytes.
+pub const STATE_COMPONENT_LEN_MAX: usize = 128;
+
+/// Most operator attributes (tags) per orb.
+pub const ORB_ATTRIBUTES_MAX: usize = 64;
+/// Longest attribute key or value, in bytes.
+pub const ORB_ATTRIBUTE_LEN_MAX: usize = 256;
+
+/// Default bound of the group-commit queue, in requests; senders wait when it is full.
+pub const COMMIT_QUEUE_MAX: usize = 16_384;
+/// Most requests folded into one group commit (one fsync).
+pub const COMMIT_BATCH_MAX: usize = 8_192;
+
+/// Default number of shard supervisors.
+pub const SHARDS_DEFAULT: usize = 16;
+/// Default idle time after which an offline orb actor is passivated, in seconds.
+pub const ORB_IDLE_PASSIVATE_S: u64 = 120;
+/// How often each shard looks for idle orb actors, in ms.
+pub const SHARD_SWEEP_INTERVAL_MS: u64 = 1_000;
+/// Restarts of one orb actor within `ORB_RESTART_WINDOW_MS` before its shard gives up and
+/// leaves it to be re-activated by the next message.
+pub const ORB_RESTARTS_MAX: u32 = 5;
+/// Window for `ORB_RESTARTS_MAX`, in ms.
+pub const ORB_RESTART_WINDOW_MS: u64 = 60_000;
+/// Timeout of a call into an orb or shard actor, in ms.
+pub const ACTOR_CALL_TIMEOUT_MS: u64 = 5_000;
+
+/// Largest HTTP request body, in bytes.
+pub const HTTP_BODY_MAX_BYTES: usize = 1024 * 1024;
+/// Default number of telemetry points a history query returns.
+pub const HISTORY_PAGE_DEFAULT: usize = 1_000;
+/// Most telemetry points one history query returns.
+pub const HISTORY_PAGE_MAX: usize = 10_000;
+
+/// Time the drain on SIGTERM allows listeners to close connections, in ms.
+pub const SHUTDOWN_GRACE_MS: u64 = 5_000;

@@ -1,0 +1,87 @@
+//! The `orbmanager` binary: CLI -> config -> runtime -> app. anyhow lives only here.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use orbmanager::cli::{Cli, Command, ServeArgs, SimArgs};
+use orbmanager::config::Config;
+use orbmanager::sim::{self, SimConfig, Workload};
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
+    let (config, warnings) = Config::load(args.config.as_deref(), std::env::vars(), &args.overrides())?;
+    init_tracing(&config.log);
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(config)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("orb-rt").build().context("starting the runtime")
+}
+
+fn sim_config(a: &SimArgs) -> anyhow::Result<SimConfig> {
+    anyhow::ensure!(a.qos <= 1, "--qos must be 0 or 1");
+    anyhow::ensure!(a.protocol == 4 || a.protocol == 5, "--protocol must be 4 (3.1.1) or 5");
+    anyhow::ensure!(a.orbs > 0, "--orbs must be at least 1");
+    let tokens = match &a.credentials {
+        Some(p) => sim::read_credentials(p).map_err(anyhow::Error::msg)?,
+        None => Default::default(),
+    };
+    Ok(SimConfig {
+        addr: a.mqtt.clone(),
+        orbs: a.orbs,
+        interval_ms: a.interval_ms,
+        qos: a.qos,
+        duration_s: a.duration_s,
+        tenant: a.tenant.clone(),
+        prefix: a.prefix.clone(),
+        protocol: a.protocol,
+        connect_rate: a.connect_rate,
+        tokens,
+        anonymous: a.anonymous,
+        workload: Workload::Synthetic { payload_bytes: a.payload_bytes },
+        inflight_max: 64,
+    })
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let config = load_config(&args)?;
+            runtime()?.block_on(orbmanager::app::serve(config))?;
+        }
+        Command::Demo(args) => {
+            let config = load_config(&args.serve)?;
+            runtime()?.block_on(orbmanager::demo::run(config, args.orbs, args.interval_ms))?;
+        }
+        Command::Sim(args) => {
+            init_tracing(&std::env::var("ORBMANAGER_LOG").unwrap_or_else(|_| "warn".into()));
+            let cfg = sim_config(&args)?;
+            let summary = runtime()?.block_on(sim::run(cfg, None));
+            let json = serde_json::to_string_pretty(&summary)?;
+            if let Some(out) = &args.out {
+                std::fs::write(out, &json).with_context(|| format!("writing {}", out.display()))?;
+            }
+            eprintln!("{}", summary.table());
+            println!("{json}");
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("orbmanager: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Metric names in one place and a Prometheus text renderer.
+//!
+//! Plain atomics, no per-orb labels, no registry lookups on hot paths. Hot loops update a
+//! counter once per batch where they can (the committer records per group, not per message).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::error::ErrorCode;
+
+/// A monotonically increasing count.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Upper bounds of the latency histogram buckets, in seconds.
+pub const LATENCY_BOUNDS_S: [f64; 14] =
+    [0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048, 4.096];
+
+/// A fixed-bucket latency histogram.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BOUNDS_S.len() + 1],
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = LATENCY_BOUNDS_S.iter().position(|b| s <= *b).unwrap_or(LATENCY_BOUNDS_S.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// Kinds of inbound device messages.
+#[derive(Clone, Copy, Debug)]
+pub enum MsgKind {
+    Telemetry = 0,
+    State = 1,
+    Other = 2,
+}
+
+const MSG_KINDS: [&str; 3] = ["telemetry", "state", "other"];
+const CODES: usize = ErrorCode::ALL.len();
+
+/// Every metric of one server instance.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub mqtt_connections: Gauge,
+    pub mqtt_connects: Counter,
+    pub mqtt_connect_refused: [Counter; CODES],
+    pub messages_in: [Counter; 3],
+    pub messages_out: Counter,
+    pub telemetry_stored: Counter,
+    pub telemetry_duplicates: Counter,
+    pub refusals: [Counter; CODES],
+    pub commit_groups: Counter,
+    pub commit_requests: Counter,
+    pub commit_latency: Histogram,
+    pub live_actors: Gauge,
+    pub actor_activations: Counter,
+    pub actor_passivations: Counter,
+    pub actor_restarts: Counter,
+    pub http_requests: Counter,
+}
+
+impl Metrics {
+    pub fn message_in(&self, kind: MsgKind) {
+        self.messages_in[kind as usize].inc();
+    }
+
+    pub fn refused(&self, code: ErrorCode) {
+        self.refusals[code.metric_index()].inc();
+    }
+
+    pub fn connect_refused(&self, code: ErrorCode) {
+        self.mqtt_connect_refused[code.metric_index()].inc();
+    }
+
+    /// Refusals with this code so far.
+    pub fn refusal_count(&self, code: ErrorCode) -> u64 {
+        self.refusals[code.metric_index()].get()
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut simple = |name: &str, kind: &str, help: &str, v: String| {
+            let _ = writeln!(out, "# HELP orbmanager_{name} {help}\n# TYPE orbmanager_{name} {kind}\norbmanager_{name} {v}");
+        };
+        simple("mqtt_connections", "gauge", "Open MQTT connections.", self.mqtt_connections.get().to_string());
+        simple("mqtt_connects_total", "counter", "Accepted MQTT connections.", self.mqtt_connects.get().to_string());
+        simple("messages_out_total", "counter", "Messages sent to devices.", self.messages_out.get().to_string());
+        simple("telemetry_stored_total", "counter", "Telemetry points made durable.", self.telemetry_stored.get().to_string());
+        simple(
+            "telemetry_duplicates_total",
+            "counter",
+            "Telemetry points dropped as msg_id duplicates.",
+            self.telemetry_duplicates.get().to_string(),
+        );
+        simple("commit_groups_total", "counter", "Group commits (one fsync each).", self.commit_groups.get().to_string());
+        simple("commit_requests_total", "counter", "Write requests committed.", self.commit_requests.get().to_string());
+        simple("live_actors", "gauge", "Orb actors currently active.", self.live_actors.get().to_string());
+        simple("actor_activations_total", "counter", "Orb actor activations.", self.actor_activations.get().to_string());
+        simple("actor_passivations_total", "counter", "Idle orb actors passivated.", self.actor_passivations.get().to_string());
+        simple("actor_restarts_total", "counter", "Orb actors restarted after a failure.", self.actor_restarts.get().to_string());
+        simple("http_requests_total", "counter", "HTTP requests served.", self.http_requests.get().to_string());
+
+        let _ = writeln!(out, "# HELP orbmanager_messages_in_total Messages received from devices.\n# TYPE orbmanager_messages_in_total counter");
+        for (i, kind) in MSG_KINDS.iter().enumerate() {
+            let _ = writeln!(out, "orbmanager_messages_in_total{{kind=\"{kind}\"}} {}", self.messages_in[i].get());
+        }
+        let _ = writeln!(out, "# HELP orbmanager_refusals_total Device messages refused, by reason.\n# TYPE orbmanager_refusals_total counter");
+        for code in ErrorCode::ALL {
+            let _ = writeln!(out, "orbmanager_refusals_total{{reason=\"{}\"}} {}", code.as_str(), self.refusals[code.metric_index()].get());
+        }
+        let _ = writeln!(out, "# HELP orbmanager_mqtt_connect_refused_total MQTT connections refused, by reason.\n# TYPE orbmanager_mqtt_connect_refused_total counter");
+        for code in ErrorCode::ALL {
+            let _ = writeln!(
+                out,
+                "orbmanager_mqtt_connect_refused_total{{reason=\"{}\"}} {}",
+                code.as_str(),
+                self.mqtt_connect_refused[code.metric_index()].get()
+            );
+        }
+        let h = &self.commit_latency;
+        let _ = writeln!(out, "# HELP orbmanager_commit_latency_seconds Duration of one group commit including fsync.\n# TYPE orbmanager_commit_latency_seconds histogram");
+        let mut cumulative = 0;
+        for (i, bound) in LATENCY_BOUNDS_S.iter().enumerate() {
+            cumulative += h.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "orbmanager_commit_latency_seconds_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += h.buckets[LATENCY_BOUNDS_S.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "orbmanager_commit_latency_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "orbmanager_commit_latency_seconds_sum {}", h.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "orbmanager_commit_latency_seconds_count {}", h.count());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_in_the_exposition() {
+        let m = Metrics::default();
+        m.commit_latency.observe(Duration::from_micros(300));
+        m.commit_latency.observe(Duration::from_millis(3));
+        m.commit_latency.observe(Duration::from_secs(10));
+        let text = m.render();
+        assert!(text.contains("orbmanager_commit_latency_seconds_bucket{le=\"0.0005\"} 1\n"), "{text}");
+        assert!(text.contains("orbmanager_commit_latency_seconds_bucket{le=\"0.004\"} 2\n"));
+        assert!(text.contains("orbmanager_commit_latency_seconds_bucket{le=\"+Inf\"} 3\n"));
+        assert!(text.contains("orbmanager_commit_latency_seconds_count 3\n"));
+    }
+
+    #[test]
+    fn refusals_are_labelled_by_stable_code() {
+        let m = Metrics::default();
+        m.refused(ErrorCode::MalformedPayload);
+        m.refused(ErrorCode::MalformedPayload);
+        assert!(m.render().contains("orbmanager_refusals_total{reason=\"malformed_payload\"} 2\n"));
+        assert_eq!(m.refusal_count(ErrorCode::MalformedPayload), 2);
+    }
+}

@@ -1,0 +1,12 @@
+//! Plain data and pure state machines: no I/O, no clock, no actors.
+//!
+//! Everything here takes the current time as an argument, so it can be tested exhaustively
+//! without a runtime.
+
+pub mod ids;
+pub mod orb;
+pub mod state_report;
+pub mod telemetry;
+
+pub use ids::{IdError, OrbId, OrbKey, TenantId};
+pub use telemetry::{PayloadError, TelemetryPoint};

@@ -1,0 +1,509 @@
+//! Telemetry points: parsing and validating the device JSON of DESIGN.md, purely.
+//!
+//! `{"ts": <unix ms>, "msg_id": "...", "battery": 0..100, "lat", "lon", "speed", "mode",
+//! "metrics": {"name": number}}`; any other top-level number (or boolean, as 0/1) is kept as a
+//! metric. Anything else is refused with a reason naming the field, and nothing is stored.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::error::ErrorCode;
+use crate::limits::{
+    TELEMETRY_CLOCK_SKEW_MAX_MS, TELEMETRY_METRIC_NAME_LEN_MAX, TELEMETRY_METRICS_MAX,
+    TELEMETRY_MODE_LEN_MAX, TELEMETRY_MSG_ID_LEN_MAX, TELEMETRY_TS_MIN_MS,
+};
+
+/// One validated telemetry point.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryPoint {
+    /// Device time in unix ms (server receive time when the device sent none).
+    pub ts: u64,
+    pub msg_id: Option<String>,
+    pub battery: Option<f64>,
+    /// `(lat, lon)` in degrees; both or neither.
+    pub position: Option<(f64, f64)>,
+    /// Metres per second.
+    pub speed: Option<f64>,
+    pub mode: Option<String>,
+    /// Sorted by name, names unique.
+    pub metrics: Vec<(String, f64)>,
+}
+
+/// Why a payload was refused.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum PayloadError {
+    #[error("payload is {size} bytes; the limit is {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("payload is not a telemetry JSON object: {0}")]
+    Malformed(String),
+    #[error("field `{field}`: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+impl PayloadError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            PayloadError::TooLarge { .. } => ErrorCode::PayloadTooLarge,
+            PayloadError::Malformed(_) => ErrorCode::MalformedPayload,
+            PayloadError::Invalid { .. } => ErrorCode::InvalidArgument,
+        }
+    }
+
+    fn invalid(field: &str, reason: impl Into<String>) -> Self {
+        PayloadError::Invalid { field: field.to_string(), reason: reason.into() }
+    }
+}
+
+/// Parses and validates one JSON telemetry object. `now_ms` fills a missing `ts` and bounds
+/// clock skew; `max_bytes` is the configured payload limit.
+pub fn parse(payload: &[u8], now_ms: u64, max_bytes: usize) -> Result<TelemetryPoint, PayloadError> {
+    if payload.len() > max_bytes {
+        return Err(PayloadError::TooLarge { size: payload.len(), max: max_bytes });
+    }
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    let raw = RawSeed.deserialize(&mut de).map_err(json_error)?;
+    de.end().map_err(json_error)?;
+    validate(raw, now_ms)
+}
+
+/// Parses a JSON value that is already in memory (the HTTP fallback's batches).
+pub fn parse_value(value: &serde_json::Value, now_ms: u64) -> Result<TelemetryPoint, PayloadError> {
+    let raw = RawSeed.deserialize(value).map_err(json_error)?;
+    validate(raw, now_ms)
+}
+
+fn json_error(e: serde_json::Error) -> PayloadError {
+    let msg = e.to_string();
+    // Field errors raised by our visitor carry a marker so they map to `Invalid`.
+    if let Some(rest) = msg.strip_prefix(FIELD_MARK) {
+        if let Some((field, reason)) = rest.split_once(FIELD_SEP) {
+            return PayloadError::invalid(field, reason.to_string());
+        }
+    }
+    PayloadError::Malformed(msg)
+}
+
+const FIELD_MARK: &str = "\u{1}field:";
+const FIELD_SEP: &str = "\u{1}";
+
+fn field_err<E: de::Error>(field: &str, reason: impl fmt::Display) -> E {
+    E::custom(format!("{FIELD_MARK}{field}{FIELD_SEP}{reason}"))
+}
+
+/// The payload as parsed, before range checks.
+#[derive(Default)]
+struct Raw {
+    ts: Option<u64>,
+    msg_id: Option<String>,
+    battery: Option<f64>,
+    lat: Option<f64>,
+    lon: Option<f64>,
+    speed: Option<f64>,
+    mode: Option<String>,
+    metrics: Vec<(String, f64)>,
+    seen: u16,
+}
+
+struct RawSeed;
+
+impl<'de> DeserializeSeed<'de> for RawSeed {
+    type Value = Raw;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Raw, D::Error> {
+        d.deserialize_map(RawVisitor)
+    }
+}
+
+struct RawVisitor;
+
+/// A JSON value that may stand as a metric: a finite number, or a boolean as 0/1.
+struct MetricValue(Option<f64>);
+
+impl<'de> Deserialize<'de> for MetricValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MetricValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number or a boolean")
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<MetricValue, E> {
+                Ok(MetricValue(Some(v)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<MetricValue, E> {
+                Ok(MetricValue(Some(v as f64)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<MetricValue, E> {
+                Ok(MetricValue(Some(v as f64)))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<MetricValue, E> {
+                Ok(MetricValue(Some(if v { 1.0 } else { 0.0 })))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<MetricValue, E> {
+                Ok(MetricValue(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The `metrics` object: names to numbers.
+struct MetricsMap(Vec<(String, f64)>);
+
+impl<'de> Deserialize<'de> for MetricsMap {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MetricsMap;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object of metric names to numbers")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<MetricsMap, E> {
+                Ok(MetricsMap(Vec::new()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<MetricsMap, A::Error> {
+                let mut out = Vec::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    if out.len() >= TELEMETRY_METRICS_MAX {
+                        return Err(field_err("metrics", format!("more than {TELEMETRY_METRICS_MAX} metrics")));
+                    }
+                    let v: MetricValue = map
+                        .next_value()
+                        .map_err(|e| field_err::<A::Error>(&format!("metrics.{name}"), e))?;
+                    if let Some(v) = v.0 {
+                        out.push((name, v));
+                    }
+                }
+                Ok(MetricsMap(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn opt_f64<'de, A: MapAccess<'de>>(map: &mut A, field: &str) -> Result<Option<f64>, A::Error> {
+    map.next_value::<Option<f64>>().map_err(|e| field_err(field, e))
+}
+
+fn opt_string<'de, A: MapAccess<'de>>(map: &mut A, field: &str) -> Result<Option<String>, A::Error> {
+    map.next_value::<Option<String>>().map_err(|e| field_err(field, e))
+}
+
+/// A top-level key; the known ones are matched without allocating.
+enum Key {
+    Ts,
+    MsgId,
+    Battery,
+    Lat,
+    Lon,
+    Speed,
+    Mode,
+    Metrics,
+    Other(String),
+}
+
+impl Key {
+    fn name(&self) -> &str {
+        match self {
+            Key::Ts => "ts",
+            Key::MsgId => "msg_id",
+            Key::Battery => "battery",
+            Key::Lat => "lat",
+            Key::Lon => "lon",
+            Key::Speed => "speed",
+            Key::Mode => "mode",
+            Key::Metrics => "metrics",
+            Key::Other(s) => s,
+        }
+    }
+
+    /// Bit in `Raw::seen` for duplicate detection; 0 for other keys.
+    fn bit(&self) -> u16 {
+        match self {
+            Key::Ts => 1,
+            Key::MsgId => 2,
+            Key::Battery => 4,
+            Key::Lat => 8,
+            Key::Lon => 16,
+            Key::Speed => 32,
+            Key::Mode => 64,
+            Key::Metrics => 128,
+            Key::Other(_) => 0,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
+                Ok(match v {
+                    "ts" => Key::Ts,
+                    "msg_id" => Key::MsgId,
+                    "battery" => Key::Battery,
+                    "lat" => Key::Lat,
+                    "lon" => Key::Lon,
+                    "speed" => Key::Speed,
+                    "mode" => Key::Mode,
+                    "metrics" => Key::Metrics,
+                    other => Key::Other(other.to_string()),
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+impl<'de> Visitor<'de> for RawVisitor {
+    type Value = Raw;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Raw, A::Error> {
+        let mut raw = Raw::default();
+        let mut extra: Vec<(String, f64)> = Vec::new();
+        while let Some(key) = map.next_key::<Key>()? {
+            let bit = key.bit();
+            if bit != 0 {
+                if raw.seen & bit != 0 {
+                    return Err(field_err(key.name(), "appears twice"));
+                }
+                raw.seen |= bit;
+            }
+            let field = key.name();
+            match &key {
+                Key::Ts => {
+                    raw.ts = map
+                        .next_value::<Option<u64>>()
+                        .map_err(|e| field_err(field, format!("{e}; expected unix milliseconds")))?
+                }
+                Key::MsgId => raw.msg_id = opt_string(&mut map, field)?,
+                Key::Battery => raw.battery = opt_f64(&mut map, field)?,
+                Key::Lat => raw.lat = opt_f64(&mut map, field)?,
+                Key::Lon => raw.lon = opt_f64(&mut map, field)?,
+                Key::Speed => raw.speed = opt_f64(&mut map, field)?,
+                Key::Mode => raw.mode = opt_string(&mut map, field)?,
+                Key::Metrics => raw.metrics = map.next_value::<MetricsMap>()?.0,
+                Key::Other(name) => {
+                    let v: MetricValue = map.next_value().map_err(|e| {
+                        field_err::<A::Error>(name, format!("{e}; unknown top-level fields must be numbers"))
+                    })?;
+                    if let Some(v) = v.0 {
+                        if extra.len() >= TELEMETRY_METRICS_MAX {
+                            return Err(field_err(name, format!("more than {TELEMETRY_METRICS_MAX} metrics")));
+                        }
+                        extra.push((name.clone(), v));
+                    }
+                }
+            }
+        }
+        raw.metrics.extend(extra);
+        Ok(raw)
+    }
+}
+
+fn finite(field: &str, v: f64) -> Result<f64, PayloadError> {
+    if v.is_finite() { Ok(v) } else { Err(PayloadError::invalid(field, "must be a finite number")) }
+}
+
+fn check_text(field: &str, s: &str, max: usize) -> Result<(), PayloadError> {
+    if s.is_empty() {
+        return Err(PayloadError::invalid(field, "must not be empty"));
+    }
+    if s.len() > max {
+        return Err(PayloadError::invalid(field, format!("is {} bytes; the limit is {max}", s.len())));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(PayloadError::invalid(field, "contains control characters"));
+    }
+    Ok(())
+}
+
+fn validate(raw: Raw, now_ms: u64) -> Result<TelemetryPoint, PayloadError> {
+    let ts = match raw.ts {
+        None => now_ms,
+        Some(ts) if ts < TELEMETRY_TS_MIN_MS => {
+            return Err(PayloadError::invalid("ts", format!("{ts} is before 2000-01-01; expected unix milliseconds")));
+        }
+        Some(ts) if ts > now_ms.saturating_add(TELEMETRY_CLOCK_SKEW_MAX_MS) => {
+            return Err(PayloadError::invalid("ts", format!("{ts} is more than 24 h in the future")));
+        }
+        Some(ts) => ts,
+    };
+    if let Some(id) = &raw.msg_id {
+        check_text("msg_id", id, TELEMETRY_MSG_ID_LEN_MAX)?;
+    }
+    if let Some(b) = raw.battery {
+        let b = finite("battery", b)?;
+        if !(0.0..=100.0).contains(&b) {
+            return Err(PayloadError::invalid("battery", format!("{b} is outside 0..100")));
+        }
+    }
+    let position = match (raw.lat, raw.lon) {
+        (None, None) => None,
+        (Some(lat), Some(lon)) => {
+            let (lat, lon) = (finite("lat", lat)?, finite("lon", lon)?);
+            if !(-90.0..=90.0).contains(&lat) {
+                return Err(PayloadError::invalid("lat", format!("{lat} is outside -90..90")));
+            }
+            if !(-180.0..=180.0).contains(&lon) {
+                return Err(PayloadError::invalid("lon", format!("{lon} is outside -180..180")));
+            }
+            Some((lat, lon))
+        }
+        (Some(_), None) => return Err(PayloadError::invalid("lon", "missing; lat and lon come together")),
+        (None, Some(_)) => return Err(PayloadError::invalid("lat", "missing; lat and lon come together")),
+    };
+    if let Some(s) = raw.speed {
+        let s = finite("speed", s)?;
+        if s < 0.0 {
+            return Err(PayloadError::invalid("speed", format!("{s} is negative")));
+        }
+    }
+    if let Some(m) = &raw.mode {
+        check_text("mode", m, TELEMETRY_MODE_LEN_MAX)?;
+    }
+    let mut metrics = raw.metrics;
+    if metrics.len() > TELEMETRY_METRICS_MAX {
+        return Err(PayloadError::invalid("metrics", format!("more than {TELEMETRY_METRICS_MAX} metrics")));
+    }
+    for (name, v) in &metrics {
+        let field = format!("metrics.{name}");
+        check_text(&field, name, TELEMETRY_METRIC_NAME_LEN_MAX)?;
+        finite(&field, *v)?;
+    }
+    metrics.sort_by(|a, b| a.0.cmp(&b.0));
+    if let Some(w) = metrics.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(PayloadError::invalid(&format!("metrics.{}", w[0].0), "appears twice"));
+    }
+    Ok(TelemetryPoint {
+        ts,
+        msg_id: raw.msg_id,
+        battery: raw.battery,
+        position,
+        speed: raw.speed,
+        mode: raw.mode,
+        metrics,
+    })
+}
+
+impl TelemetryPoint {
+    /// The point in the JSON shape devices send, for read APIs.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        m.insert("ts".into(), self.ts.into());
+        if let Some(id) = &self.msg_id {
+            m.insert("msg_id".into(), id.clone().into());
+        }
+        if let Some(b) = self.battery {
+            m.insert("battery".into(), b.into());
+        }
+        if let Some((lat, lon)) = self.position {
+            m.insert("lat".into(), lat.into());
+            m.insert("lon".into(), lon.into());
+        }
+        if let Some(s) = self.speed {
+            m.insert("speed".into(), s.into());
+        }
+        if let Some(mode) = &self.mode {
+            m.insert("mode".into(), mode.clone().into());
+        }
+        let metrics: serde_json::Map<_, _> =
+            self.metrics.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(*v))).collect();
+        m.insert("metrics".into(), metrics.into());
+        serde_json::Value::Object(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_700_000_000_000;
+    const MAX: usize = 64 * 1024;
+
+    fn p(s: &str) -> Result<TelemetryPoint, PayloadError> {
+        parse(s.as_bytes(), NOW, MAX)
+    }
+
+    #[test]
+    fn full_point_parses_with_extra_numbers_as_metrics() {
+        let pt = p(r#"{"ts":1700000000001,"msg_id":"m1","battery":55.5,"lat":37.7,"lon":-122.4,
+            "speed":3.2,"mode":"mission","metrics":{"temp":21},"rpm":900,"charging":true,"note":null}"#)
+        .unwrap();
+        assert_eq!(pt.ts, 1_700_000_000_001);
+        assert_eq!(pt.msg_id.as_deref(), Some("m1"));
+        assert_eq!(pt.battery, Some(55.5));
+        assert_eq!(pt.position, Some((37.7, -122.4)));
+        assert_eq!(pt.mode.as_deref(), Some("mission"));
+        assert_eq!(
+            pt.metrics,
+            vec![("charging".into(), 1.0), ("rpm".into(), 900.0), ("temp".into(), 21.0)]
+        );
+    }
+
+    #[test]
+    fn missing_ts_takes_server_time() {
+        assert_eq!(p("{}").unwrap().ts, NOW);
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        let cases = [
+            (r#"{"battery":101}"#, "battery"),
+            (r#"{"battery":"full"}"#, "battery"),
+            (r#"{"lat":91,"lon":0}"#, "lat"),
+            (r#"{"lat":1}"#, "lon"),
+            (r#"{"speed":-1}"#, "speed"),
+            (r#"{"ts":5}"#, "ts"),
+            (r#"{"ts":-5}"#, "ts"),
+            (r#"{"ts":99999999999999}"#, "ts"),
+            (r#"{"mode":""}"#, "mode"),
+            (r#"{"colour":"red"}"#, "colour"),
+            (r#"{"metrics":{"a":"x"}}"#, "metrics.a"),
+            (r#"{"metrics":{"a":1},"a":2}"#, "metrics.a"),
+            (r#"{"battery":1,"battery":2}"#, "battery"),
+        ];
+        for (json, field) in cases {
+            match p(json) {
+                Err(PayloadError::Invalid { field: f, .. }) => assert_eq!(f, field, "{json}"),
+                other => panic!("{json}: expected Invalid({field}), got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_json_and_non_objects_are_malformed() {
+        for json in ["{", "[]", "42", "\"x\"", "{} {}", "not json", ""] {
+            assert!(matches!(p(json), Err(PayloadError::Malformed(_))), "{json:?}");
+        }
+    }
+
+    #[test]
+    fn oversized_payload_is_refused_before_parsing() {
+        let big = vec![b' '; MAX + 1];
+        assert_eq!(parse(&big, NOW, MAX), Err(PayloadError::TooLarge { size: MAX + 1, max: MAX }));
+    }
+
+    #[test]
+    fn too_many_metrics_is_refused() {
+        let body: Vec<String> = (0..=TELEMETRY_METRICS_MAX).map(|i| format!("\"m{i}\":1")).collect();
+        let json = format!("{{\"metrics\":{{{}}}}}", body.join(","));
+        assert!(matches!(p(&json), Err(PayloadError::Invalid { .. })));
+    }
+
+    #[test]
+    fn json_round_trip_keeps_every_field() {
+        let pt = p(r#"{"ts":1700000000001,"msg_id":"m","battery":5,"lat":1,"lon":2,"speed":0,"mode":"x","metrics":{"t":1}}"#).unwrap();
+        let again = parse_value(&pt.to_json(), NOW).unwrap();
+        assert_eq!(pt, again);
+    }
+}

@@ -1,0 +1,161 @@
+//! The MQTT listener: 3.1.1 and 5 on one port (ntex-mqtt 8 on ntex 3 with tokio).
+//!
+//! ntex runs its own system on a dedicated thread with one worker thread per core; each
+//! worker builds its services and keeps its connections. Limits are set explicitly here
+//! (ntex-mqtt's max packet size defaults to unlimited).
+
+mod session;
+pub mod topic;
+mod v3;
+mod v5;
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::thread::JoinHandle;
+
+use ntex::service::cfg::SharedCfg;
+use ntex::service::{fn_factory_with_config, fn_service};
+use ntex::time::Seconds;
+use ntex_mqtt::{MqttServer, MqttServiceConfig, QoS};
+
+use crate::config::MqttConfig;
+use crate::net::ingest::Ingest;
+pub use session::CloseConnection;
+use session::Conn;
+
+/// What every connection shares.
+pub struct MqttCtx {
+    pub ingest: Arc<Ingest>,
+    pub dev: bool,
+    pub keepalive_max_s: u16,
+    /// Set when the server starts draining; new connections are refused.
+    pub draining: Arc<AtomicBool>,
+}
+
+/// A running MQTT listener.
+pub struct MqttListener {
+    server: ntex::server::Server,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Idle timeout for a keep-alive: 1.5 times the keep-alive, which is capped at `cap`
+/// (a client asking for 0 gets the cap too: every connection has a bound).
+pub(crate) fn idle_timeout_s(requested: u16, cap: u16) -> u16 {
+    let ka = if requested == 0 || requested > cap { cap } else { requested };
+    ka.saturating_add(ka / 2)
+}
+
+/// A client id for clients that sent none.
+pub(crate) fn assigned_client_id() -> String {
+    format!("om-{:016x}", fastrand::u64(..))
+}
+
+impl MqttListener {
+    /// Starts serving `listener` on `workers` threads.
+    pub fn start(listener: TcpListener, ctx: Arc<MqttCtx>, cfg: &MqttConfig, workers: usize) -> std::io::Result<MqttListener> {
+        let svc_cfg = MqttServiceConfig::new()
+            .set_max_size(cfg.max_packet_size)
+            .set_max_receive(cfg.receive_maximum)
+            .set_max_receive_size(cfg.inflight_bytes_max)
+            .set_max_qos(QoS::AtLeastOnce)
+            .set_max_topic_alias(32)
+            .set_connect_timeout(Seconds(cfg.connect_timeout_s))
+            .set_handshake_timeout(Seconds(cfg.connect_timeout_s))
+            .set_max_send(cfg.receive_maximum)
+            .set_max_send_size(cfg.max_packet_size);
+        let per_worker = cfg.max_connections.div_ceil(workers).max(1);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new().name("mqtt-system".into()).spawn(move || {
+            let runner = ntex::rt::System::build()
+                .name("orbmanager-mqtt")
+                .disable_signals()
+                .build(ntex::rt::DefaultRuntime);
+            runner.block_on(async move {
+                let factory = async move |_| service(ctx.clone());
+                let built = ntex::server::build()
+                    .workers(workers)
+                    .disable_signals()
+                    .maxconn(per_worker)
+                    .listen("mqtt", listener, factory)
+                    .map(|b| b.config("mqtt", SharedCfg::new("MQTT").add(svc_cfg)).run());
+                match built {
+                    Ok(server) => {
+                        let _ = tx.send(Ok(server.clone()));
+                        let _ = server.await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            });
+        })?;
+        let server = rx
+            .recv()
+            .map_err(|_| std::io::Error::other("mqtt system thread exited before starting"))??;
+        Ok(MqttListener { server, thread: Some(thread) })
+    }
+
+    /// Stops accepting, closes connections (gracefully within the server's timeout) and waits
+    /// for the worker threads to end.
+    pub async fn stop(mut self) {
+        self.server.stop(true).await;
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+fn service(
+    ctx: Arc<MqttCtx>,
+) -> impl ntex::service::ServiceFactory<ntex::io::Io, SharedCfg, Response = (), Error = ntex_mqtt::MqttError<CloseConnection>, InitError = ()>
+{
+    let c3 = ctx.clone();
+    let c5 = ctx;
+    let v3 = ntex_mqtt::v3::MqttServer::new(fn_service(async move |h| v3::handshake(c3.clone(), h).await))
+        .protocol(fn_factory_with_config(async |conn: ntex_mqtt::v3::Session<Conn>| {
+            let conn = Conn::clone(&conn);
+            Ok::<_, CloseConnection>(fn_service(async move |m| v3::protocol(&conn, m).await))
+        }))
+        .control(fn_factory_with_config(async |conn: ntex_mqtt::v3::Session<Conn>| {
+            let conn = Conn::clone(&conn);
+            Ok::<_, CloseConnection>(fn_service(async move |c| v3::control(&conn, c).await))
+        }))
+        .publish(fn_factory_with_config(async |conn: ntex_mqtt::v3::Session<Conn>| {
+            let conn = Conn::clone(&conn);
+            Ok::<_, CloseConnection>(fn_service(async move |p| v3::publish(&conn, p).await))
+        }));
+    let v5 = ntex_mqtt::v5::MqttServer::new(fn_service(async move |h| v5::handshake(c5.clone(), h).await))
+        .protocol(fn_factory_with_config(async |conn: ntex_mqtt::v5::Session<Conn>| {
+            let conn = Conn::clone(&conn);
+            Ok::<_, CloseConnection>(fn_service(async move |m| v5::protocol(&conn, m).await))
+        }))
+        .control(fn_factory_with_config(async |conn: ntex_mqtt::v5::Session<Conn>| {
+            let conn = Conn::clone(&conn);
+            Ok::<_, CloseConnection>(fn_service(async move |c| v5::control(&conn, c).await))
+        }))
+        .publish(fn_factory_with_config(async |conn: ntex_mqtt::v5::Session<Conn>| {
+            let conn = Conn::clone(&conn);
+            Ok::<_, CloseConnection>(fn_service(async move |p| v5::publish(&conn, p).await))
+        }));
+    MqttServer::new().v3(v3).v5(v5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_timeout_caps_and_defaults() {
+        assert_eq!(idle_timeout_s(10, 300), 15);
+        assert_eq!(idle_timeout_s(0, 300), 450);
+        assert_eq!(idle_timeout_s(1000, 300), 450);
+    }
+
+    #[test]
+    fn assigned_ids_are_valid_client_ids() {
+        let id = assigned_client_id();
+        assert!(session::check_client_id(&id).is_ok());
+        assert_ne!(id, assigned_client_id());
+    }
+}

@@ -1,0 +1,107 @@
+//! MQTT 3.1.1 adapter: CONNECT return codes, PUBACK-or-disconnect, control and stop events.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use ntex::time::Seconds;
+use ntex_mqtt::v3::{self, codec};
+use ntex_mqtt::{Control, QoS, Reason};
+
+use super::MqttCtx;
+use super::session::{self, CloseConnection, Conn, Verdict};
+use crate::error::ErrorCode;
+use crate::model::orb::DisconnectReason;
+
+pub async fn handshake(ctx: Arc<MqttCtx>, h: v3::Handshake) -> Result<v3::HandshakeAck<Conn>, CloseConnection> {
+    let pkt = h.packet();
+    if pkt.client_id.is_empty() && !pkt.clean_session {
+        // [MQTT-3.1.3-8]: a zero-length client id needs a clean session.
+        ctx.ingest.metrics.connect_refused(ErrorCode::InvalidArgument);
+        return Ok(h.identifier_rejected());
+    }
+    let client_id = if pkt.client_id.is_empty() { super::assigned_client_id() } else { pkt.client_id.to_string() };
+    let username = pkt.username.as_ref().map(|u| u.to_string());
+    let password = pkt.password.as_ref().map(|p| p.to_vec());
+    let keepalive = super::idle_timeout_s(pkt.keep_alive, ctx.keepalive_max_s);
+    match session::authenticate(&ctx, 4, &client_id, username.as_deref(), password.as_deref()).await {
+        Ok((conn, kick)) => {
+            if let Some(kick) = kick {
+                let sink = h.sink();
+                let weak = Rc::downgrade(&conn.0);
+                ntex::rt::spawn(async move {
+                    if let Ok(reason) = kick.await {
+                        if let Some(inner) = weak.upgrade() {
+                            Conn(inner).set_end_reason(reason);
+                        }
+                        sink.close();
+                    }
+                });
+            }
+            Ok(h.ack(conn, false).idle_timeout(Seconds(keepalive)))
+        }
+        Err(refusal) => {
+            ctx.ingest.metrics.connect_refused(refusal.code);
+            tracing::debug!(client_id, code = %refusal.code, reason = refusal.reason, "v3 connect refused");
+            Ok(match refusal.code {
+                ErrorCode::InvalidArgument => h.identifier_rejected(),
+                ErrorCode::Unauthenticated => h.bad_username_or_pwd(),
+                ErrorCode::PermissionDenied | ErrorCode::Decommissioned => h.not_authorized(),
+                _ => h.service_unavailable(),
+            })
+        }
+    }
+}
+
+pub async fn publish(conn: &Conn, p: v3::Publish) -> Result<(), CloseConnection> {
+    let payload = p.read_all().await.map_err(|e| CloseConnection(format!("payload: {e:?}")))?;
+    match conn.publish(p.publish_topic(), &payload).await {
+        Verdict::Accepted => Ok(()),
+        // MQTT 3.1.1 cannot carry a reason: acknowledge so the device does not resend forever;
+        // the refusal is counted and shown on the orb.
+        Verdict::Refused(err) if err.code != ErrorCode::Unavailable && err.code != ErrorCode::Internal => Ok(()),
+        // Not durable: close without PUBACK so the device resends after reconnecting.
+        Verdict::Refused(err) => Err(CloseConnection(err.to_string())),
+        Verdict::NotAuthorized(err) => {
+            conn.set_end_reason(DisconnectReason::NotAuthorized);
+            Err(CloseConnection(err.to_string()))
+        }
+    }
+}
+
+pub async fn protocol(conn: &Conn, msg: v3::ProtocolMessage) -> Result<v3::ProtocolMessageAck, CloseConnection> {
+    Ok(match msg {
+        v3::ProtocolMessage::Subscribe(mut sub) => {
+            for mut s in sub.iter_mut() {
+                if conn.may_subscribe(s.topic()) {
+                    let qos = if s.qos() == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+                    s.confirm(qos);
+                } else {
+                    s.fail();
+                }
+            }
+            sub.ack()
+        }
+        v3::ProtocolMessage::Unsubscribe(unsub) => unsub.ack(),
+        v3::ProtocolMessage::Disconnect(d) => {
+            conn.set_end_reason(DisconnectReason::ClientDisconnect);
+            d.ack()
+        }
+        v3::ProtocolMessage::Ping(p) => p.ack(),
+        v3::ProtocolMessage::PublishRelease(r) => r.ack(),
+    })
+}
+
+pub async fn control(conn: &Conn, ctl: Control<CloseConnection>) -> Result<Option<codec::Encoded>, CloseConnection> {
+    if let Control::Stop(reason) = ctl {
+        let fallback = match &reason {
+            Reason::Error(_) => DisconnectReason::NotAuthorized,
+            Reason::Protocol(e) if matches!(e.get_ref(), ntex_mqtt::error::ProtocolError::KeepAliveTimeout) => {
+                DisconnectReason::KeepAliveTimeout
+            }
+            Reason::Protocol(_) => DisconnectReason::ProtocolError,
+            Reason::PeerGone(_) => DisconnectReason::ConnectionLost,
+        };
+        conn.ended(fallback);
+    }
+    Ok(None)
+}

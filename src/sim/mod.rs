@@ -1,0 +1,333 @@
+//! The fleet simulator: N orbs over their own MQTT connections publishing telemetry on an
+//! open-loop schedule. Latency is measured from each message's *intended* send time, so a
+//! slow server cannot hide behind a client that slows down with it.
+
+pub mod client;
+mod workload;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
+
+use client::Incoming;
+pub use workload::Workload;
+
+/// What to simulate.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub addr: String,
+    pub orbs: usize,
+    pub interval_ms: u64,
+    pub qos: u8,
+    pub duration_s: u64,
+    pub tenant: String,
+    pub prefix: String,
+    pub protocol: u8,
+    pub connect_rate: u32,
+    /// Device tokens by orb id (non-dev servers).
+    pub tokens: HashMap<String, String>,
+    /// No username at all (dev anonymous, or third-party brokers).
+    pub anonymous: bool,
+    pub workload: Workload,
+    /// In-flight QoS 1 publishes per connection (the broker's receive maximum).
+    pub inflight_max: usize,
+}
+
+/// Percentiles in milliseconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub samples: u64,
+}
+
+/// The JSON summary `orbmanager sim` prints.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Summary {
+    pub target: String,
+    pub protocol: u8,
+    pub qos: u8,
+    pub orbs: usize,
+    pub connected: u64,
+    pub connect_failures: u64,
+    pub payload_bytes: usize,
+    pub interval_ms: u64,
+    pub duration_s: f64,
+    pub sent: u64,
+    pub acked: u64,
+    /// PUBACKs with a failure reason code (MQTT 5).
+    pub refused: u64,
+    /// I/O errors and server disconnects.
+    pub errors: u64,
+    /// QoS 1 messages never acknowledged.
+    pub unacked: u64,
+    pub offered_rate: f64,
+    pub acked_rate: f64,
+    pub puback_latency_ms: Percentiles,
+}
+
+#[derive(Default)]
+struct Stats {
+    connected: AtomicU64,
+    connect_failures: AtomicU64,
+    sent: AtomicU64,
+    acked: AtomicU64,
+    refused: AtomicU64,
+    errors: AtomicU64,
+    unacked: AtomicU64,
+}
+
+const HIST_SHARDS: usize = 16;
+
+fn new_histogram() -> Histogram<u64> {
+    // 1 µs .. 10 min at 3 significant digits.
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("static histogram bounds are valid")
+}
+
+/// Reads `{"tenant_id","orb_id","device_token"}` JSON lines.
+pub fn read_credentials(path: &Path) -> Result<HashMap<String, String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = HashMap::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?;
+        let (Some(orb), Some(token)) = (v["orb_id"].as_str(), v["device_token"].as_str()) else {
+            return Err(format!("{}:{}: needs orb_id and device_token", path.display(), i + 1));
+        };
+        out.insert(orb.to_string(), token.to_string());
+    }
+    Ok(out)
+}
+
+/// The id of simulated orb `i`.
+pub fn orb_id(prefix: &str, i: usize) -> String {
+    format!("{prefix}{i:05}")
+}
+
+/// Runs the simulation until `duration_s` passes or `stop` turns true.
+pub async fn run(cfg: SimConfig, stop: Option<watch::Receiver<bool>>) -> Summary {
+    let cfg = Arc::new(cfg);
+    let stats = Arc::new(Stats::default());
+    let hists: Arc<Vec<Mutex<Histogram<u64>>>> = Arc::new((0..HIST_SHARDS).map(|_| Mutex::new(new_histogram())).collect());
+    let start = Instant::now();
+    let ramp = Duration::from_secs_f64(cfg.orbs as f64 / f64::from(cfg.connect_rate.max(1)));
+    let publish_start = start + ramp;
+    let end = publish_start + Duration::from_secs(cfg.duration_s);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..cfg.orbs {
+        let connect_at = start + Duration::from_secs_f64(i as f64 / f64::from(cfg.connect_rate.max(1)));
+        let (cfg, stats, hists, stop) = (cfg.clone(), stats.clone(), hists.clone(), stop.clone());
+        tasks.spawn(async move {
+            orb_task(i, &cfg, &stats, hists, connect_at, publish_start, end, stop).await;
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let elapsed = Instant::now().saturating_duration_since(publish_start).as_secs_f64().max(1e-9);
+    let mut all = new_histogram();
+    for h in hists.iter() {
+        let _ = all.add(&*h.lock().expect("histogram lock"));
+    }
+    let ms = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
+    let s = &stats;
+    Summary {
+        target: cfg.addr.clone(),
+        protocol: cfg.protocol,
+        qos: cfg.qos,
+        orbs: cfg.orbs,
+        connected: s.connected.load(Ordering::Relaxed),
+        connect_failures: s.connect_failures.load(Ordering::Relaxed),
+        payload_bytes: cfg.workload.payload_bytes(),
+        interval_ms: cfg.interval_ms,
+        duration_s: elapsed,
+        sent: s.sent.load(Ordering::Relaxed),
+        acked: s.acked.load(Ordering::Relaxed),
+        refused: s.refused.load(Ordering::Relaxed),
+        errors: s.errors.load(Ordering::Relaxed),
+        unacked: s.unacked.load(Ordering::Relaxed),
+        offered_rate: s.sent.load(Ordering::Relaxed) as f64 / elapsed,
+        acked_rate: s.acked.load(Ordering::Relaxed) as f64 / elapsed,
+        puback_latency_ms: Percentiles {
+            p50: ms(0.5),
+            p95: ms(0.95),
+            p99: ms(0.99),
+            max: all.max() as f64 / 1000.0,
+            samples: all.len(),
+        },
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn orb_task(
+    i: usize,
+    cfg: &SimConfig,
+    stats: &Arc<Stats>,
+    hists: Arc<Vec<Mutex<Histogram<u64>>>>,
+    connect_at: Instant,
+    publish_start: Instant,
+    end: Instant,
+    mut stop: Option<watch::Receiver<bool>>,
+) {
+    tokio::time::sleep_until(connect_at).await;
+    let orb = orb_id(&cfg.prefix, i);
+    let username = (!cfg.anonymous).then(|| format!("{}/{}", cfg.tenant, orb));
+    let token = cfg.tokens.get(&orb).map(|t| t.as_bytes().to_vec());
+    let keepalive = 60;
+    let connected = tokio::time::timeout(
+        Duration::from_secs(10),
+        client::connect(&cfg.addr, cfg.protocol, &orb, username.as_deref(), token.as_deref(), keepalive),
+    )
+    .await;
+    let (mut reader, mut writer) = match connected {
+        Ok(Ok(Ok(rw))) => rw,
+        Ok(Ok(Err(code))) => {
+            tracing::debug!(orb, code, "connect refused");
+            stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(orb, error = %e, "connect failed");
+            stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Err(_) => {
+            stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    stats.connected.fetch_add(1, Ordering::Relaxed);
+    let topic = format!("telemetry/{}/{}", cfg.tenant, orb);
+    let inflight: Arc<Mutex<HashMap<u16, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+    let permits = Arc::new(Semaphore::new(cfg.inflight_max.max(1)));
+
+    // Reader: PUBACKs release window slots and record latency from the intended send time.
+    let (r_inflight, r_permits, r_stats) = (inflight.clone(), permits.clone(), stats.clone());
+    let protocol = cfg.protocol;
+    let reader_task = tokio::spawn(async move {
+        let mut buf = Vec::with_capacity(64);
+        loop {
+            match client::read_packet(&mut reader, protocol, &mut buf).await {
+                Ok(Incoming::PubAck { pkid, reason }) => {
+                    let sent_at = r_inflight.lock().expect("inflight lock").remove(&pkid);
+                    if let Some(at) = sent_at {
+                        r_permits.add_permits(1);
+                        if reason >= 0x80 {
+                            r_stats.refused.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            r_stats.acked.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let us = (at.elapsed().as_micros() as u64).max(1);
+                        let _ = hists[i % HIST_SHARDS].lock().expect("histogram lock").record(us);
+                    }
+                }
+                Ok(Incoming::Disconnect { .. }) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    });
+
+    let interval = Duration::from_millis(cfg.interval_ms.max(1));
+    let phase = Duration::from_micros(fastrand::u64(..interval.as_micros() as u64));
+    let mut next = publish_start + phase;
+    let mut seq: u64 = 0;
+    let mut pkid: u16 = 0;
+    let mut motion = cfg.workload.start(i);
+    let mut out = Vec::with_capacity(cfg.workload.payload_bytes() + 128);
+    let mut last_write = Instant::now();
+    let ping_every = Duration::from_secs(u64::from(keepalive) / 2);
+    loop {
+        if next >= end {
+            break;
+        }
+        let stopped = async {
+            match stop.as_mut() {
+                Some(s) => {
+                    let _ = s.wait_for(|v| *v).await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let wake = next.min(last_write + ping_every);
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = stopped => break,
+        }
+        if Instant::now() < next {
+            // Slow schedules still keep the connection alive.
+            if writer.write_all(&client::PINGREQ).await.is_err() {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            last_write = Instant::now();
+            continue;
+        }
+        let intended = next;
+        next += interval;
+        let payload = cfg.workload.payload(&orb, seq, &mut motion, interval);
+        seq += 1;
+        out.clear();
+        if cfg.qos > 0 {
+            let Ok(permit) = permits.acquire().await else { break };
+            permit.forget();
+            pkid = pkid.wrapping_add(1).max(1);
+            inflight.lock().expect("inflight lock").insert(pkid, intended);
+        }
+        client::publish_packet(&mut out, cfg.protocol, &topic, &payload, cfg.qos, pkid);
+        if writer.write_all(&out).await.is_err() {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            break;
+        }
+        last_write = Instant::now();
+        stats.sent.fetch_add(1, Ordering::Relaxed);
+    }
+    // Wait for outstanding acknowledgements, then leave cleanly.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && !inflight.lock().expect("inflight lock").is_empty() && !reader_task.is_finished() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = writer.write_all(&client::DISCONNECT).await;
+    let _ = writer.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), reader_task).await;
+    let left = inflight.lock().expect("inflight lock").len() as u64;
+    stats.unacked.fetch_add(left, Ordering::Relaxed);
+}
+
+impl Summary {
+    /// A readable table of the headline numbers.
+    pub fn table(&self) -> String {
+        let l = &self.puback_latency_ms;
+        format!(
+            "target {}  mqtt {}  qos {}  orbs {} ({} connected, {} failed)\n\
+             sent {}  acked {}  refused {}  unacked {}  errors {}\n\
+             offered {:.0} msg/s  acked {:.0} msg/s over {:.1} s\n\
+             PUBACK latency ms  p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}  ({} samples)",
+            self.target,
+            if self.protocol == 5 { "5.0" } else { "3.1.1" },
+            self.qos,
+            self.orbs,
+            self.connected,
+            self.connect_failures,
+            self.sent,
+            self.acked,
+            self.refused,
+            self.unacked,
+            self.errors,
+            self.offered_rate,
+            self.acked_rate,
+            self.duration_s,
+            l.p50,
+            l.p95,
+            l.p99,
+            l.max,
+            l.samples
+        )
+    }
+}

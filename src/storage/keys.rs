@@ -1,0 +1,116 @@
+//! Key layout. Every key is tenant-first; ids never contain `0x00`, so `0x00` separates parts
+//! and prefix scans are exact. Integers are big-endian so byte order is numeric order.
+//!
+//! | keyspace    | key                                        | value            |
+//! |-------------|--------------------------------------------|------------------|
+//! | `tenants`   | `t`                                        | `TenantRecord`   |
+//! | `orbs`      | `t 0 o`                                    | `OrbRecord`      |
+//! | `presence`  | `t 0 o`                                    | `Presence`       |
+//! | `reported`  | `t 0 o`                                    | `Reported`       |
+//! | `telemetry` | `t 0 o 0 ts:u64 suffix:u64`                | `StoredPoint`    |
+//! | `dedupe`    | `t 0 bucket:u32 o 0 msg_id`                | empty            |
+//! | `meta`      | ascii name                                 | per name         |
+
+use crate::model::OrbKey;
+
+/// `t 0 o`: the key of an orb's registry, presence and reported records.
+pub fn orb(key: &OrbKey) -> Vec<u8> {
+    let (t, o) = (key.tenant.as_str().as_bytes(), key.orb.as_str().as_bytes());
+    let mut k = Vec::with_capacity(t.len() + 1 + o.len());
+    k.extend_from_slice(t);
+    k.push(0);
+    k.extend_from_slice(o);
+    k
+}
+
+/// `t 0`: the prefix of every orb of a tenant in `orbs`.
+pub fn tenant_prefix(tenant: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tenant.len() + 1);
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k
+}
+
+/// `t 0 o 0`: the prefix of one orb's telemetry.
+pub fn telemetry_prefix(key: &OrbKey) -> Vec<u8> {
+    let mut k = orb(key);
+    k.push(0);
+    k
+}
+
+/// The key of one telemetry point.
+pub fn telemetry(key: &OrbKey, ts: u64, suffix: u64) -> Vec<u8> {
+    let mut k = telemetry_prefix(key);
+    k.reserve(16);
+    k.extend_from_slice(&ts.to_be_bytes());
+    k.extend_from_slice(&suffix.to_be_bytes());
+    k
+}
+
+/// Device time and suffix of a telemetry key, if it is one.
+pub fn telemetry_cursor(k: &[u8]) -> Option<(u64, u64)> {
+    let n = k.len();
+    if n < 17 {
+        return None;
+    }
+    let ts = k[n - 16..n - 8].try_into().ok().map(u64::from_be_bytes)?;
+    let suffix = k[n - 8..].try_into().ok().map(u64::from_be_bytes)?;
+    Some((ts, suffix))
+}
+
+/// The key of a remembered `msg_id` in a dedupe bucket.
+pub fn dedupe(key: &OrbKey, bucket: u32, msg_id: &str) -> Vec<u8> {
+    let (t, o) = (key.tenant.as_str().as_bytes(), key.orb.as_str().as_bytes());
+    let mut k = Vec::with_capacity(t.len() + 6 + o.len() + msg_id.len());
+    k.extend_from_slice(t);
+    k.push(0);
+    k.extend_from_slice(&bucket.to_be_bytes());
+    k.extend_from_slice(o);
+    k.push(0);
+    k.extend_from_slice(msg_id.as_bytes());
+    k
+}
+
+/// `t 0 bucket`: everything of a tenant's dedupe bucket.
+pub fn dedupe_bucket_prefix(tenant: &str, bucket: u32) -> Vec<u8> {
+    let mut k = tenant_prefix(tenant);
+    k.extend_from_slice(&bucket.to_be_bytes());
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(t: &str, o: &str) -> OrbKey {
+        OrbKey::parse_path(&format!("{t}/{o}")).unwrap()
+    }
+
+    #[test]
+    fn telemetry_keys_sort_by_time_within_an_orb() {
+        let k = key("acme", "o1");
+        let a = telemetry(&k, 1_000, u64::MAX);
+        let b = telemetry(&k, 1_001, 0);
+        assert!(a < b);
+        assert_eq!(telemetry_cursor(&a), Some((1_000, u64::MAX)));
+        assert!(a.starts_with(&telemetry_prefix(&k)));
+    }
+
+    #[test]
+    fn one_orb_prefix_never_covers_another() {
+        // "o1" must not be a prefix match for "o10".
+        let p = telemetry_prefix(&key("acme", "o1"));
+        let other = telemetry(&key("acme", "o10"), 5, 5);
+        assert!(!other.starts_with(&p));
+        let tp = tenant_prefix("ac");
+        assert!(!orb(&key("acme", "o1")).starts_with(&tp));
+    }
+
+    #[test]
+    fn dedupe_keys_group_by_bucket_within_a_tenant() {
+        let k = key("acme", "o1");
+        let d = dedupe(&k, 7, "m1");
+        assert!(d.starts_with(&dedupe_bucket_prefix("acme", 7)));
+        assert!(!d.starts_with(&dedupe_bucket_prefix("acme", 8)));
+    }
+}

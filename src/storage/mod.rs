@@ -1,0 +1,334 @@
+//! The store: the only code that touches fjall. Actors and listeners go through [`Store`].
+//!
+//! Reads go straight to fjall (it is internally synchronized); every write goes through the
+//! group committer (`commit.rs`) and is durable when its future resolves.
+
+mod codec;
+mod commit;
+pub mod keys;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use serde::{Deserialize, Serialize};
+
+pub use codec::{FORMAT_VERSION, decode, encode};
+pub use commit::{Batch, Outcome};
+use commit::{Committer, DedupeProbe};
+
+use crate::limits::DEDUPE_BUCKET_MS;
+use crate::metrics::Metrics;
+use crate::model::ids::hash64;
+use crate::model::orb::{OrbRecord, Presence};
+use crate::model::state_report::Reported;
+use crate::model::{OrbKey, TelemetryPoint, TenantId};
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("storage engine: {0}")]
+    Engine(#[from] fjall::Error),
+    #[error("{what} record is format version {found}; this build reads up to {supported}")]
+    UnsupportedVersion { what: &'static str, found: u8, supported: u8 },
+    #[error("corrupt {what} record: {detail}")]
+    Corrupt { what: &'static str, detail: String },
+    #[error("data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("the store is closed")]
+    Closed,
+    #[error("group commit failed: {0}")]
+    CommitFailed(String),
+}
+
+/// The keyspaces, named once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ks {
+    Meta,
+    Tenants,
+    Orbs,
+    Presence,
+    Reported,
+    Telemetry,
+    Dedupe,
+}
+
+impl Ks {
+    const ALL: [Ks; 7] = [Ks::Meta, Ks::Tenants, Ks::Orbs, Ks::Presence, Ks::Reported, Ks::Telemetry, Ks::Dedupe];
+
+    fn name(self) -> &'static str {
+        match self {
+            Ks::Meta => "meta",
+            Ks::Tenants => "tenants",
+            Ks::Orbs => "orbs",
+            Ks::Presence => "presence",
+            Ks::Reported => "reported",
+            Ks::Telemetry => "telemetry",
+            Ks::Dedupe => "dedupe",
+        }
+    }
+}
+
+/// Open keyspace handles, indexed by [`Ks`].
+#[derive(Clone)]
+pub(crate) struct Keyspaces(Arc<[Keyspace; 7]>);
+
+impl Keyspaces {
+    pub(crate) fn get(&self, which: Ks) -> &Keyspace {
+        &self.0[which as usize]
+    }
+}
+
+/// A tenant as the registry knows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    pub tenant: TenantId,
+    pub created_ms: u64,
+}
+
+/// A telemetry point as stored: the point and when the server received it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredPoint {
+    pub point: TelemetryPoint,
+    pub received_ms: u64,
+}
+
+/// Position of a point in an orb's history: device time and the key suffix.
+pub type PointCursor = (u64, u64);
+
+/// Store tuning, from `[storage]` in the config.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    pub cache_bytes: u64,
+    pub commit_queue_max: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { cache_bytes: 64 * 1024 * 1024, commit_queue_max: crate::limits::COMMIT_QUEUE_MAX }
+    }
+}
+
+/// The store facade; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: Database,
+    ks: Keyspaces,
+    committer: Committer,
+    metrics: Arc<Metrics>,
+}
+
+const META_FORMAT: &[u8] = b"format_version";
+
+impl Store {
+    /// Opens (or creates) the store under `dir`, recovering the journal.
+    pub fn open(dir: &Path, opts: &StoreOptions, metrics: Arc<Metrics>) -> Result<Store, Error> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::DataDir { path: dir.to_path_buf(), source })?;
+        let db = Database::builder(dir.join("fjall")).cache_size(opts.cache_bytes).open()?;
+        let handles: Vec<Keyspace> = Ks::ALL
+            .iter()
+            .map(|k| db.keyspace(k.name(), KeyspaceCreateOptions::default))
+            .collect::<Result<_, _>>()?;
+        let handles: [Keyspace; 7] = handles.try_into().unwrap_or_else(|_| unreachable!("seven keyspaces"));
+        let ks = Keyspaces(Arc::new(handles));
+        let meta = ks.get(Ks::Meta);
+        match meta.get(META_FORMAT)? {
+            None => {
+                meta.insert(META_FORMAT, [FORMAT_VERSION])?;
+                db.persist(PersistMode::SyncAll)?;
+            }
+            Some(v) if v.first() == Some(&FORMAT_VERSION) => {}
+            Some(v) => {
+                return Err(Error::UnsupportedVersion {
+                    what: "store",
+                    found: v.first().copied().unwrap_or(0),
+                    supported: FORMAT_VERSION,
+                });
+            }
+        }
+        let committer = Committer::start(db.clone(), ks.clone(), opts.commit_queue_max, metrics.clone());
+        Ok(Store { db, ks, committer, metrics })
+    }
+
+    /// Commits everything queued, fsyncs and stops the committer. Idempotent.
+    pub fn close(&self) {
+        self.committer.shutdown();
+    }
+
+    /// Makes `batch` durable.
+    pub async fn commit(&self, batch: Batch) -> Result<Outcome, Error> {
+        self.committer.commit(batch).await
+    }
+
+    /// Makes `batch` durable from a thread that is not async.
+    pub fn commit_blocking(&self, batch: Batch) -> Result<Outcome, Error> {
+        self.committer.commit_blocking(batch)
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    // ---- batch builders: encoding happens in the caller's thread, not the committer's ----
+
+    /// Adds a telemetry point (and its `msg_id` probe) to `batch`.
+    pub fn add_telemetry(batch: &mut Batch, key: &OrbKey, point: &TelemetryPoint, received_ms: u64, raw: &[u8]) {
+        // The suffix makes keys unique per point at the same millisecond: the hash of the msg_id
+        // when there is one, else of the payload (an exact resend is the same point).
+        let suffix = match &point.msg_id {
+            Some(id) => hash64(id.as_bytes()),
+            None => hash64(raw),
+        };
+        let stored = StoredPoint { point: point.clone(), received_ms };
+        batch.put(Ks::Telemetry, keys::telemetry(key, point.ts, suffix), encode(&stored));
+        if let Some(id) = &point.msg_id {
+            let bucket = (received_ms / DEDUPE_BUCKET_MS) as u32;
+            let mut ident = keys::orb(key);
+            ident.push(0);
+            ident.extend_from_slice(id.as_bytes());
+            batch.dedupe = Some(DedupeProbe {
+                id: ident,
+                current: keys::dedupe(key, bucket, id),
+                previous: keys::dedupe(key, bucket.saturating_sub(1), id),
+            });
+        }
+    }
+
+    pub fn add_orb(batch: &mut Batch, record: &OrbRecord) {
+        batch.put(Ks::Orbs, keys::orb(&record.key()), encode(record));
+    }
+
+    pub fn add_tenant(batch: &mut Batch, record: &TenantRecord) {
+        batch.put(Ks::Tenants, record.tenant.as_str().as_bytes().to_vec(), encode(record));
+    }
+
+    pub fn add_presence(batch: &mut Batch, key: &OrbKey, presence: &Presence) {
+        batch.put(Ks::Presence, keys::orb(key), encode(presence));
+    }
+
+    pub fn add_reported(batch: &mut Batch, key: &OrbKey, reported: &Reported) {
+        batch.put(Ks::Reported, keys::orb(key), encode(reported));
+    }
+
+    // ---- reads ----
+
+    fn get_decoded<T: serde::de::DeserializeOwned>(&self, which: Ks, what: &'static str, key: &[u8]) -> Result<Option<T>, Error> {
+        match self.ks.get(which).get(key)? {
+            Some(v) => decode(what, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    pub fn tenant(&self, tenant: &TenantId) -> Result<Option<TenantRecord>, Error> {
+        self.get_decoded(Ks::Tenants, "tenant", tenant.as_str().as_bytes())
+    }
+
+    pub fn orb(&self, key: &OrbKey) -> Result<Option<OrbRecord>, Error> {
+        self.get_decoded(Ks::Orbs, "orb", &keys::orb(key))
+    }
+
+    pub fn presence(&self, key: &OrbKey) -> Result<Option<Presence>, Error> {
+        self.get_decoded(Ks::Presence, "presence", &keys::orb(key))
+    }
+
+    pub fn reported(&self, key: &OrbKey) -> Result<Option<Reported>, Error> {
+        self.get_decoded(Ks::Reported, "reported", &keys::orb(key))
+    }
+
+    /// The orb's point with the greatest device time.
+    pub fn latest_point(&self, key: &OrbKey) -> Result<Option<StoredPoint>, Error> {
+        match self.ks.get(Ks::Telemetry).prefix(keys::telemetry_prefix(key)).next_back() {
+            Some(guard) => {
+                let v = guard.value()?;
+                decode("telemetry", &v).map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Points of one orb with `from <= ts <= to`, in device-time order, at most `limit`,
+    /// starting strictly after the cursor `after` (a `(ts, suffix)` returned earlier).
+    pub fn points(
+        &self,
+        key: &OrbKey,
+        from: u64,
+        to: u64,
+        after: Option<(u64, u64)>,
+        limit: usize,
+    ) -> Result<Vec<(PointCursor, StoredPoint)>, Error> {
+        let lo = match after {
+            Some((ts, suffix)) if ts >= from => match suffix.checked_add(1) {
+                Some(next) => keys::telemetry(key, ts, next),
+                None => match ts.checked_add(1) {
+                    Some(t) => keys::telemetry(key, t, 0),
+                    None => return Ok(Vec::new()),
+                },
+            },
+            _ => keys::telemetry(key, from, 0),
+        };
+        let hi = keys::telemetry(key, to, u64::MAX);
+        if from > to || lo > hi {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for guard in self.ks.get(Ks::Telemetry).range(lo..=hi) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = guard.into_inner()?;
+            let cursor = keys::telemetry_cursor(&k)
+                .ok_or_else(|| Error::Corrupt { what: "telemetry key", detail: format!("{} bytes", k.len()) })?;
+            out.push((cursor, decode("telemetry", &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Number of registered orbs (exact; a scan of the registry keys).
+    pub fn orb_count(&self) -> Result<usize, Error> {
+        Ok(self.ks.get(Ks::Orbs).len()?)
+    }
+
+    /// Registers many orbs at once with one fsync, bypassing the committer (bulk import,
+    /// benches and tests that need a big registry). Existing records are overwritten.
+    pub fn import_orbs(&self, records: &[OrbRecord]) -> Result<(), Error> {
+        let mut tenants = std::collections::BTreeSet::new();
+        for chunk in records.chunks(10_000) {
+            let mut wb = self.db.batch();
+            for r in chunk {
+                if tenants.insert(r.tenant.clone()) && self.tenant(&r.tenant)?.is_none() {
+                    let t = TenantRecord { tenant: r.tenant.clone(), created_ms: r.created_ms };
+                    wb.insert(self.ks.get(Ks::Tenants), r.tenant.as_str().as_bytes().to_vec(), encode(&t));
+                }
+                wb.insert(self.ks.get(Ks::Orbs), keys::orb(&r.key()), encode(r));
+            }
+            wb.commit()?;
+        }
+        self.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+
+    /// Deletes dedupe buckets that can no longer match (older than the previous bucket).
+    /// Returns how many entries were removed.
+    pub fn sweep_dedupe(&self, now_ms: u64) -> Result<usize, Error> {
+        let current = (now_ms / DEDUPE_BUCKET_MS) as u32;
+        let Some(oldest_kept) = current.checked_sub(1) else { return Ok(0) };
+        let dedupe = self.ks.get(Ks::Dedupe);
+        let mut removed = 0;
+        for tenant in self.ks.get(Ks::Tenants).iter() {
+            let tenant_key = tenant.key()?;
+            let tenant = String::from_utf8_lossy(&tenant_key).into_owned();
+            let lo = keys::dedupe_bucket_prefix(&tenant, 0);
+            let hi = keys::dedupe_bucket_prefix(&tenant, oldest_kept);
+            let stale: Vec<_> = dedupe.range(lo..hi).map(|g| g.key()).collect::<Result<_, _>>()?;
+            for chunk in stale.chunks(10_000) {
+                let mut wb = self.db.batch();
+                for k in chunk {
+                    wb.remove(dedupe, k.clone());
+                }
+                wb.commit()?;
+                removed += chunk.len();
+            }
+        }
+        Ok(removed)
+    }
+}
