@@ -1,0 +1,283 @@
+//! Test harness: the real server on 127.0.0.1:0 in a temp dir, real MQTT clients (rumqttc),
+//! a real HTTP client (ureq). Shared by the behaviour tests; each test uses what it needs.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use orbmanager::app::Server;
+use orbmanager::clock::Clock;
+use orbmanager::config::Config;
+use serde_json::Value;
+use tempfile::TempDir;
+
+pub const ADMIN: &str = "test-admin-token-0123456789";
+
+pub fn init_logs() {
+    let filter = std::env::var("ORBMANAGER_TEST_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
+/// A config for tests: loopback, port 0 everywhere, one MQTT worker, small shards.
+pub fn test_config(dir: &std::path::Path, dev: bool) -> Config {
+    let mut c = Config::default();
+    c.data_dir = dir.to_path_buf();
+    c.dev = dev;
+    c.mqtt_addr = "127.0.0.1:0".into();
+    c.grpc_addr = "127.0.0.1:0".into();
+    c.http_addr = "127.0.0.1:0".into();
+    c.mqtt.workers = 1;
+    c.actors.shards = 4;
+    c.auth.admin_token = ADMIN.into();
+    c.validate().expect("test config is valid");
+    c
+}
+
+pub struct TestServer {
+    pub server: Option<Server>,
+    pub dir: TempDir,
+    pub http: String,
+    pub mqtt: SocketAddr,
+}
+
+impl TestServer {
+    pub async fn start(dev: bool) -> TestServer {
+        Self::start_with(dev, |_| {}).await
+    }
+
+    pub async fn start_with(dev: bool, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_in(dir, dev, tweak).await
+    }
+
+    /// Starts on an existing data dir (restarts).
+    pub async fn start_in(dir: TempDir, dev: bool, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        init_logs();
+        let mut config = test_config(dir.path(), dev);
+        tweak(&mut config);
+        let server = Server::start(&config, Clock::system()).await.expect("server starts");
+        let e = server.endpoints();
+        TestServer { http: format!("http://{}", e.http), mqtt: e.mqtt, server: Some(server), dir }
+    }
+
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().expect("running")
+    }
+
+    /// Drains and stops; returns the data dir for a restart.
+    pub async fn stop(mut self) -> TempDir {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+        self.dir
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.http, path)
+    }
+
+    /// Registers an orb as the bootstrap operator; returns its device token.
+    pub async fn register(&self, tenant: &str, orb: &str) -> String {
+        let (status, body) = http("POST", &self.url("/v1/orbs/register"), Some(ADMIN), Some(serde_json::json!({"tenant_id": tenant, "orb_id": orb}))).await;
+        assert_eq!(status, 201, "register {tenant}/{orb}: {body}");
+        body["device_token"].as_str().expect("token").to_string()
+    }
+
+    /// `GET` as the bootstrap operator.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        http("GET", &self.url(path), Some(ADMIN), None).await
+    }
+
+    /// The value of an unlabelled metric.
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric(&self.http, name).await
+    }
+}
+
+/// Reads one sample from `/metrics` (`name` may include labels).
+pub async fn metric(http_base: &str, name: &str) -> f64 {
+    let url = format!("{http_base}/metrics");
+    let text = tokio::task::spawn_blocking(move || {
+        ureq::get(&url).call().expect("metrics").body_mut().read_to_string().expect("metrics body")
+    })
+    .await
+    .expect("join");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).map(|v| v.trim().parse::<f64>().expect("number")))
+        .unwrap_or_else(|| panic!("metric {name} not found"))
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder().http_status_as_error(false).build().into()
+}
+
+/// One HTTP request with an optional bearer token and JSON body; returns status and JSON
+/// (or `{"text": ...}` when the body is not JSON).
+pub async fn http(method: &str, url: &str, bearer: Option<&str>, body: Option<Value>) -> (u16, Value) {
+    let auth = bearer.map(|t| format!("Bearer {t}"));
+    http_raw(method, url, auth.as_deref(), body.map(|b| b.to_string().into_bytes())).await
+}
+
+/// Like [`http`] with a raw `Authorization` header value and raw body bytes.
+pub async fn http_raw(method: &str, url: &str, authorization: Option<&str>, body: Option<Vec<u8>>) -> (u16, Value) {
+    let (method, url, auth) = (method.to_string(), url.to_string(), authorization.map(str::to_string));
+    tokio::task::spawn_blocking(move || {
+        let a = agent();
+        let mut resp = match (method.as_str(), body) {
+            ("GET", _) => {
+                let mut r = a.get(&url);
+                if let Some(h) = &auth {
+                    r = r.header("Authorization", h);
+                }
+                r.call()
+            }
+            (_, body) => {
+                let mut r = a.post(&url).header("Content-Type", "application/json");
+                if let Some(h) = &auth {
+                    r = r.header("Authorization", h);
+                }
+                match body {
+                    Some(b) => r.send(&b[..]),
+                    None => r.send_empty(),
+                }
+            }
+        }
+        .expect("http request");
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        let json = serde_json::from_str(&text).unwrap_or_else(|_| serde_json::json!({ "text": text }));
+        (status, json)
+    })
+    .await
+    .expect("join")
+}
+
+/// Polls `f` every 20 ms until it is true or `secs` pass; panics naming `what` on timeout.
+pub async fn wait_until<F, Fut>(what: &str, secs: u64, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if f().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn telemetry(ts: u64, msg_id: &str, battery: f64) -> Vec<u8> {
+    serde_json::json!({"ts": ts, "msg_id": msg_id, "battery": battery, "lat": 37.7, "lon": -122.4, "speed": 1.5, "mode": "mission", "metrics": {"temp": 20.5}})
+        .to_string()
+        .into_bytes()
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// An MQTT 3.1.1 client (rumqttc) driven step by step.
+pub struct V3 {
+    pub client: rumqttc::AsyncClient,
+    pub events: rumqttc::EventLoop,
+}
+
+impl V3 {
+    /// Connects; returns the CONNACK refusal as an error.
+    pub async fn connect(addr: SocketAddr, client_id: &str, creds: Option<(&str, &str)>) -> Result<V3, rumqttc::ConnectionError> {
+        let mut o = rumqttc::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_max_packet_size(1024 * 1024, 1024 * 1024);
+        if let Some((u, p)) = creds {
+            o.set_credentials(u, p);
+        }
+        let (client, mut events) = rumqttc::AsyncClient::new(o, 16);
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), events.poll()).await.expect("connack in time")? {
+                rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) => return Ok(V3 { client, events }),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Publishes at QoS 1 and waits for the PUBACK.
+    pub async fn publish(&mut self, topic: &str, payload: Vec<u8>) -> Result<(), rumqttc::ConnectionError> {
+        self.client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).await.expect("request queue");
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), self.events.poll()).await.expect("puback in time")? {
+                rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) => return Ok(()),
+                _ => continue,
+            }
+        }
+    }
+
+    pub async fn disconnect(mut self) {
+        let _ = self.client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async { while self.events.poll().await.is_ok() {} }).await;
+    }
+}
+
+/// An MQTT 5 client (rumqttc::v5) driven step by step.
+pub struct V5 {
+    pub client: rumqttc::v5::AsyncClient,
+    pub events: rumqttc::v5::EventLoop,
+}
+
+pub type V5Ack = rumqttc::v5::mqttbytes::v5::PubAck;
+
+impl V5 {
+    pub async fn connect(addr: SocketAddr, client_id: &str, creds: Option<(&str, &str)>) -> Result<V5, rumqttc::v5::ConnectionError> {
+        let mut o = rumqttc::v5::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_max_packet_size(Some(1024 * 1024));
+        if let Some((u, p)) = creds {
+            o.set_credentials(u, p);
+        }
+        let (client, mut events) = rumqttc::v5::AsyncClient::new(o, 16);
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), events.poll()).await.expect("connack in time")? {
+                rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::ConnAck(_)) => return Ok(V5 { client, events }),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Publishes at QoS 1 and returns the PUBACK (with its reason code).
+    pub async fn publish(&mut self, topic: &str, payload: Vec<u8>) -> Result<V5Ack, rumqttc::v5::ConnectionError> {
+        self.client.publish(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload).await.expect("request queue");
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), self.events.poll()).await.expect("puback in time")? {
+                rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(ack)) => return Ok(ack),
+                _ => continue,
+            }
+        }
+    }
+
+    pub async fn disconnect(mut self) {
+        let _ = self.client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async { while self.events.poll().await.is_ok() {} }).await;
+    }
+}
+
+/// The orb's history as returned by the API (every page).
+pub async fn history(ts: &TestServer, tenant: &str, orb: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let mut path = format!("/v1/orbs/{orb}/telemetry?tenant_id={tenant}&limit=500");
+        if let Some(t) = &token {
+            path.push_str(&format!("&page_token={t}"));
+        }
+        let (status, body) = ts.get(&path).await;
+        assert_eq!(status, 200, "{body}");
+        out.extend(body["points"].as_array().expect("points").iter().cloned());
+        match body["next_page_token"].as_str() {
+            Some(t) => token = Some(t.to_string()),
+            None => return out,
+        }
+    }
+}
