@@ -101,8 +101,6 @@ impl Actor for OrbActor {
             None => ctx.store.orb(&key)?.ok_or_else(|| format!("orb {key} is not registered"))?,
         };
         let orb = restore(&ctx.store, &key, record, ctx.boot_id)?;
-        ctx.metrics.live_actors.inc();
-        ctx.metrics.actor_activations.inc();
         Ok(OrbActorState { key, ctx, shard, orb, kick: None })
     }
 
@@ -112,11 +110,6 @@ impl Actor for OrbActor {
             // passivating us.
             let _ = state.shard.cast(ShardMsg::Online(state.key.clone(), true));
         }
-        Ok(())
-    }
-
-    async fn post_stop(&self, _myself: ActorRef<OrbMsg>, state: &mut OrbActorState) -> Result<(), ActorProcessingErr> {
-        state.ctx.metrics.live_actors.dec();
         Ok(())
     }
 

@@ -75,6 +75,7 @@ impl Actor for ShardActor {
     async fn post_stop(&self, _myself: ActorRef<ShardMsg>, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
         for (_, slot) in state.slots.drain() {
             slot.actor.stop(Some("shard stopping".into()));
+            state.ctx.metrics.live_actors.dec();
         }
         Ok(())
     }
@@ -149,7 +150,7 @@ async fn route(myself: &ActorRef<ShardMsg>, state: &mut ShardState, key: OrbKey,
                 ractor::MessagingErr::SendErr(m) => m,
                 _ => return,
             };
-            state.slots.remove(&key);
+            remove_slot(state, &key);
             activate_and_deliver(myself, state, key, msg, now).await;
         }
         return;
@@ -229,6 +230,7 @@ async fn spawn_orb(
     let args = OrbArgs { key: key.clone(), ctx: state.ctx.clone(), shard: myself.clone(), record };
     match Actor::spawn_linked(None, OrbActor, args, myself.get_cell()).await {
         Ok((actor, _join)) => {
+            state.ctx.metrics.actor_activations.inc();
             let slot = Slot { actor: actor.clone(), last_activity_ms: now, online: false, restarts: 0, restart_window_start_ms: now };
             match state.slots.entry(key) {
                 Entry::Occupied(mut e) => {
@@ -238,6 +240,7 @@ async fn spawn_orb(
                     e.insert(Slot { restarts, restart_window_start_ms: start, ..slot });
                 }
                 Entry::Vacant(e) => {
+                    state.ctx.metrics.live_actors.inc();
                     e.insert(slot);
                 }
             }
@@ -263,13 +266,20 @@ async fn restart(myself: &ActorRef<ShardMsg>, state: &mut ShardState, cell: &Act
     slot.restarts += 1;
     if slot.restarts > ORB_RESTARTS_MAX {
         tracing::error!(orb = %key, error = why, "orb actor keeps failing; leaving it stopped until its next message");
-        state.slots.remove(&key);
+        remove_slot(state, &key);
         return;
     }
     tracing::warn!(orb = %key, error = why, restarts = slot.restarts, "orb actor failed; restarting from durable state");
     state.ctx.metrics.actor_restarts.inc();
     if spawn_orb(myself, state, key.clone(), None, now).await.is_none() {
-        state.slots.remove(&key);
+        remove_slot(state, &key);
+    }
+}
+
+/// Forgets an orb's actor (it has stopped or failed); keeps the live gauge equal to the slots.
+fn remove_slot(state: &mut ShardState, key: &OrbKey) {
+    if state.slots.remove(key).is_some() {
+        state.ctx.metrics.live_actors.dec();
     }
 }
 
@@ -281,6 +291,7 @@ fn sweep(state: &mut ShardState, now: u64) {
         if !keep {
             slot.actor.stop(Some("passivated".into()));
             metrics.actor_passivations.inc();
+            metrics.live_actors.dec();
         }
         keep
     });

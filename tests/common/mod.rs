@@ -281,3 +281,66 @@ pub async fn history(ts: &TestServer, tenant: &str, orb: &str) -> Vec<Value> {
         }
     }
 }
+
+/// The `orbmanager` binary running as a child process.
+pub struct Proc {
+    pub child: std::process::Child,
+    pub http: String,
+    pub mqtt: SocketAddr,
+}
+
+impl Proc {
+    /// Starts `orbmanager serve` on `dir` with port 0 everywhere and waits for readiness.
+    pub async fn serve(dir: &std::path::Path, extra: &[&str]) -> Proc {
+        let endpoints = dir.join("endpoints.json");
+        let _ = std::fs::remove_file(&endpoints);
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_orbmanager"))
+            .args(["serve", "--data-dir"])
+            .arg(dir)
+            .args(["--mqtt-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(extra)
+            .env("ORBMANAGER_AUTH_ADMIN_TOKEN", ADMIN)
+            .env("ORBMANAGER_LOG", std::env::var("ORBMANAGER_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .spawn()
+            .expect("spawn orbmanager");
+        let mut proc = Proc { child, http: String::new(), mqtt: "0.0.0.0:0".parse().unwrap() };
+        wait_until("endpoints.json", 30, || async { endpoints.exists() }).await;
+        let e: Value = serde_json::from_str(&std::fs::read_to_string(&endpoints).unwrap()).unwrap();
+        proc.http = format!("http://{}", e["http"].as_str().unwrap());
+        proc.mqtt = e["mqtt"].as_str().unwrap().parse().unwrap();
+        let health = format!("{}/healthz", proc.http);
+        wait_until("healthz 200", 30, || {
+            let h = health.clone();
+            async move { http("GET", &h, None, None).await.0 == 200 }
+        })
+        .await;
+        proc
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        assert!(status.success());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "orbmanager did not exit after SIGTERM");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,45 @@
+//! A panicking orb actor is restarted by its shard from durable state; its neighbours do not
+//! notice.
+
+mod common;
+
+use common::{TestServer, V3, now_ms, telemetry};
+use orbmanager::model::OrbKey;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_orb_actor_restarts_with_its_state_intact() {
+    let ts = TestServer::start(false).await;
+    let t1 = ts.register("acme", "victim").await;
+    let t2 = ts.register("acme", "neighbour").await;
+    let mut victim = V3::connect(ts.mqtt, "victim", Some(("acme/victim", &t1))).await.unwrap();
+    let mut neighbour = V3::connect(ts.mqtt, "neighbour", Some(("acme/neighbour", &t2))).await.unwrap();
+    let t0 = now_ms() - 5_000;
+    victim.publish("telemetry/acme/victim", telemetry(t0, "v-1", 42.0)).await.unwrap();
+    victim.publish("state/acme/victim", br#"{"firmware":"9.9.9"}"#.to_vec()).await.unwrap();
+    neighbour.publish("telemetry/acme/neighbour", telemetry(t0, "n-1", 77.0)).await.unwrap();
+    let (_, before) = ts.get("/v1/orbs/victim?tenant_id=acme").await;
+
+    ts.server().fleet().inject_panic(&OrbKey::parse_path("acme/victim").unwrap());
+    common::wait_until("the shard restarts the actor", 10, || async { ts.metric("orbmanager_actor_restarts_total").await == 1.0 }).await;
+
+    let (_, after) = ts.get("/v1/orbs/victim?tenant_id=acme").await;
+    for field in ["battery", "telemetry", "reported", "status", "position", "mode"] {
+        assert_eq!(after[field], before[field], "{field} survives the restart");
+    }
+    assert_eq!(after["reported"]["versions"]["firmware"], "9.9.9");
+    assert_eq!(after["connectivity"]["online"], true, "the live connection is still known");
+    assert_eq!(after["connectivity"]["conn_seq"], before["connectivity"]["conn_seq"]);
+
+    // The victim keeps working on the same connection; the neighbour never noticed.
+    victim.publish("telemetry/acme/victim", telemetry(t0 + 1, "v-2", 41.0)).await.expect("victim still served");
+    neighbour.publish("telemetry/acme/neighbour", telemetry(t0 + 1, "n-2", 76.0)).await.expect("neighbour unaffected");
+    common::wait_until("new point applied after restart", 5, || async {
+        ts.get("/v1/orbs/victim?tenant_id=acme").await.1["battery"] == 41.0
+    })
+    .await;
+    assert_eq!(ts.metric("orbmanager_actor_restarts_total").await, 1.0);
+    assert_eq!(ts.metric("orbmanager_live_actors").await, 2.0);
+    victim.disconnect().await;
+    neighbour.disconnect().await;
+    ts.stop().await;
+}
