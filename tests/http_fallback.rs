@@ -3,26 +3,7 @@
 
 mod common;
 
-use common::{ADMIN, TestServer, history, http, http_raw, now_ms};
-
-fn basic(user: &str, pass: &str) -> String {
-    let raw = format!("{user}:{pass}");
-    // Standard base64 without a dependency: the test's own tiny encoder.
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let b = raw.as_bytes();
-    let mut out = String::new();
-    for chunk in b.chunks(3) {
-        let n = (u32::from(chunk[0]) << 16) | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8) | u32::from(*chunk.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    format!("Basic {out}")
-}
+use common::{ADMIN, TestServer, basic_auth as basic, history, http, http_raw, now_ms};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_post_points_and_batches_with_the_mqtt_semantics() {
