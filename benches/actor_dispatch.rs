@@ -37,14 +37,29 @@ fn bench(c: &mut Criterion) {
     store.import_orbs(&records).unwrap();
     let keys: Vec<OrbKey> = records.iter().map(OrbRecord::key).collect();
     let fleet = rt.block_on(async {
-        let ctx = OrbCtx { store: store.clone(), clock: Clock::system(), metrics, dev: false, boot_id: 1, idle_passivate_ms: 3_600_000 };
+        let ctx = OrbCtx {
+            store: store.clone(),
+            clock: Clock::system(),
+            metrics,
+            dev: false,
+            boot_id: 1,
+            idle_passivate_ms: 3_600_000,
+        };
         let fleet = Fleet::start(ctx, 16).await.unwrap();
         for k in &keys {
             fleet.touch(k).await.unwrap();
         }
         fleet
     });
-    let point = Arc::new(TelemetryPoint { ts: 1, msg_id: None, battery: Some(50.0), position: Some((37.7, -122.4)), speed: Some(1.0), mode: Some("mission".into()), metrics: vec![("t".into(), 1.0)] });
+    let point = Arc::new(TelemetryPoint {
+        ts: 1,
+        msg_id: None,
+        battery: Some(50.0),
+        position: Some((37.7, -122.4)),
+        speed: Some(1.0),
+        mode: Some("mission".into()),
+        metrics: vec![("t".into(), 1.0)],
+    });
     let mut g = c.benchmark_group("actor_dispatch");
     g.throughput(Throughput::Elements(1));
     g.bench_function("telemetry_cast_via_shard", |b| {

@@ -125,7 +125,8 @@ impl Server {
         let mqtt_l = bind("mqtt", &config.mqtt_addr)?;
         let grpc_l = bind("grpc", &config.grpc_addr)?;
         let http_l = bind("http", &config.http_addr)?;
-        let endpoints = Endpoints { mqtt: local("mqtt", &mqtt_l)?, grpc: local("grpc", &grpc_l)?, http: local("http", &http_l)? };
+        let endpoints =
+            Endpoints { mqtt: local("mqtt", &mqtt_l)?, grpc: local("grpc", &grpc_l)?, http: local("http", &http_l)? };
 
         let draining = Arc::new(AtomicBool::new(false));
         let readiness = Arc::new(Readiness { draining: draining.clone(), ..Default::default() });
@@ -152,11 +153,19 @@ impl Server {
         readiness.mqtt.store(true, Ordering::Release);
 
         let (grpc_tx, grpc_rx) = oneshot::channel::<()>();
-        let grpc_l = tokio::net::TcpListener::from_std(grpc_l).map_err(|source| AppError::Bind { what: "grpc", addr: config.grpc_addr.clone(), source })?;
+        let grpc_l = tokio::net::TcpListener::from_std(grpc_l).map_err(|source| AppError::Bind {
+            what: "grpc",
+            addr: config.grpc_addr.clone(),
+            source,
+        })?;
         let r = readiness.clone();
         let grpc_task = tokio::spawn(async move {
             r.grpc.store(true, Ordering::Release);
-            if let Err(e) = crate::net::grpc::serve(grpc_l, async { let _ = grpc_rx.await; }).await {
+            if let Err(e) = crate::net::grpc::serve(grpc_l, async {
+                let _ = grpc_rx.await;
+            })
+            .await
+            {
                 tracing::error!(error = %e, "grpc listener failed");
             }
             r.grpc.store(false, Ordering::Release);
@@ -169,12 +178,18 @@ impl Server {
             readiness: readiness.clone(),
         });
         let (http_tx, http_rx) = oneshot::channel::<()>();
-        let http_l = tokio::net::TcpListener::from_std(http_l).map_err(|source| AppError::Bind { what: "http", addr: config.http_addr.clone(), source })?;
+        let http_l = tokio::net::TcpListener::from_std(http_l).map_err(|source| AppError::Bind {
+            what: "http",
+            addr: config.http_addr.clone(),
+            source,
+        })?;
         let router = crate::net::http::router(http_ctx);
         let r = readiness.clone();
         let http_task = tokio::spawn(async move {
             r.http.store(true, Ordering::Release);
-            let serve = axum::serve(http_l, router).with_graceful_shutdown(async { let _ = http_rx.await; });
+            let serve = axum::serve(http_l, router).with_graceful_shutdown(async {
+                let _ = http_rx.await;
+            });
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "http listener failed");
             }
@@ -251,10 +266,10 @@ impl Server {
             if let Some(tx) = tx.take() {
                 let _ = tx.send(());
             }
-            if let Some(task) = task.take() {
-                if tokio::time::timeout(grace, task).await.is_err() {
-                    tracing::warn!("a listener did not stop within the grace period");
-                }
+            if let Some(task) = task.take()
+                && tokio::time::timeout(grace, task).await.is_err()
+            {
+                tracing::warn!("a listener did not stop within the grace period");
             }
         }
         self.sweeper.abort();

@@ -32,10 +32,9 @@ impl Clock {
     /// Wall time in unix milliseconds.
     pub fn now_ms(&self) -> u64 {
         match &*self.0 {
-            Inner::System { .. } => SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            Inner::System { .. } => {
+                SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+            }
             Inner::Manual { wall_ms, .. } => wall_ms.load(Ordering::Acquire),
         }
     }

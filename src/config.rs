@@ -227,8 +227,10 @@ impl Config {
         let defaults = toml::Table::try_from(Config::default()).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let mut table = defaults.clone();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-            let over: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+            let over: toml::Table =
+                toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
             merge(&mut table, over);
             // Unknown keys are reported here, with the file's name, rather than later.
             table
@@ -249,7 +251,12 @@ impl Config {
             }
         }
         let o = overrides;
-        let string_overrides = [("data_dir", o.data_dir.as_ref().map(|p| p.display().to_string())), ("mqtt_addr", o.mqtt_addr.clone()), ("grpc_addr", o.grpc_addr.clone()), ("http_addr", o.http_addr.clone())];
+        let string_overrides = [
+            ("data_dir", o.data_dir.as_ref().map(|p| p.display().to_string())),
+            ("mqtt_addr", o.mqtt_addr.clone()),
+            ("grpc_addr", o.grpc_addr.clone()),
+            ("http_addr", o.http_addr.clone()),
+        ];
         for (k, v) in string_overrides {
             if let Some(v) = v {
                 table.insert(k.into(), toml::Value::String(v));
@@ -266,7 +273,9 @@ impl Config {
     /// Checks ranges and relations between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
-        for (name, addr) in [("mqtt_addr", &self.mqtt_addr), ("grpc_addr", &self.grpc_addr), ("http_addr", &self.http_addr)] {
+        for (name, addr) in
+            [("mqtt_addr", &self.mqtt_addr), ("grpc_addr", &self.grpc_addr), ("http_addr", &self.http_addr)]
+        {
             if addr.parse::<SocketAddr>().is_err() {
                 return invalid(format!("{name} = {addr:?} is not an ip:port address"));
             }
@@ -279,7 +288,10 @@ impl Config {
             return invalid("mqtt.receive_maximum must be at least 1".into());
         }
         if m.inflight_bytes_max < m.max_packet_size as usize {
-            return invalid(format!("mqtt.inflight_bytes_max = {} must be at least mqtt.max_packet_size", m.inflight_bytes_max));
+            return invalid(format!(
+                "mqtt.inflight_bytes_max = {} must be at least mqtt.max_packet_size",
+                m.inflight_bytes_max
+            ));
         }
         if !(5..=3600).contains(&m.keepalive_max_s) {
             return invalid(format!("mqtt.keepalive_max_s = {} must be 5..3600", m.keepalive_max_s));
@@ -382,8 +394,7 @@ mod tests {
         let mut c = Config::default();
         c.telemetry.max_payload_bytes = c.mqtt.max_packet_size as usize;
         assert!(c.validate().unwrap_err().to_string().contains("telemetry.max_payload_bytes"));
-        let mut c = Config::default();
-        c.http_addr = "localhost".into();
+        let c = Config { http_addr: "localhost".into(), ..Default::default() };
         assert!(c.validate().unwrap_err().to_string().contains("http_addr"));
         let mut c = Config::default();
         c.actors.shards = 0;

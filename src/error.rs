@@ -98,10 +98,7 @@ impl ErrorCode {
             ErrorCode::Unauthenticated | ErrorCode::PermissionDenied | ErrorCode::Decommissioned => 0x87,
             ErrorCode::TopicInvalid | ErrorCode::NotFound => 0x90,
             ErrorCode::Overloaded => 0x97,
-            ErrorCode::AlreadyExists
-            | ErrorCode::Unavailable
-            | ErrorCode::NotImplemented
-            | ErrorCode::Internal => 0x80,
+            ErrorCode::AlreadyExists | ErrorCode::Unavailable | ErrorCode::NotImplemented | ErrorCode::Internal => 0x80,
         }
     }
 

@@ -9,7 +9,8 @@ use orbmanager::config::Config;
 use orbmanager::sim::{self, SimConfig, Workload};
 
 fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
@@ -23,7 +24,11 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("orb-rt").build().context("starting the runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("orb-rt")
+        .build()
+        .context("starting the runtime")
 }
 
 fn sim_config(a: &SimArgs) -> anyhow::Result<SimConfig> {

@@ -121,35 +121,77 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let mut simple = |name: &str, kind: &str, help: &str, v: String| {
-            let _ = writeln!(out, "# HELP orbmanager_{name} {help}\n# TYPE orbmanager_{name} {kind}\norbmanager_{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP orbmanager_{name} {help}\n# TYPE orbmanager_{name} {kind}\norbmanager_{name} {v}"
+            );
         };
         simple("mqtt_connections", "gauge", "Open MQTT connections.", self.mqtt_connections.get().to_string());
         simple("mqtt_connects_total", "counter", "Accepted MQTT connections.", self.mqtt_connects.get().to_string());
         simple("messages_out_total", "counter", "Messages sent to devices.", self.messages_out.get().to_string());
-        simple("telemetry_stored_total", "counter", "Telemetry points made durable.", self.telemetry_stored.get().to_string());
+        simple(
+            "telemetry_stored_total",
+            "counter",
+            "Telemetry points made durable.",
+            self.telemetry_stored.get().to_string(),
+        );
         simple(
             "telemetry_duplicates_total",
             "counter",
             "Telemetry points dropped as msg_id duplicates.",
             self.telemetry_duplicates.get().to_string(),
         );
-        simple("commit_groups_total", "counter", "Group commits (one fsync each).", self.commit_groups.get().to_string());
+        simple(
+            "commit_groups_total",
+            "counter",
+            "Group commits (one fsync each).",
+            self.commit_groups.get().to_string(),
+        );
         simple("commit_requests_total", "counter", "Write requests committed.", self.commit_requests.get().to_string());
         simple("live_actors", "gauge", "Orb actors currently active.", self.live_actors.get().to_string());
-        simple("actor_activations_total", "counter", "Orb actor activations.", self.actor_activations.get().to_string());
-        simple("actor_passivations_total", "counter", "Idle orb actors passivated.", self.actor_passivations.get().to_string());
-        simple("actor_restarts_total", "counter", "Orb actors restarted after a failure.", self.actor_restarts.get().to_string());
+        simple(
+            "actor_activations_total",
+            "counter",
+            "Orb actor activations.",
+            self.actor_activations.get().to_string(),
+        );
+        simple(
+            "actor_passivations_total",
+            "counter",
+            "Idle orb actors passivated.",
+            self.actor_passivations.get().to_string(),
+        );
+        simple(
+            "actor_restarts_total",
+            "counter",
+            "Orb actors restarted after a failure.",
+            self.actor_restarts.get().to_string(),
+        );
         simple("http_requests_total", "counter", "HTTP requests served.", self.http_requests.get().to_string());
 
-        let _ = writeln!(out, "# HELP orbmanager_messages_in_total Messages received from devices.\n# TYPE orbmanager_messages_in_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP orbmanager_messages_in_total Messages received from devices.\n# TYPE orbmanager_messages_in_total counter"
+        );
         for (i, kind) in MSG_KINDS.iter().enumerate() {
             let _ = writeln!(out, "orbmanager_messages_in_total{{kind=\"{kind}\"}} {}", self.messages_in[i].get());
         }
-        let _ = writeln!(out, "# HELP orbmanager_refusals_total Device messages refused, by reason.\n# TYPE orbmanager_refusals_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP orbmanager_refusals_total Device messages refused, by reason.\n# TYPE orbmanager_refusals_total counter"
+        );
         for code in ErrorCode::ALL {
-            let _ = writeln!(out, "orbmanager_refusals_total{{reason=\"{}\"}} {}", code.as_str(), self.refusals[code.metric_index()].get());
+            let _ = writeln!(
+                out,
+                "orbmanager_refusals_total{{reason=\"{}\"}} {}",
+                code.as_str(),
+                self.refusals[code.metric_index()].get()
+            );
         }
-        let _ = writeln!(out, "# HELP orbmanager_mqtt_connect_refused_total MQTT connections refused, by reason.\n# TYPE orbmanager_mqtt_connect_refused_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP orbmanager_mqtt_connect_refused_total MQTT connections refused, by reason.\n# TYPE orbmanager_mqtt_connect_refused_total counter"
+        );
         for code in ErrorCode::ALL {
             let _ = writeln!(
                 out,
@@ -159,7 +201,10 @@ impl Metrics {
             );
         }
         let h = &self.commit_latency;
-        let _ = writeln!(out, "# HELP orbmanager_commit_latency_seconds Duration of one group commit including fsync.\n# TYPE orbmanager_commit_latency_seconds histogram");
+        let _ = writeln!(
+            out,
+            "# HELP orbmanager_commit_latency_seconds Duration of one group commit including fsync.\n# TYPE orbmanager_commit_latency_seconds histogram"
+        );
         let mut cumulative = 0;
         for (i, bound) in LATENCY_BOUNDS_S.iter().enumerate() {
             cumulative += h.buckets[i].load(Ordering::Relaxed);
@@ -167,7 +212,8 @@ impl Metrics {
         }
         cumulative += h.buckets[LATENCY_BOUNDS_S.len()].load(Ordering::Relaxed);
         let _ = writeln!(out, "orbmanager_commit_latency_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
-        let _ = writeln!(out, "orbmanager_commit_latency_seconds_sum {}", h.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ =
+            writeln!(out, "orbmanager_commit_latency_seconds_sum {}", h.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
         let _ = writeln!(out, "orbmanager_commit_latency_seconds_count {}", h.count());
         out
     }

@@ -20,7 +20,10 @@ async fn a_panicking_orb_actor_restarts_with_its_state_intact() {
     let (_, before) = ts.get("/v1/orbs/victim?tenant_id=acme").await;
 
     ts.server().fleet().inject_panic(&OrbKey::parse_path("acme/victim").unwrap());
-    common::wait_until("the shard restarts the actor", 10, || async { ts.metric("orbmanager_actor_restarts_total").await == 1.0 }).await;
+    common::wait_until("the shard restarts the actor", 10, || async {
+        ts.metric("orbmanager_actor_restarts_total").await == 1.0
+    })
+    .await;
 
     let (_, after) = ts.get("/v1/orbs/victim?tenant_id=acme").await;
     for field in ["battery", "telemetry", "reported", "status", "position", "mode"] {

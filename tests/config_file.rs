@@ -6,7 +6,8 @@ use orbmanager::config::{Config, Overrides};
 #[test]
 fn example_config_parses_to_the_defaults() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("orbmanager.example.toml");
-    let (config, warnings) = Config::load(Some(&path), std::iter::empty(), &Overrides::default()).expect("example parses");
+    let (config, warnings) =
+        Config::load(Some(&path), std::iter::empty(), &Overrides::default()).expect("example parses");
     assert_eq!(config, Config::default());
     assert!(warnings.is_empty());
 }
@@ -31,7 +32,8 @@ fn unknown_keys_and_bad_values_are_refused_with_the_file_and_key() {
 fn file_then_env_then_flags() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.toml");
-    std::fs::write(&path, "http_addr = \"127.0.0.1:1001\"\nmqtt_addr = \"127.0.0.1:1002\"\n[storage]\ncache_mb = 8\n").unwrap();
+    std::fs::write(&path, "http_addr = \"127.0.0.1:1001\"\nmqtt_addr = \"127.0.0.1:1002\"\n[storage]\ncache_mb = 8\n")
+        .unwrap();
     let env = vec![("ORBMANAGER_MQTT_ADDR".to_string(), "127.0.0.1:2002".to_string())];
     let flags = Overrides { http_addr: Some("127.0.0.1:3001".into()), ..Default::default() };
     let (c, _) = Config::load(Some(&path), env, &flags).unwrap();

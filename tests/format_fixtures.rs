@@ -9,12 +9,20 @@ use orbmanager::model::state_report::Reported;
 use orbmanager::model::{OrbId, TelemetryPoint, TenantId};
 use orbmanager::storage::{FORMAT_VERSION, StoredPoint, TenantRecord, decode, encode};
 
-fn check<T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(what: &'static str, value: &T, fixture_hex: &str) {
+fn check<T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
+    what: &'static str,
+    value: &T,
+    fixture_hex: &str,
+) {
     let fixture = hex::decode(fixture_hex).unwrap();
     let decoded: T = decode(what, &fixture).unwrap_or_else(|e| panic!("{what}: v1 fixture no longer decodes: {e}"));
     assert_eq!(&decoded, value, "{what}: v1 fixture decodes to a different value");
     if FORMAT_VERSION == 1 {
-        assert_eq!(hex::encode(encode(value)), fixture_hex, "{what}: the v1 encoding changed; bump FORMAT_VERSION and add a fixture");
+        assert_eq!(
+            hex::encode(encode(value)),
+            fixture_hex,
+            "{what}: the v1 encoding changed; bump FORMAT_VERSION and add a fixture"
+        );
     }
 }
 
@@ -80,7 +88,11 @@ fn stored_point_v1() {
 
 #[test]
 fn tenant_record_v1() {
-    check("tenant", &TenantRecord { tenant: TenantId::parse("acme").unwrap(), created_ms: 1_700_000_000_000 }, TENANT_V1);
+    check(
+        "tenant",
+        &TenantRecord { tenant: TenantId::parse("acme").unwrap(), created_ms: 1_700_000_000_000 },
+        TENANT_V1,
+    );
 }
 
 const ORB_V1: &str = "010461636d65056f72622d310101056465706f740473662d3301070707070707070707070707070707070707070707070707070707070707070780d095ffbc31f4d395ffbc3100";

@@ -20,7 +20,8 @@ async fn devices_post_points_and_batches_with_the_mqtt_semantics() {
     let (status, body) = http_raw("POST", &url, Some(&auth), Some(one)).await;
     assert_eq!((status, body["duplicates"].as_u64()), (200, Some(1)), "a resend is a duplicate");
 
-    let batch: Vec<_> = (0..50).map(|i| serde_json::json!({"ts": t + i + 1, "msg_id": format!("b{i}"), "speed": i})).collect();
+    let batch: Vec<_> =
+        (0..50).map(|i| serde_json::json!({"ts": t + i + 1, "msg_id": format!("b{i}"), "speed": i})).collect();
     let (status, body) = http_raw("POST", &url, Some(&auth), Some(serde_json::to_vec(&batch).unwrap())).await;
     assert_eq!((status, body["accepted"].as_u64()), (200, Some(50)), "{body}");
     assert_eq!(history(&ts, "acme", "h1").await.len(), 51);
@@ -54,9 +55,21 @@ async fn devices_post_points_and_batches_with_the_mqtt_semantics() {
     assert_eq!(history(&ts, "acme", "h1").await.len(), 51);
 
     // An operator may post for an orb of their tenant; unknown orbs are 404.
-    let (status, _) = http("POST", &ts.url("/v1/orbs/h2/telemetry?tenant_id=acme"), Some(ADMIN), Some(serde_json::json!({"battery": 5}))).await;
+    let (status, _) = http(
+        "POST",
+        &ts.url("/v1/orbs/h2/telemetry?tenant_id=acme"),
+        Some(ADMIN),
+        Some(serde_json::json!({"battery": 5})),
+    )
+    .await;
     assert_eq!(status, 200);
-    let (status, _) = http("POST", &ts.url("/v1/orbs/nope/telemetry?tenant_id=acme"), Some(ADMIN), Some(serde_json::json!({"battery": 5}))).await;
+    let (status, _) = http(
+        "POST",
+        &ts.url("/v1/orbs/nope/telemetry?tenant_id=acme"),
+        Some(ADMIN),
+        Some(serde_json::json!({"battery": 5})),
+    )
+    .await;
     assert_eq!(status, 404);
     ts.stop().await;
 }

@@ -47,7 +47,8 @@ async fn only_orbs_in_use_have_live_actors_and_idle_ones_passivate() {
     let mut clients = Vec::new();
     for i in [7usize, 4242, 99_999] {
         let orb = format!("orb-{i:06}");
-        let mut c = V3::connect(ts.mqtt, &orb, Some((&format!("fleet/{orb}"), token))).await.expect("registered orb connects");
+        let mut c =
+            V3::connect(ts.mqtt, &orb, Some((&format!("fleet/{orb}"), token))).await.expect("registered orb connects");
         c.publish(&format!("telemetry/fleet/{orb}"), telemetry(now_ms(), "m1", 60.0)).await.unwrap();
         clients.push(c);
     }
@@ -66,7 +67,8 @@ async fn only_orbs_in_use_have_live_actors_and_idle_ones_passivate() {
     for c in clients {
         c.disconnect().await;
     }
-    common::wait_until("idle actors passivated", 15, || async { ts.metric("orbmanager_live_actors").await == 0.0 }).await;
+    common::wait_until("idle actors passivated", 15, || async { ts.metric("orbmanager_live_actors").await == 0.0 })
+        .await;
     assert_eq!(ts.metric("orbmanager_actor_passivations_total").await, 3.0);
 
     // A passivated orb comes back with its state from the store.

@@ -12,7 +12,13 @@ use serde_json::Value;
 const ORBS: usize = 6;
 
 async fn register(p: &Proc, orb: &str) -> String {
-    let (status, body) = http("POST", &format!("{}/v1/orbs/register", p.http), Some(ADMIN), Some(serde_json::json!({"tenant_id": "acme", "orb_id": orb}))).await;
+    let (status, body) = http(
+        "POST",
+        &format!("{}/v1/orbs/register", p.http),
+        Some(ADMIN),
+        Some(serde_json::json!({"tenant_id": "acme", "orb_id": orb})),
+    )
+    .await;
     assert_eq!(status, 201, "{body}");
     body["device_token"].as_str().unwrap().to_string()
 }
@@ -44,7 +50,9 @@ fn start_publishers(p: &Proc, tokens: &[String], stop: Arc<AtomicBool>) -> Vec<t
             tokio::spawn(async move {
                 let orb = format!("orb-{i}");
                 let mut acked = Vec::new();
-                let Ok(mut c) = V3::connect(addr, &orb, Some((&format!("acme/{orb}"), &token))).await else { return acked };
+                let Ok(mut c) = V3::connect(addr, &orb, Some((&format!("acme/{orb}"), &token))).await else {
+                    return acked;
+                };
                 let base = now_ms();
                 for n in 0u64.. {
                     if stop.load(Ordering::Relaxed) {

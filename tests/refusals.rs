@@ -24,7 +24,9 @@ async fn each_bad_input_is_refused_with_its_reason_and_stores_nothing() {
     let base = now_ms() - 10_000;
     let mut good_n = 0u64;
     let mut good_publish = async |good: &mut V3| {
-        good.publish("telemetry/acme/good", telemetry(base + good_n, &format!("g-{good_n}"), 50.0)).await.expect("good client unaffected");
+        good.publish("telemetry/acme/good", telemetry(base + good_n, &format!("g-{good_n}"), 50.0))
+            .await
+            .expect("good client unaffected");
         good_n += 1;
     };
     good_publish(&mut good).await;
@@ -103,10 +105,22 @@ async fn wrong_credentials_are_refused_at_connect() {
     };
     use rumqttc::ConnectReturnCode as C;
     assert_eq!(refused(V3::connect(ts.mqtt, "o1", Some(("acme/o1", "wrong-token"))).await), C::BadUserNamePassword);
-    assert_eq!(refused(V3::connect(ts.mqtt, "o1", Some(("acme/nobody", &token))).await), C::BadUserNamePassword, "unknown orb looks the same");
-    assert_eq!(refused(V3::connect(ts.mqtt, "o1", Some(("other/o1", &token))).await), C::BadUserNamePassword, "another tenant's id looks the same");
+    assert_eq!(
+        refused(V3::connect(ts.mqtt, "o1", Some(("acme/nobody", &token))).await),
+        C::BadUserNamePassword,
+        "unknown orb looks the same"
+    );
+    assert_eq!(
+        refused(V3::connect(ts.mqtt, "o1", Some(("other/o1", &token))).await),
+        C::BadUserNamePassword,
+        "another tenant's id looks the same"
+    );
     assert_eq!(refused(V3::connect(ts.mqtt, "o1", None).await), C::BadUserNamePassword, "anonymous outside --dev");
-    assert_eq!(refused(V3::connect(ts.mqtt, "o1+", Some(("acme/o1", &token))).await), C::BadClientId, "wildcard in client id");
+    assert_eq!(
+        refused(V3::connect(ts.mqtt, "o1+", Some(("acme/o1", &token))).await),
+        C::BadClientId,
+        "wildcard in client id"
+    );
 
     match V5::connect(ts.mqtt, "o1", Some(("acme/o1", "wrong"))).await {
         Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
@@ -135,13 +149,17 @@ async fn a_packet_over_the_maximum_size_closes_only_that_connection() {
 
     // A raw client, so nothing on our side refuses to send the oversized packet.
     let addr = ts.mqtt.to_string();
-    let (mut r, mut w) = client::connect(&addr, 5, "big", Some("acme/big"), Some(t1.as_bytes()), 30).await.unwrap().expect("connack");
+    let (mut r, mut w) =
+        client::connect(&addr, 5, "big", Some("acme/big"), Some(t1.as_bytes()), 30).await.unwrap().expect("connack");
     let mut pkt = Vec::new();
     client::publish_packet(&mut pkt, 5, "telemetry/acme/big", &vec![b' '; 200 * 1024], 1, 1);
     use tokio::io::AsyncWriteExt;
     w.write_all(&pkt).await.unwrap();
     let mut buf = Vec::new();
-    match tokio::time::timeout(std::time::Duration::from_secs(5), client::read_packet(&mut r, 5, &mut buf)).await.expect("answer in time") {
+    match tokio::time::timeout(std::time::Duration::from_secs(5), client::read_packet(&mut r, 5, &mut buf))
+        .await
+        .expect("answer in time")
+    {
         Ok(client::Incoming::Disconnect { reason }) => assert_eq!(reason, 0x95, "DISCONNECT: packet too large"),
         other => panic!("expected DISCONNECT 0x95, got {other:?}"),
     }

@@ -10,15 +10,23 @@ use orbmanager::sim::client;
 async fn registration_validates_and_conflicts_are_409() {
     let ts = TestServer::start(false).await;
     let url = ts.url("/v1/orbs/register");
-    let (status, body) = http("POST", &url, Some(ADMIN), Some(serde_json::json!({"tenant_id": "acme", "orb_id": "r1", "attributes": {"depot": "sf-3"}}))).await;
+    let (status, body) = http(
+        "POST",
+        &url,
+        Some(ADMIN),
+        Some(serde_json::json!({"tenant_id": "acme", "orb_id": "r1", "attributes": {"depot": "sf-3"}})),
+    )
+    .await;
     assert_eq!(status, 201, "{body}");
     assert!(body["device_token"].as_str().unwrap().starts_with("omd_"));
     assert_eq!(body["mqtt_username"], "acme/r1");
 
-    let (status, body) = http("POST", &url, Some(ADMIN), Some(serde_json::json!({"tenant_id": "acme", "orb_id": "r1"}))).await;
+    let (status, body) =
+        http("POST", &url, Some(ADMIN), Some(serde_json::json!({"tenant_id": "acme", "orb_id": "r1"}))).await;
     assert_eq!((status, body["code"].as_str()), (409, Some("already_exists")));
     // The same id in another tenant is a different orb.
-    let (status, _) = http("POST", &url, Some(ADMIN), Some(serde_json::json!({"tenant_id": "globex", "orb_id": "r1"}))).await;
+    let (status, _) =
+        http("POST", &url, Some(ADMIN), Some(serde_json::json!({"tenant_id": "globex", "orb_id": "r1"}))).await;
     assert_eq!(status, 201);
     // A generated id when none is given.
     let (status, body) = http("POST", &url, Some(ADMIN), Some(serde_json::json!({"tenant_id": "acme"}))).await;
@@ -35,7 +43,8 @@ async fn registration_validates_and_conflicts_are_409() {
         let (status, body) = http("POST", &url, Some(ADMIN), Some(req.clone())).await;
         assert_eq!(body["code"], code, "{req} -> {status} {body}");
     }
-    let (status, _) = http("POST", &url, Some("wrong-token-wrong-token"), Some(serde_json::json!({"tenant_id": "acme"}))).await;
+    let (status, _) =
+        http("POST", &url, Some("wrong-token-wrong-token"), Some(serde_json::json!({"tenant_id": "acme"}))).await;
     assert_eq!(status, 401);
     let (status, _) = http("POST", &url, None, Some(serde_json::json!({"tenant_id": "acme"}))).await;
     assert_eq!(status, 401);
@@ -86,10 +95,15 @@ async fn a_second_connection_takes_over_and_the_first_is_told_why() {
     let ts = TestServer::start(false).await;
     let token = ts.register("acme", "dup").await;
     let addr = ts.mqtt.to_string();
-    let (mut r1, _w1) = client::connect(&addr, 5, "dup", Some("acme/dup"), Some(token.as_bytes()), 30).await.unwrap().expect("first connects");
+    let (mut r1, _w1) = client::connect(&addr, 5, "dup", Some("acme/dup"), Some(token.as_bytes()), 30)
+        .await
+        .unwrap()
+        .expect("first connects");
     let mut second = V3::connect(ts.mqtt, "dup", Some(("acme/dup", &token))).await.expect("second connects");
     let mut buf = Vec::new();
-    let got = tokio::time::timeout(std::time::Duration::from_secs(5), client::read_packet(&mut r1, 5, &mut buf)).await.expect("in time");
+    let got = tokio::time::timeout(std::time::Duration::from_secs(5), client::read_packet(&mut r1, 5, &mut buf))
+        .await
+        .expect("in time");
     assert!(matches!(got, Ok(client::Incoming::Disconnect { reason: 0x8E })), "session taken over: {got:?}");
     second.publish("telemetry/acme/dup", telemetry(now_ms(), "d1", 10.0)).await.unwrap();
     let (_, view) = ts.get("/v1/orbs/dup?tenant_id=acme").await;

@@ -17,8 +17,13 @@ async fn acknowledged_points_are_all_in_history_in_order_once() {
     // Out-of-order device times: history is ordered by device time, not arrival.
     let order = [3u64, 0, 4, 1, 2, 7, 5, 6, 9, 8];
     for (n, i) in order.iter().enumerate() {
-        a.publish("telemetry/acme/orb-v3", telemetry(base + i * 1000, &format!("a-{i}"), 90.0 - *i as f64)).await.expect("puback v3");
-        let ack = b.publish("telemetry/acme/orb-v5", telemetry(base + i * 1000, &format!("b-{i}"), 50.0 + n as f64)).await.expect("puback v5");
+        a.publish("telemetry/acme/orb-v3", telemetry(base + i * 1000, &format!("a-{i}"), 90.0 - *i as f64))
+            .await
+            .expect("puback v3");
+        let ack = b
+            .publish("telemetry/acme/orb-v5", telemetry(base + i * 1000, &format!("b-{i}"), 50.0 + n as f64))
+            .await
+            .expect("puback v5");
         assert_eq!(ack.reason, rumqttc::v5::mqttbytes::v5::PubAckReason::Success);
     }
     // A QoS 1 resend of an acknowledged message (same msg_id) is stored once.
@@ -97,7 +102,8 @@ async fn history_pages_and_time_ranges() {
     want.sort();
     assert_eq!(seen, want);
 
-    let (_, body) = ts.get(&format!("/v1/orbs/pager/telemetry?tenant_id=acme&from={}&to={}", base + 2000, base + 3000)).await;
+    let (_, body) =
+        ts.get(&format!("/v1/orbs/pager/telemetry?tenant_id=acme&from={}&to={}", base + 2000, base + 3000)).await;
     assert_eq!(body["points"].as_array().unwrap().len(), 4, "{body}");
     let (status, body) = ts.get("/v1/orbs/pager/telemetry?tenant_id=acme&from=10&to=5").await;
     assert_eq!((status, body["code"].as_str()), (400, Some("invalid_argument")));

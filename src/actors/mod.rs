@@ -121,7 +121,9 @@ impl Fleet {
             .await
         {
             Ok(CallResult::Success(r)) => r,
-            Ok(CallResult::SenderError) => Err(ApiError::new(ErrorCode::NotFound, format!("orb {key} is not registered"))),
+            Ok(CallResult::SenderError) => {
+                Err(ApiError::new(ErrorCode::NotFound, format!("orb {key} is not registered")))
+            }
             Ok(CallResult::Timeout) | Err(_) => Err(call_failed("state report")),
         }
     }
@@ -143,7 +145,9 @@ impl Fleet {
             .await
         {
             Ok(CallResult::Success(r)) => r,
-            Ok(CallResult::SenderError) => Err(ApiError::new(ErrorCode::NotFound, format!("orb {key} is not registered"))),
+            Ok(CallResult::SenderError) => {
+                Err(ApiError::new(ErrorCode::NotFound, format!("orb {key} is not registered")))
+            }
             Ok(CallResult::Timeout) | Err(_) => Err(call_failed("decommission")),
         }
     }
@@ -155,11 +159,11 @@ impl Fleet {
             Ok(CallResult::Success(live)) => live,
             _ => return Err(call_failed("view")),
         };
-        if let Some(actor) = live {
-            if let Ok(CallResult::Success(v)) = actor.call(|reply| OrbMsg::View { reply }, timeout()).await {
-                return Ok(Some(v));
-            }
-            // The actor stopped between the two calls: read the store instead.
+        // When the actor stopped between the two calls, read the store instead.
+        if let Some(actor) = live
+            && let Ok(CallResult::Success(v)) = actor.call(|reply| OrbMsg::View { reply }, timeout()).await
+        {
+            return Ok(Some(v));
         }
         let store = &self.ctx.store;
         let Some(record) = store.orb(key).map_err(ApiError::internal)? else { return Ok(None) };

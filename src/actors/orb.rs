@@ -13,8 +13,8 @@ use std::sync::Arc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::oneshot;
 
-use super::shard::ShardMsg;
 use super::OrbCtx;
+use super::shard::ShardMsg;
 use crate::error::{ApiError, ErrorCode};
 use crate::model::orb::{Admission, ConnectRequest, DisconnectReason, Effect, Event, OrbRecord, OrbState, OrbStatus};
 use crate::model::state_report::StateReport;
@@ -70,7 +70,12 @@ pub struct OrbActorState {
 /// Rebuilds an orb's state from the store; the same function serves activation and reads of
 /// orbs that are not live. A presence record from an earlier process is marked offline: its
 /// connection died with that process.
-pub fn restore(store: &Store, key: &OrbKey, record: OrbRecord, boot_id: u64) -> Result<OrbState, crate::storage::Error> {
+pub fn restore(
+    store: &Store,
+    key: &OrbKey,
+    record: OrbRecord,
+    boot_id: u64,
+) -> Result<OrbState, crate::storage::Error> {
     let mut orb = OrbState::new(record);
     if let Some(mut presence) = store.presence(key)? {
         if presence.online && presence.boot_id != boot_id {
@@ -113,7 +118,12 @@ impl Actor for OrbActor {
         Ok(())
     }
 
-    async fn handle(&self, _myself: ActorRef<OrbMsg>, msg: OrbMsg, state: &mut OrbActorState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<OrbMsg>,
+        msg: OrbMsg,
+        state: &mut OrbActorState,
+    ) -> Result<(), ActorProcessingErr> {
         let now = state.ctx.clock.now_ms();
         match msg {
             OrbMsg::Connect { req, kick, reply } => match state.orb.admit(&req, now) {
@@ -150,7 +160,7 @@ impl Actor for OrbActor {
             }
             OrbMsg::Decommission { reply } => {
                 let effects = state.orb.apply(Event::Decommission, now);
-                let result = perform(state, effects).await.map_err(|e| ApiError::internal(e));
+                let result = perform(state, effects).await.map_err(ApiError::internal);
                 let _ = reply.send(result);
             }
             OrbMsg::View { reply } => {
@@ -165,10 +175,7 @@ impl Actor for OrbActor {
 }
 
 async fn report_state(state: &mut OrbActorState, report: &StateReport, now: u64) -> Result<(), ApiError> {
-    let next = state
-        .orb
-        .prepare_report(report, now)
-        .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+    let next = state.orb.prepare_report(report, now).map_err(|e| ApiError::new(e.code(), e.to_string()))?;
     let mut batch = Batch::new();
     Store::add_reported(&mut batch, &state.key, &next);
     state.ctx.store.commit(batch).await.map_err(ApiError::internal)?;
@@ -193,12 +200,8 @@ async fn perform(state: &mut OrbActorState, effects: Vec<Effect>) -> Result<(), 
                 state.ctx.store.commit(batch).await?;
             }
             Effect::Kick { conn_seq, reason } => {
-                if let Some((seq, _)) = &state.kick {
-                    if *seq == conn_seq {
-                        if let Some((_, tx)) = state.kick.take() {
-                            let _ = tx.send(reason);
-                        }
-                    }
+                if let Some((_, tx)) = state.kick.take_if(|(seq, _)| *seq == conn_seq) {
+                    let _ = tx.send(reason);
                 }
             }
             Effect::Online(online) => {

@@ -80,7 +80,12 @@ impl Actor for ShardActor {
         Ok(())
     }
 
-    async fn handle(&self, myself: ActorRef<ShardMsg>, msg: ShardMsg, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<ShardMsg>,
+        msg: ShardMsg,
+        state: &mut ShardState,
+    ) -> Result<(), ActorProcessingErr> {
         let now = state.ctx.clock.mono_ms();
         match msg {
             ShardMsg::Route(key, msg) => route(&myself, state, key, msg, now).await,
@@ -187,7 +192,10 @@ async fn register(state: &ShardState, record: OrbRecord) -> Result<(), ApiError>
     let key = record.key();
     let exists = state.slots.contains_key(&key) || state.ctx.store.orb(&key).map_err(ApiError::internal)?.is_some();
     if exists {
-        return Err(ApiError::new(ErrorCode::AlreadyExists, format!("orb {} already exists in tenant {}", key.orb, key.tenant)));
+        return Err(ApiError::new(
+            ErrorCode::AlreadyExists,
+            format!("orb {} already exists in tenant {}", key.orb, key.tenant),
+        ));
     }
     persist_new(&state.ctx, &record).await.map_err(ApiError::internal)
 }
@@ -231,7 +239,13 @@ async fn spawn_orb(
     match Actor::spawn_linked(None, OrbActor, args, myself.get_cell()).await {
         Ok((actor, _join)) => {
             state.ctx.metrics.actor_activations.inc();
-            let slot = Slot { actor: actor.clone(), last_activity_ms: now, online: false, restarts: 0, restart_window_start_ms: now };
+            let slot = Slot {
+                actor: actor.clone(),
+                last_activity_ms: now,
+                online: false,
+                restarts: 0,
+                restart_window_start_ms: now,
+            };
             match state.slots.entry(key) {
                 Entry::Occupied(mut e) => {
                     let old = e.get();

@@ -175,10 +175,7 @@ mod tests {
             assert!(OrbId::parse(bad).is_err(), "{bad:?} should be refused");
         }
         let long = "x".repeat(ID_LEN_MAX + 1);
-        assert_eq!(
-            OrbId::parse(&long),
-            Err(IdError::TooLong { kind: "orb id", len: ID_LEN_MAX + 1, max: ID_LEN_MAX })
-        );
+        assert_eq!(OrbId::parse(&long), Err(IdError::TooLong { kind: "orb id", len: ID_LEN_MAX + 1, max: ID_LEN_MAX }));
     }
 
     #[test]

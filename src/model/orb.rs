@@ -151,12 +151,18 @@ pub struct OrbState {
 /// Inputs of the state machine (connections go through [`OrbState::admit`]).
 #[derive(Clone, Debug)]
 pub enum Event<'a> {
-    Disconnected { conn_seq: u64, reason: DisconnectReason },
+    Disconnected {
+        conn_seq: u64,
+        reason: DisconnectReason,
+    },
     /// A point that is durable already.
     Telemetry(&'a TelemetryPoint),
     /// A state report that is durable already (the merged result was computed by `prepare_report`).
     Reported(&'a Reported),
-    Refused { code: ErrorCode, reason: &'a str },
+    Refused {
+        code: ErrorCode,
+        reason: &'a str,
+    },
     Decommission,
 }
 
@@ -364,7 +370,15 @@ mod tests {
     }
 
     fn point(ts: u64) -> TelemetryPoint {
-        TelemetryPoint { ts, msg_id: None, battery: Some(50.0), position: None, speed: None, mode: None, metrics: vec![] }
+        TelemetryPoint {
+            ts,
+            msg_id: None,
+            battery: Some(50.0),
+            position: None,
+            speed: None,
+            mode: None,
+            metrics: vec![],
+        }
     }
 
     #[test]

@@ -134,8 +134,8 @@ mod tests {
 
     #[test]
     fn top_level_strings_and_components_are_versions() {
-        let r = parse(br#"{"firmware":"2.3.1","model":"yolo-7","components":{"lidar":"1.2"},"config":{"x":1}}"#)
-            .unwrap();
+        let r =
+            parse(br#"{"firmware":"2.3.1","model":"yolo-7","components":{"lidar":"1.2"},"config":{"x":1}}"#).unwrap();
         assert_eq!(r.versions.get("firmware").map(String::as_str), Some("2.3.1"));
         assert_eq!(r.versions.get("lidar").map(String::as_str), Some("1.2"));
         assert_eq!(r.config.as_deref(), Some(r#"{"x":1}"#));

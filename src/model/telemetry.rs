@@ -11,8 +11,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::ErrorCode;
 use crate::limits::{
-    TELEMETRY_CLOCK_SKEW_MAX_MS, TELEMETRY_METRIC_NAME_LEN_MAX, TELEMETRY_METRICS_MAX,
-    TELEMETRY_MODE_LEN_MAX, TELEMETRY_MSG_ID_LEN_MAX, TELEMETRY_TS_MIN_MS,
+    TELEMETRY_CLOCK_SKEW_MAX_MS, TELEMETRY_METRIC_NAME_LEN_MAX, TELEMETRY_METRICS_MAX, TELEMETRY_MODE_LEN_MAX,
+    TELEMETRY_MSG_ID_LEN_MAX, TELEMETRY_TS_MIN_MS,
 };
 
 /// One validated telemetry point.
@@ -77,10 +77,8 @@ pub fn parse_value(value: &serde_json::Value, now_ms: u64) -> Result<TelemetryPo
 fn json_error(e: serde_json::Error) -> PayloadError {
     let msg = e.to_string();
     // Field errors raised by our visitor carry a marker so they map to `Invalid`.
-    if let Some(rest) = msg.strip_prefix(FIELD_MARK) {
-        if let Some((field, reason)) = rest.split_once(FIELD_SEP) {
-            return PayloadError::invalid(field, reason.to_string());
-        }
+    if let Some((field, reason)) = msg.strip_prefix(FIELD_MARK).and_then(|rest| rest.split_once(FIELD_SEP)) {
+        return PayloadError::invalid(field, reason.to_string());
     }
     PayloadError::Malformed(msg)
 }
@@ -168,9 +166,8 @@ impl<'de> Deserialize<'de> for MetricsMap {
                     if out.len() >= TELEMETRY_METRICS_MAX {
                         return Err(field_err("metrics", format!("more than {TELEMETRY_METRICS_MAX} metrics")));
                     }
-                    let v: MetricValue = map
-                        .next_value()
-                        .map_err(|e| field_err::<A::Error>(&format!("metrics.{name}"), e))?;
+                    let v: MetricValue =
+                        map.next_value().map_err(|e| field_err::<A::Error>(&format!("metrics.{name}"), e))?;
                     if let Some(v) = v.0 {
                         out.push((name, v));
                     }
@@ -444,10 +441,7 @@ mod tests {
         assert_eq!(pt.battery, Some(55.5));
         assert_eq!(pt.position, Some((37.7, -122.4)));
         assert_eq!(pt.mode.as_deref(), Some("mission"));
-        assert_eq!(
-            pt.metrics,
-            vec![("charging".into(), 1.0), ("rpm".into(), 900.0), ("temp".into(), 21.0)]
-        );
+        assert_eq!(pt.metrics, vec![("charging".into(), 1.0), ("rpm".into(), 900.0), ("temp".into(), 21.0)]);
     }
 
     #[test]
@@ -502,7 +496,10 @@ mod tests {
 
     #[test]
     fn json_round_trip_keeps_every_field() {
-        let pt = p(r#"{"ts":1700000000001,"msg_id":"m","battery":5,"lat":1,"lon":2,"speed":0,"mode":"x","metrics":{"t":1}}"#).unwrap();
+        let pt = p(
+            r#"{"ts":1700000000001,"msg_id":"m","battery":5,"lat":1,"lon":2,"speed":0,"mode":"x","metrics":{"t":1}}"#,
+        )
+        .unwrap();
         let again = parse_value(&pt.to_json(), NOW).unwrap();
         assert_eq!(pt, again);
     }

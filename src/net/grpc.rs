@@ -7,7 +7,10 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 /// Serves gRPC on `listener` until `shutdown` resolves.
-pub async fn serve(listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), tonic::transport::Error> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
     reporter.set_service_status("orbmanager", tonic_health::ServingStatus::Serving).await;

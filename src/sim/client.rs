@@ -11,10 +11,17 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 /// A packet from the server.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Incoming {
-    ConnAck { code: u8 },
-    PubAck { pkid: u16, reason: u8 },
+    ConnAck {
+        code: u8,
+    },
+    PubAck {
+        pkid: u16,
+        reason: u8,
+    },
     PingResp,
-    Disconnect { reason: u8 },
+    Disconnect {
+        reason: u8,
+    },
     /// Anything else (SUBACK, PUBLISH, ...): type nibble.
     Other(u8),
 }
@@ -39,7 +46,13 @@ fn put_str(out: &mut Vec<u8>, s: &[u8]) {
 }
 
 /// Encodes CONNECT with a clean session.
-pub fn connect_packet(protocol: u8, client_id: &str, username: Option<&str>, password: Option<&[u8]>, keepalive: u16) -> Vec<u8> {
+pub fn connect_packet(
+    protocol: u8,
+    client_id: &str,
+    username: Option<&str>,
+    password: Option<&[u8]>,
+    keepalive: u16,
+) -> Vec<u8> {
     let mut body = Vec::with_capacity(64);
     put_str(&mut body, b"MQTT");
     body.push(protocol);
@@ -149,7 +162,13 @@ mod tests {
 
     #[test]
     fn varint_matches_the_spec_examples() {
-        for (n, bytes) in [(0usize, vec![0x00]), (127, vec![0x7f]), (128, vec![0x80, 0x01]), (16_383, vec![0xff, 0x7f]), (16_384, vec![0x80, 0x80, 0x01])] {
+        for (n, bytes) in [
+            (0usize, vec![0x00]),
+            (127, vec![0x7f]),
+            (128, vec![0x80, 0x01]),
+            (16_383, vec![0xff, 0x7f]),
+            (16_384, vec![0x80, 0x80, 0x01]),
+        ] {
             let mut out = Vec::new();
             put_varint(&mut out, n);
             assert_eq!(out, bytes, "{n}");

@@ -99,7 +99,8 @@ pub fn read_credentials(path: &Path) -> Result<HashMap<String, String>, String> 
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut out = HashMap::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?;
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?;
         let (Some(orb), Some(token)) = (v["orb_id"].as_str(), v["device_token"].as_str()) else {
             return Err(format!("{}:{}: needs orb_id and device_token", path.display(), i + 1));
         };
@@ -117,7 +118,8 @@ pub fn orb_id(prefix: &str, i: usize) -> String {
 pub async fn run(cfg: SimConfig, stop: Option<watch::Receiver<bool>>) -> Summary {
     let cfg = Arc::new(cfg);
     let stats = Arc::new(Stats::default());
-    let hists: Arc<Vec<Mutex<Histogram<u64>>>> = Arc::new((0..HIST_SHARDS).map(|_| Mutex::new(new_histogram())).collect());
+    let hists: Arc<Vec<Mutex<Histogram<u64>>>> =
+        Arc::new((0..HIST_SHARDS).map(|_| Mutex::new(new_histogram())).collect());
     let start = Instant::now();
     let ramp = Duration::from_secs_f64(cfg.orbs as f64 / f64::from(cfg.connect_rate.max(1)));
     let publish_start = start + ramp;
@@ -290,7 +292,8 @@ async fn orb_task(
     }
     // Wait for outstanding acknowledgements, then leave cleanly.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline && !inflight.lock().expect("inflight lock").is_empty() && !reader_task.is_finished() {
+    while Instant::now() < deadline && !inflight.lock().expect("inflight lock").is_empty() && !reader_task.is_finished()
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = writer.write_all(&client::DISCONNECT).await;

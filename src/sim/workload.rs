@@ -58,7 +58,13 @@ impl Workload {
             Workload::Synthetic { payload_bytes } => synthetic(orb, seq, ts, *payload_bytes),
             Workload::City => {
                 step(m, dt.as_secs_f64());
-                let mode = if m.charging { "charging" } else if m.speed > 0.1 { "mission" } else { "idle" };
+                let mode = if m.charging {
+                    "charging"
+                } else if m.speed > 0.1 {
+                    "mission"
+                } else {
+                    "idle"
+                };
                 format!(
                     r#"{{"ts":{ts},"msg_id":"{orb}-{seq}","battery":{:.1},"lat":{:.6},"lon":{:.6},"speed":{:.2},"mode":"{mode}","metrics":{{"motor_temp_c":{:.1},"odometer_km":{:.3}}}}}"#,
                     m.battery,

@@ -25,8 +25,9 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 /// Decodes a record written by [`encode`], checking its version.
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, Error> {
     match bytes.split_first() {
-        Some((&FORMAT_VERSION, body)) => postcard::from_bytes(body)
-            .map_err(|e| Error::Corrupt { what, detail: e.to_string() }),
+        Some((&FORMAT_VERSION, body)) => {
+            postcard::from_bytes(body).map_err(|e| Error::Corrupt { what, detail: e.to_string() })
+        }
         Some((&v, _)) => Err(Error::UnsupportedVersion { what, found: v, supported: FORMAT_VERSION }),
         None => Err(Error::Corrupt { what, detail: "empty record".into() }),
     }

@@ -17,7 +17,7 @@ use std::time::Instant;
 use fjall::{Database, Keyspace, PersistMode};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Error, Ks, Keyspaces};
+use super::{Error, Keyspaces, Ks};
 use crate::limits::COMMIT_BATCH_MAX;
 use crate::metrics::Metrics;
 

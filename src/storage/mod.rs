@@ -125,10 +125,8 @@ impl Store {
     pub fn open(dir: &Path, opts: &StoreOptions, metrics: Arc<Metrics>) -> Result<Store, Error> {
         std::fs::create_dir_all(dir).map_err(|source| Error::DataDir { path: dir.to_path_buf(), source })?;
         let db = Database::builder(dir.join("fjall")).cache_size(opts.cache_bytes).open()?;
-        let handles: Vec<Keyspace> = Ks::ALL
-            .iter()
-            .map(|k| db.keyspace(k.name(), KeyspaceCreateOptions::default))
-            .collect::<Result<_, _>>()?;
+        let handles: Vec<Keyspace> =
+            Ks::ALL.iter().map(|k| db.keyspace(k.name(), KeyspaceCreateOptions::default)).collect::<Result<_, _>>()?;
         let handles: [Keyspace; 7] = handles.try_into().unwrap_or_else(|_| unreachable!("seven keyspaces"));
         let ks = Keyspaces(Arc::new(handles));
         let meta = ks.get(Ks::Meta);
@@ -212,7 +210,12 @@ impl Store {
 
     // ---- reads ----
 
-    fn get_decoded<T: serde::de::DeserializeOwned>(&self, which: Ks, what: &'static str, key: &[u8]) -> Result<Option<T>, Error> {
+    fn get_decoded<T: serde::de::DeserializeOwned>(
+        &self,
+        which: Ks,
+        what: &'static str,
+        key: &[u8],
+    ) -> Result<Option<T>, Error> {
         match self.ks.get(which).get(key)? {
             Some(v) => decode(what, &v).map(Some),
             None => Ok(None),

@@ -20,12 +20,14 @@ pub fn init_logs() {
 
 /// A config for tests: loopback, port 0 everywhere, one MQTT worker, small shards.
 pub fn test_config(dir: &std::path::Path, dev: bool) -> Config {
-    let mut c = Config::default();
-    c.data_dir = dir.to_path_buf();
-    c.dev = dev;
-    c.mqtt_addr = "127.0.0.1:0".into();
-    c.grpc_addr = "127.0.0.1:0".into();
-    c.http_addr = "127.0.0.1:0".into();
+    let mut c = Config {
+        data_dir: dir.to_path_buf(),
+        dev,
+        mqtt_addr: "127.0.0.1:0".into(),
+        grpc_addr: "127.0.0.1:0".into(),
+        http_addr: "127.0.0.1:0".into(),
+        ..Default::default()
+    };
     c.mqtt.workers = 1;
     c.actors.shards = 4;
     c.auth.admin_token = ADMIN.into();
@@ -78,7 +80,13 @@ impl TestServer {
 
     /// Registers an orb as the bootstrap operator; returns its device token.
     pub async fn register(&self, tenant: &str, orb: &str) -> String {
-        let (status, body) = http("POST", &self.url("/v1/orbs/register"), Some(ADMIN), Some(serde_json::json!({"tenant_id": tenant, "orb_id": orb}))).await;
+        let (status, body) = http(
+            "POST",
+            &self.url("/v1/orbs/register"),
+            Some(ADMIN),
+            Some(serde_json::json!({"tenant_id": tenant, "orb_id": orb})),
+        )
+        .await;
         assert_eq!(status, 201, "register {tenant}/{orb}: {body}");
         body["device_token"].as_str().expect("token").to_string()
     }
@@ -103,7 +111,11 @@ pub async fn metric(http_base: &str, name: &str) -> f64 {
     .await
     .expect("join");
     text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).map(|v| v.trim().parse::<f64>().expect("number")))
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .map(|v| v.trim().parse::<f64>().expect("number"))
+        })
         .unwrap_or_else(|| panic!("metric {name} not found"))
 }
 
@@ -188,7 +200,11 @@ pub struct V3 {
 
 impl V3 {
     /// Connects; returns the CONNACK refusal as an error.
-    pub async fn connect(addr: SocketAddr, client_id: &str, creds: Option<(&str, &str)>) -> Result<V3, rumqttc::ConnectionError> {
+    pub async fn connect(
+        addr: SocketAddr,
+        client_id: &str,
+        creds: Option<(&str, &str)>,
+    ) -> Result<V3, rumqttc::ConnectionError> {
         let mut o = rumqttc::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
         o.set_keep_alive(Duration::from_secs(30));
         o.set_max_packet_size(1024 * 1024, 1024 * 1024);
@@ -230,7 +246,11 @@ pub struct V5 {
 pub type V5Ack = rumqttc::v5::mqttbytes::v5::PubAck;
 
 impl V5 {
-    pub async fn connect(addr: SocketAddr, client_id: &str, creds: Option<(&str, &str)>) -> Result<V5, rumqttc::v5::ConnectionError> {
+    pub async fn connect(
+        addr: SocketAddr,
+        client_id: &str,
+        creds: Option<(&str, &str)>,
+    ) -> Result<V5, rumqttc::v5::ConnectionError> {
         let mut o = rumqttc::v5::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
         o.set_keep_alive(Duration::from_secs(30));
         o.set_max_packet_size(Some(1024 * 1024));
@@ -240,7 +260,9 @@ impl V5 {
         let (client, mut events) = rumqttc::v5::AsyncClient::new(o, 16);
         loop {
             match tokio::time::timeout(Duration::from_secs(10), events.poll()).await.expect("connack in time")? {
-                rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::ConnAck(_)) => return Ok(V5 { client, events }),
+                rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::ConnAck(_)) => {
+                    return Ok(V5 { client, events });
+                }
                 _ => continue,
             }
         }
@@ -248,7 +270,10 @@ impl V5 {
 
     /// Publishes at QoS 1 and returns the PUBACK (with its reason code).
     pub async fn publish(&mut self, topic: &str, payload: Vec<u8>) -> Result<V5Ack, rumqttc::v5::ConnectionError> {
-        self.client.publish(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload).await.expect("request queue");
+        self.client
+            .publish(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("request queue");
         loop {
             match tokio::time::timeout(Duration::from_secs(10), self.events.poll()).await.expect("puback in time")? {
                 rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(ack)) => return Ok(ack),
@@ -351,7 +376,9 @@ pub fn basic_auth(user: &str, pass: &str) -> String {
     let raw = format!("{user}:{pass}");
     let mut out = String::from("Basic ");
     for chunk in raw.as_bytes().chunks(3) {
-        let n = (u32::from(chunk[0]) << 16) | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8) | u32::from(*chunk.get(2).unwrap_or(&0));
+        let n = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
         for i in 0..4 {
             out.push(if i <= chunk.len() { T[((n >> (18 - 6 * i)) & 63) as usize] as char } else { '=' });
         }

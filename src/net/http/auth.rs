@@ -75,7 +75,9 @@ pub fn operator(ctx: &HttpCtx, headers: &HeaderMap, tenant_id: Option<&str>) -> 
     let tenant = tenant_param(tenant_id)?;
     match bearer(headers) {
         Some(token) => {
-            if ctx.admin_token.is_empty() || !crate::auth::constant_time_eq(token.as_bytes(), ctx.admin_token.as_bytes()) {
+            if ctx.admin_token.is_empty()
+                || !crate::auth::constant_time_eq(token.as_bytes(), ctx.admin_token.as_bytes())
+            {
                 return Err(unauthenticated("unknown API token"));
             }
             match tenant {
@@ -95,7 +97,12 @@ pub fn operator(ctx: &HttpCtx, headers: &HeaderMap, tenant_id: Option<&str>) -> 
 
 /// The telemetry fallback: a device with basic auth `tenant/orb:token` for its own orb, or an
 /// operator.
-pub async fn device_or_operator(ctx: &HttpCtx, headers: &HeaderMap, tenant_id: Option<&str>, orb_id: &str) -> Result<Caller, Problem> {
+pub async fn device_or_operator(
+    ctx: &HttpCtx,
+    headers: &HeaderMap,
+    tenant_id: Option<&str>,
+    orb_id: &str,
+) -> Result<Caller, Problem> {
     let Some(creds) = basic(headers) else {
         return operator(ctx, headers, tenant_id).map(Caller::Operator);
     };

@@ -78,7 +78,10 @@ impl IntoResponse for Problem {
         let mut resp = (status, body.to_string()).into_response();
         resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/problem+json"));
         if self.0.code == ErrorCode::Unauthenticated {
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer, Basic realm=\"orbmanager\""));
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer, Basic realm=\"orbmanager\""),
+            );
         }
         resp
     }
@@ -136,7 +139,9 @@ fn check_attributes(attrs: &BTreeMap<String, String>) -> Result<(), Problem> {
         if k.is_empty() || k.len() > ORB_ATTRIBUTE_LEN_MAX || v.len() > ORB_ATTRIBUTE_LEN_MAX {
             return Err(bad(
                 ErrorCode::InvalidArgument,
-                format!("attribute {k:?}: keys must be 1..{ORB_ATTRIBUTE_LEN_MAX} bytes and values at most {ORB_ATTRIBUTE_LEN_MAX}"),
+                format!(
+                    "attribute {k:?}: keys must be 1..{ORB_ATTRIBUTE_LEN_MAX} bytes and values at most {ORB_ATTRIBUTE_LEN_MAX}"
+                ),
             ));
         }
         if k.chars().chain(v.chars()).any(char::is_control) {
@@ -163,7 +168,8 @@ async fn register(State(ctx): Ctx, headers: HeaderMap, body: Bytes) -> Result<Re
     check_attributes(&req.attributes)?;
     let orb = match req.orb_id.as_deref() {
         Some(id) => OrbId::parse(id).map_err(|e| bad(ErrorCode::InvalidArgument, e.to_string()))?,
-        None => OrbId::parse(&format!("orb-{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff)).expect("generated ids are valid"),
+        None => OrbId::parse(&format!("orb-{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff))
+            .expect("generated ids are valid"),
     };
     let token = crate::auth::generate_token();
     let now = ctx.ingest.clock.now_ms();
@@ -203,7 +209,12 @@ fn not_found(key: &OrbKey) -> Problem {
     bad(ErrorCode::NotFound, format!("no orb {} in tenant {}", key.orb, key.tenant))
 }
 
-async fn get_orb(State(ctx): Ctx, headers: HeaderMap, Path(id): Path<String>, Query(q): Query<TenantQuery>) -> Result<Response, Problem> {
+async fn get_orb(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<TenantQuery>,
+) -> Result<Response, Problem> {
     ctx.ingest.metrics.http_requests.inc();
     let tenant = auth::operator(&ctx, &headers, q.tenant_id.as_deref())?;
     let key = orb_key(tenant, &id)?;
@@ -213,7 +224,12 @@ async fn get_orb(State(ctx): Ctx, headers: HeaderMap, Path(id): Path<String>, Qu
     }
 }
 
-async fn decommission(State(ctx): Ctx, headers: HeaderMap, Path(id): Path<String>, Query(q): Query<TenantQuery>) -> Result<Response, Problem> {
+async fn decommission(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<TenantQuery>,
+) -> Result<Response, Problem> {
     ctx.ingest.metrics.http_requests.inc();
     let tenant = auth::operator(&ctx, &headers, q.tenant_id.as_deref())?;
     let key = orb_key(tenant, &id)?;
@@ -243,7 +259,12 @@ fn decode_page_token(t: &str) -> Result<(u64, u64), Problem> {
     Ok((ts, suffix))
 }
 
-async fn history(State(ctx): Ctx, headers: HeaderMap, Path(id): Path<String>, Query(q): Query<HistoryQuery>) -> Result<Response, Problem> {
+async fn history(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Response, Problem> {
     ctx.ingest.metrics.http_requests.inc();
     let tenant = auth::operator(&ctx, &headers, q.tenant_id.as_deref())?;
     let key = orb_key(tenant, &id)?;
@@ -293,7 +314,13 @@ async fn history(State(ctx): Ctx, headers: HeaderMap, Path(id): Path<String>, Qu
 
 /// `POST /v1/orbs/{id}/telemetry`: one point or an array of points. Nothing is stored unless
 /// every point is valid; the 200 comes only when every point is durable.
-async fn ingest(State(ctx): Ctx, headers: HeaderMap, Path(id): Path<String>, Query(q): Query<TenantQuery>, body: Bytes) -> Result<Response, Problem> {
+async fn ingest(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<TenantQuery>,
+    body: Bytes,
+) -> Result<Response, Problem> {
     let ingest = &ctx.ingest;
     ingest.metrics.http_requests.inc();
     ingest.metrics.message_in(crate::metrics::MsgKind::Telemetry);
@@ -328,7 +355,10 @@ async fn ingest(State(ctx): Ctx, headers: HeaderMap, Path(id): Path<String>, Que
         for (i, v) in values.iter().enumerate() {
             let raw = serde_json::to_vec(v).map_err(ApiError::internal)?;
             if raw.len() > ingest.max_payload_bytes {
-                let err = ApiError::new(ErrorCode::PayloadTooLarge, format!("point {i}: {} bytes; the limit is {}", raw.len(), ingest.max_payload_bytes));
+                let err = ApiError::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!("point {i}: {} bytes; the limit is {}", raw.len(), ingest.max_payload_bytes),
+                );
                 ingest.refuse(&key, &err);
                 return Err(Problem(err));
             }

@@ -53,7 +53,12 @@ pub(crate) fn assigned_client_id() -> String {
 
 impl MqttListener {
     /// Starts serving `listener` on `workers` threads.
-    pub fn start(listener: TcpListener, ctx: Arc<MqttCtx>, cfg: &MqttConfig, workers: usize) -> std::io::Result<MqttListener> {
+    pub fn start(
+        listener: TcpListener,
+        ctx: Arc<MqttCtx>,
+        cfg: &MqttConfig,
+        workers: usize,
+    ) -> std::io::Result<MqttListener> {
         let svc_cfg = MqttServiceConfig::new()
             .set_max_size(cfg.max_packet_size)
             .set_max_receive(cfg.receive_maximum)
@@ -67,10 +72,8 @@ impl MqttListener {
         let per_worker = cfg.max_connections.div_ceil(workers).max(1);
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new().name("mqtt-system".into()).spawn(move || {
-            let runner = ntex::rt::System::build()
-                .name("orbmanager-mqtt")
-                .disable_signals()
-                .build(ntex::rt::DefaultRuntime);
+            let runner =
+                ntex::rt::System::build().name("orbmanager-mqtt").disable_signals().build(ntex::rt::DefaultRuntime);
             runner.block_on(async move {
                 let factory = async move |_| service(ctx.clone());
                 let built = ntex::server::build()
@@ -90,9 +93,7 @@ impl MqttListener {
                 }
             });
         })?;
-        let server = rx
-            .recv()
-            .map_err(|_| std::io::Error::other("mqtt system thread exited before starting"))??;
+        let server = rx.recv().map_err(|_| std::io::Error::other("mqtt system thread exited before starting"))??;
         Ok(MqttListener { server, thread: Some(thread) })
     }
 
@@ -108,8 +109,13 @@ impl MqttListener {
 
 fn service(
     ctx: Arc<MqttCtx>,
-) -> impl ntex::service::ServiceFactory<ntex::io::Io, SharedCfg, Response = (), Error = ntex_mqtt::MqttError<CloseConnection>, InitError = ()>
-{
+) -> impl ntex::service::ServiceFactory<
+    ntex::io::Io,
+    SharedCfg,
+    Response = (),
+    Error = ntex_mqtt::MqttError<CloseConnection>,
+    InitError = (),
+> {
     let c3 = ctx.clone();
     let c5 = ctx;
     let v3 = ntex_mqtt::v3::MqttServer::new(fn_service(async move |h| v3::handshake(c3.clone(), h).await))

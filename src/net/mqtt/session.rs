@@ -74,7 +74,10 @@ pub enum Verdict {
 /// Checks a CONNECT's client id: printable, bounded, and unable to widen a topic pattern.
 pub fn check_client_id(client_id: &str) -> Result<(), Refusal> {
     if client_id.len() > MQTT_CLIENT_ID_LEN_MAX {
-        return Err(refusal(ErrorCode::InvalidArgument, format!("client id longer than {MQTT_CLIENT_ID_LEN_MAX} bytes")));
+        return Err(refusal(
+            ErrorCode::InvalidArgument,
+            format!("client id longer than {MQTT_CLIENT_ID_LEN_MAX} bytes"),
+        ));
     }
     if client_id.chars().any(|c| c.is_control() || matches!(c, '+' | '#' | '/')) {
         return Err(refusal(ErrorCode::InvalidArgument, "client id contains '+', '#', '/' or a control character"));
@@ -102,7 +105,9 @@ pub async fn authenticate(
             }
             (Identity::Anonymous, None)
         }
-        None | Some("") => return Err(refusal(ErrorCode::Unauthenticated, "username tenant/orb and device token required")),
+        None | Some("") => {
+            return Err(refusal(ErrorCode::Unauthenticated, "username tenant/orb and device token required"));
+        }
         Some(user) => {
             let key = OrbKey::parse_path(user)
                 .map_err(|e| refusal(ErrorCode::Unauthenticated, format!("username must be tenant/orb: {e}")))?;
@@ -175,11 +180,15 @@ impl Conn {
     /// Makes sure a dev-tenant orb this connection publishes for exists (registering it on
     /// first contact) and is not decommissioned. The connection's own orb was checked at CONNECT.
     async fn ensure(&self, key: &OrbKey) -> Result<(), ApiError> {
-        if matches!(&self.0.identity, Identity::Orb { key: own, .. } if own == key) || self.0.ensured.borrow().contains(key) {
+        if matches!(&self.0.identity, Identity::Orb { key: own, .. } if own == key)
+            || self.0.ensured.borrow().contains(key)
+        {
             return Ok(());
         }
         match self.0.ctx.ingest.fleet.touch(key).await? {
-            Some(OrbStatus::Decommissioned) => Err(ApiError::new(ErrorCode::Decommissioned, format!("orb {key} is decommissioned"))),
+            Some(OrbStatus::Decommissioned) => {
+                Err(ApiError::new(ErrorCode::Decommissioned, format!("orb {key} is decommissioned")))
+            }
             Some(_) => {
                 let mut ensured = self.0.ensured.borrow_mut();
                 if ensured.len() >= ENSURED_MAX {
@@ -205,13 +214,15 @@ impl Conn {
         let key = match &topic {
             Topic::Telemetry(k) | Topic::State(k) | Topic::CommandAck(k) | Topic::OtaProgress(k) => k.clone(),
             Topic::Invalid(shape) => {
-                let err = ApiError::new(ErrorCode::TopicInvalid, format!("topic {topic_name:?} does not match {shape}"));
+                let err =
+                    ApiError::new(ErrorCode::TopicInvalid, format!("topic {topic_name:?} does not match {shape}"));
                 ingest.metrics.refused(err.code);
                 return Verdict::Refused(err);
             }
             Topic::Other if self.0.ctx.dev => return Verdict::Accepted,
             Topic::Other => {
-                let err = ApiError::new(ErrorCode::PermissionDenied, format!("devices may not publish to {topic_name:?}"));
+                let err =
+                    ApiError::new(ErrorCode::PermissionDenied, format!("devices may not publish to {topic_name:?}"));
                 ingest.metrics.refused(err.code);
                 return Verdict::NotAuthorized(err);
             }
@@ -254,7 +265,8 @@ impl Conn {
                 }
             }
             Topic::CommandAck(_) | Topic::OtaProgress(_) => {
-                let err = ApiError::new(ErrorCode::NotImplemented, "commands and OTA jobs are not served by this build");
+                let err =
+                    ApiError::new(ErrorCode::NotImplemented, "commands and OTA jobs are not served by this build");
                 ingest.refuse(&key, &err);
                 Verdict::Refused(err)
             }

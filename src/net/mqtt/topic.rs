@@ -70,7 +70,14 @@ mod tests {
 
     #[test]
     fn malformed_platform_topics_are_invalid_not_other() {
-        for t in ["telemetry/acme", "telemetry/acme/o1/x", "telemetry/ac+me/o1", "telemetry//o1", "commands/acme/o1", "state/a/b/c"] {
+        for t in [
+            "telemetry/acme",
+            "telemetry/acme/o1/x",
+            "telemetry/ac+me/o1",
+            "telemetry//o1",
+            "commands/acme/o1",
+            "state/a/b/c",
+        ] {
             assert!(matches!(parse(t), Topic::Invalid(_)), "{t}");
         }
     }

@@ -43,7 +43,9 @@ fn puback_reason(code: ErrorCode) -> codec::PublishAckReason {
 fn disconnect_code(reason: DisconnectReason) -> codec::DisconnectReasonCode {
     match reason {
         DisconnectReason::Takeover => codec::DisconnectReasonCode::SessionTakenOver,
-        DisconnectReason::Decommissioned | DisconnectReason::NotAuthorized => codec::DisconnectReasonCode::NotAuthorized,
+        DisconnectReason::Decommissioned | DisconnectReason::NotAuthorized => {
+            codec::DisconnectReasonCode::NotAuthorized
+        }
         DisconnectReason::ServerShutdown => codec::DisconnectReasonCode::ServerShuttingDown,
         _ => codec::DisconnectReasonCode::AdministrativeAction,
     }
@@ -84,7 +86,7 @@ pub async fn handshake(ctx: Arc<MqttCtx>, h: v5::Handshake) -> Result<v5::Handsh
                 let granted = if requested_ka == 0 { crate::limits::MQTT_KEEPALIVE_DEFAULT_S.min(cap) } else { cap };
                 ack = ack
                     .with(|a| a.server_keepalive_sec = Some(granted))
-                    .keep_alive(super::idle_timeout_s(granted, cap) as u16);
+                    .keep_alive(super::idle_timeout_s(granted, cap));
             }
             Ok(ack)
         }
