@@ -20,7 +20,7 @@ async fn a_panicking_orb_actor_restarts_with_its_state_intact() {
     let (_, before) = ts.get("/v1/orbs/victim?tenant_id=acme").await;
 
     ts.server().fleet().inject_panic(&OrbKey::parse_path("acme/victim").unwrap());
-    common::wait_until("the shard restarts the actor", 10, || async {
+    common::wait_until("the shard restarts the actor", 15, || async {
         ts.metric("orbmanager_actor_restarts_total").await == 1.0
     })
     .await;
@@ -36,7 +36,7 @@ async fn a_panicking_orb_actor_restarts_with_its_state_intact() {
     // The victim keeps working on the same connection; the neighbour never noticed.
     victim.publish("telemetry/acme/victim", telemetry(t0 + 1, "v-2", 41.0)).await.expect("victim still served");
     neighbour.publish("telemetry/acme/neighbour", telemetry(t0 + 1, "n-2", 76.0)).await.expect("neighbour unaffected");
-    common::wait_until("new point applied after restart", 5, || async {
+    common::wait_until("new point applied after restart", 15, || async {
         ts.get("/v1/orbs/victim?tenant_id=acme").await.1["battery"] == 41.0
     })
     .await;

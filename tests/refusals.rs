@@ -69,7 +69,7 @@ async fn each_bad_input_is_refused_with_its_reason_and_stores_nothing() {
     // shown on the orb; nothing is stored.
     let mut bad3 = V3::connect(ts.mqtt, "bad3", Some(("acme/bad3", &v3_token))).await.unwrap();
     bad3.publish("telemetry/acme/bad3", b"not json at all".to_vec()).await.expect("v3 refusal is acknowledged");
-    common::wait_until("refusal visible on the orb", 5, || async {
+    common::wait_until("refusal visible on the orb", 15, || async {
         let (_, v) = ts.get("/v1/orbs/bad3?tenant_id=acme").await;
         v["refusals"]["last_code"] == "malformed_payload"
     })

@@ -61,7 +61,7 @@ async fn acknowledged_points_are_all_in_history_in_order_once() {
 
     a.disconnect().await;
     b.disconnect().await;
-    common::wait_until("orb-v3 offline", 10, || async {
+    common::wait_until("orb-v3 offline", 15, || async {
         let (_, v) = ts.get("/v1/orbs/orb-v3?tenant_id=acme").await;
         v["connectivity"]["online"] == false && v["connectivity"]["disconnect_reason"] == "client_disconnect"
     })

@@ -482,4 +482,71 @@ mod tests {
         assert_eq!(s.refusals.last_code, Some(ErrorCode::InvalidArgument));
         assert_eq!(s.refusals.last_at_ms, Some(8));
     }
+
+    /// Seeded random event sequences against the invariants of the state machine. The seed is
+    /// printed on failure; rerun with ORBMANAGER_SEED=<seed> to reproduce.
+    #[test]
+    fn random_event_sequences_keep_the_invariants() {
+        let seed = std::env::var("ORBMANAGER_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
+        let result = std::panic::catch_unwind(|| run_sequences(seed));
+        if let Err(e) = result {
+            eprintln!("state machine invariant broken with ORBMANAGER_SEED={seed}");
+            std::panic::resume_unwind(e);
+        }
+    }
+
+    fn run_sequences(seed: u64) {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        for _ in 0..200 {
+            let mut s = OrbState::new(record("acme", Some("t")));
+            let mut max_ts: Option<u64> = None;
+            let mut now = 1_000;
+            let mut accepted_seq = 0;
+            for _ in 0..100 {
+                now += rng.u64(0..1_000);
+                match rng.u8(0..6) {
+                    0 => {
+                        let good = rng.bool();
+                        let adm = s.admit(&req(Some(if good { "t" } else { "x" }), false), now);
+                        match adm {
+                            Admission::Accepted { conn_seq, .. } => {
+                                assert!(good && s.record.status != OrbStatus::Decommissioned);
+                                assert_eq!(conn_seq, accepted_seq + 1, "connection numbers are consecutive");
+                                accepted_seq = conn_seq;
+                            }
+                            Admission::Refused(_) => assert!(!good || s.record.status == OrbStatus::Decommissioned),
+                        }
+                    }
+                    1 | 2 => {
+                        let seq = rng.u64(0..=accepted_seq + 1);
+                        let was_online = s.presence.online;
+                        let eff = s.apply(Event::Disconnected { conn_seq: seq, reason: DisconnectReason::ConnectionLost }, now);
+                        if was_online && seq == accepted_seq {
+                            assert!(!s.presence.online);
+                            assert!(eff.contains(&Effect::Online(false)));
+                        } else {
+                            assert_eq!(s.presence.online, was_online, "a stale disconnect changes nothing");
+                            assert!(eff.is_empty());
+                        }
+                    }
+                    3 | 4 => {
+                        let ts = rng.u64(1..10_000);
+                        s.apply(Event::Telemetry(&point(ts)), now);
+                        max_ts = Some(max_ts.map_or(ts, |m: u64| m.max(ts)));
+                        assert_eq!(s.last.as_ref().map(|p| p.ts), max_ts, "live state shows the newest point");
+                    }
+                    _ => {
+                        if rng.u8(0..10) == 0 {
+                            s.apply(Event::Decommission, now);
+                            assert!(!s.presence.online);
+                        }
+                    }
+                }
+                assert_eq!(s.presence.conn_seq, accepted_seq);
+                if s.record.status == OrbStatus::Decommissioned {
+                    assert!(!s.presence.online, "a decommissioned orb is never online");
+                }
+            }
+        }
+    }
 }

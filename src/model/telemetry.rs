@@ -503,4 +503,36 @@ mod tests {
         let again = parse_value(&pt.to_json(), NOW).unwrap();
         assert_eq!(pt, again);
     }
+
+    /// Seeded mutations of valid payloads: the parser never panics, and whatever it accepts
+    /// re-parses to the same point. Rerun a failure with ORBMANAGER_SEED=<seed>.
+    #[test]
+    fn mutated_payloads_never_panic_and_accepted_points_round_trip() {
+        let seed = std::env::var("ORBMANAGER_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
+        let result = std::panic::catch_unwind(|| {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let base = br#"{"ts":1700000000001,"msg_id":"m1","battery":55.5,"lat":37.7,"lon":-122.4,"speed":3.2,"mode":"mission","metrics":{"temp":21,"x":-1e3},"rpm":900}"#;
+            let alphabet = b"{}[]\":,.-+eE0123456789 truefalsnul\\u00";
+            for _ in 0..20_000 {
+                let mut bytes = base.to_vec();
+                for _ in 0..rng.usize(1..6) {
+                    let i = rng.usize(0..bytes.len());
+                    match rng.u8(0..3) {
+                        0 => bytes[i] = alphabet[rng.usize(0..alphabet.len())],
+                        1 => bytes.insert(i, alphabet[rng.usize(0..alphabet.len())]),
+                        _ => {
+                            bytes.remove(i);
+                        }
+                    }
+                }
+                if let Ok(pt) = parse(&bytes, NOW, MAX) {
+                    assert_eq!(parse_value(&pt.to_json(), NOW), Ok(pt));
+                }
+            }
+        });
+        if let Err(e) = result {
+            eprintln!("telemetry parser property broken with ORBMANAGER_SEED={seed}");
+            std::panic::resume_unwind(e);
+        }
+    }
 }

@@ -65,6 +65,7 @@ impl MqttListener {
             .set_max_receive_size(cfg.inflight_bytes_max)
             .set_max_qos(QoS::AtLeastOnce)
             .set_max_topic_alias(32)
+            .protocol_version_timeout(Seconds(cfg.connect_timeout_s))
             .set_connect_timeout(Seconds(cfg.connect_timeout_s))
             .set_handshake_timeout(Seconds(cfg.connect_timeout_s))
             .set_max_send(cfg.receive_maximum)
