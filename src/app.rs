@@ -99,6 +99,7 @@ impl Server {
         let store_opts = StoreOptions {
             cache_bytes: config.storage.cache_mb * 1024 * 1024,
             commit_queue_max: config.storage.commit_queue_max,
+            dedupe_filter_bytes: config.storage.dedupe_filter_mb * 1024 * 1024,
         };
         let dir = config.data_dir.clone();
         let m = metrics.clone();

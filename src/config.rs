@@ -67,6 +67,9 @@ pub struct StorageConfig {
     pub commit_queue_max: usize,
     /// How often expired `msg_id` dedupe entries are removed, in seconds.
     pub dedupe_sweep_interval_s: u64,
+    /// Size of each of the two in-memory `msg_id` filters, in MiB (about 1% false positives
+    /// at 10 million ids per 10-minute bucket with 16 MiB).
+    pub dedupe_filter_mb: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -126,7 +129,12 @@ impl Default for TelemetryConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { cache_mb: 64, commit_queue_max: limits::COMMIT_QUEUE_MAX, dedupe_sweep_interval_s: 60 }
+        StorageConfig {
+            cache_mb: 64,
+            commit_queue_max: limits::COMMIT_QUEUE_MAX,
+            dedupe_sweep_interval_s: 60,
+            dedupe_filter_mb: 16,
+        }
     }
 }
 
@@ -318,6 +326,9 @@ impl Config {
         }
         if !(1..=1_000_000).contains(&s.commit_queue_max) {
             return invalid(format!("storage.commit_queue_max = {} must be 1..1000000", s.commit_queue_max));
+        }
+        if !(1..=4096).contains(&s.dedupe_filter_mb) {
+            return invalid(format!("storage.dedupe_filter_mb = {} must be 1..4096", s.dedupe_filter_mb));
         }
         if s.dedupe_sweep_interval_s == 0 {
             return invalid("storage.dedupe_sweep_interval_s must be at least 1".into());

@@ -112,3 +112,27 @@ async fn history_pages_and_time_ranges() {
     c.disconnect().await;
     ts.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_msg_id_is_remembered_across_a_restart() {
+    let ts = TestServer::start(false).await;
+    let token = ts.register("acme", "again").await;
+    let mut c = V5::connect(ts.mqtt, "again", Some(("acme/again", &token))).await.unwrap();
+    let t = now_ms() - 1000;
+    c.publish("telemetry/acme/again", telemetry(t, "once", 10.0)).await.unwrap();
+    c.publish("telemetry/acme/again", telemetry(t + 1, "twice", 11.0)).await.unwrap();
+    c.disconnect().await;
+    let dir = ts.stop().await;
+
+    let ts = TestServer::start_in(dir, false, |_| {}).await;
+    let mut c = V5::connect(ts.mqtt, "again", Some(("acme/again", &token))).await.unwrap();
+    // The same msg_id with a different device time (a device that re-stamps on resend).
+    let ack = c.publish("telemetry/acme/again", telemetry(t + 500, "once", 12.0)).await.unwrap();
+    assert_eq!(ack.reason, rumqttc::v5::mqttbytes::v5::PubAckReason::Success, "a duplicate is acknowledged");
+    c.publish("telemetry/acme/again", telemetry(t + 600, "thrice", 13.0)).await.unwrap();
+    let ids: Vec<String> = history(&ts, "acme", "again").await.iter().map(|p| p["msg_id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids, vec!["once", "twice", "thrice"]);
+    assert_eq!(ts.metric("orbmanager_telemetry_duplicates_total").await, 1.0);
+    c.disconnect().await;
+    ts.stop().await;
+}

@@ -224,7 +224,7 @@ async fn auto_register(ctx: &OrbCtx, key: &OrbKey) -> Result<OrbRecord, crate::s
         auto_registered: true,
     };
     persist_new(ctx, &record).await?;
-    tracing::info!(orb = %key, "registered on first contact (dev tenant)");
+    tracing::debug!(orb = %key, "registered on first contact (dev tenant)");
     Ok(record)
 }
 

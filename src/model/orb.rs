@@ -487,7 +487,8 @@ mod tests {
     /// printed on failure; rerun with ORBMANAGER_SEED=<seed> to reproduce.
     #[test]
     fn random_event_sequences_keep_the_invariants() {
-        let seed = std::env::var("ORBMANAGER_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
+        let seed =
+            std::env::var("ORBMANAGER_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
         let result = std::panic::catch_unwind(|| run_sequences(seed));
         if let Err(e) = result {
             eprintln!("state machine invariant broken with ORBMANAGER_SEED={seed}");
@@ -520,7 +521,10 @@ mod tests {
                     1 | 2 => {
                         let seq = rng.u64(0..=accepted_seq + 1);
                         let was_online = s.presence.online;
-                        let eff = s.apply(Event::Disconnected { conn_seq: seq, reason: DisconnectReason::ConnectionLost }, now);
+                        let eff = s.apply(
+                            Event::Disconnected { conn_seq: seq, reason: DisconnectReason::ConnectionLost },
+                            now,
+                        );
                         if was_online && seq == accepted_seq {
                             assert!(!s.presence.online);
                             assert!(eff.contains(&Effect::Online(false)));

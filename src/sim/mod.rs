@@ -63,6 +63,8 @@ pub struct Summary {
     pub payload_bytes: usize,
     pub interval_ms: u64,
     pub duration_s: f64,
+    /// Messages whose intended send time fell inside the run (the offered load).
+    pub scheduled: u64,
     pub sent: u64,
     pub acked: u64,
     /// PUBACKs with a failure reason code (MQTT 5).
@@ -72,12 +74,14 @@ pub struct Summary {
     /// QoS 1 messages never acknowledged.
     pub unacked: u64,
     pub offered_rate: f64,
+    pub sent_rate: f64,
     pub acked_rate: f64,
     pub puback_latency_ms: Percentiles,
 }
 
 #[derive(Default)]
 struct Stats {
+    scheduled: AtomicU64,
     connected: AtomicU64,
     connect_failures: AtomicU64,
     sent: AtomicU64,
@@ -150,12 +154,14 @@ pub async fn run(cfg: SimConfig, stop: Option<watch::Receiver<bool>>) -> Summary
         payload_bytes: cfg.workload.payload_bytes(),
         interval_ms: cfg.interval_ms,
         duration_s: elapsed,
+        scheduled: s.scheduled.load(Ordering::Relaxed),
         sent: s.sent.load(Ordering::Relaxed),
         acked: s.acked.load(Ordering::Relaxed),
         refused: s.refused.load(Ordering::Relaxed),
         errors: s.errors.load(Ordering::Relaxed),
         unacked: s.unacked.load(Ordering::Relaxed),
-        offered_rate: s.sent.load(Ordering::Relaxed) as f64 / elapsed,
+        offered_rate: s.scheduled.load(Ordering::Relaxed) as f64 / elapsed,
+        sent_rate: s.sent.load(Ordering::Relaxed) as f64 / elapsed,
         acked_rate: s.acked.load(Ordering::Relaxed) as f64 / elapsed,
         puback_latency_ms: Percentiles {
             p50: ms(0.5),
@@ -245,22 +251,28 @@ async fn orb_task(
     let mut out = Vec::with_capacity(cfg.workload.payload_bytes() + 128);
     let mut last_write = Instant::now();
     let ping_every = Duration::from_secs(u64::from(keepalive) / 2);
-    loop {
-        if next >= end {
-            break;
-        }
-        let stopped = async {
-            match stop.as_mut() {
-                Some(s) => {
-                    let _ = s.wait_for(|v| *v).await;
-                }
-                None => std::future::pending::<()>().await,
+    // The offered load: every intended send time inside the run, sent or not.
+    let first = publish_start + phase;
+    if first < end {
+        let n = (end - first).as_nanos().div_ceil(interval.as_nanos()) as u64;
+        stats.scheduled.fetch_add(n, Ordering::Relaxed);
+    }
+    let stopped = async {
+        match stop.as_mut() {
+            Some(s) => {
+                let _ = s.wait_for(|v| *v).await;
             }
-        };
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::pin!(stopped);
+    // Messages behind schedule are sent as soon as the window allows (open loop), but never
+    // after the end of the run: what is still unsent then counts as offered but not sent.
+    while next < end && Instant::now() < end {
         let wake = next.min(last_write + ping_every);
         tokio::select! {
             _ = tokio::time::sleep_until(wake) => {}
-            _ = stopped => break,
+            _ = &mut stopped => break,
         }
         if Instant::now() < next {
             // Slow schedules still keep the connection alive.
@@ -273,12 +285,24 @@ async fn orb_task(
         }
         let intended = next;
         next += interval;
+        if cfg.qos > 0 {
+            tokio::select! {
+                permit = permits.acquire() => match permit {
+                    Ok(p) => p.forget(),
+                    Err(_) => break,
+                },
+                _ = tokio::time::sleep_until(end) => break,
+                _ = &mut stopped => break,
+            }
+            if reader_task.is_finished() {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+        }
         let payload = cfg.workload.payload(&orb, seq, &mut motion, interval);
         seq += 1;
         out.clear();
         if cfg.qos > 0 {
-            let Ok(permit) = permits.acquire().await else { break };
-            permit.forget();
             pkid = pkid.wrapping_add(1).max(1);
             inflight.lock().expect("inflight lock").insert(pkid, intended);
         }
@@ -309,8 +333,8 @@ impl Summary {
         let l = &self.puback_latency_ms;
         format!(
             "target {}  mqtt {}  qos {}  orbs {} ({} connected, {} failed)\n\
-             sent {}  acked {}  refused {}  unacked {}  errors {}\n\
-             offered {:.0} msg/s  acked {:.0} msg/s over {:.1} s\n\
+             scheduled {}  sent {}  acked {}  refused {}  unacked {}  errors {}\n\
+             offered {:.0} msg/s  sent {:.0} msg/s  acked {:.0} msg/s over {:.1} s\n\
              PUBACK latency ms  p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}  ({} samples)",
             self.target,
             if self.protocol == 5 { "5.0" } else { "3.1.1" },
@@ -318,12 +342,14 @@ impl Summary {
             self.orbs,
             self.connected,
             self.connect_failures,
+            self.scheduled,
             self.sent,
             self.acked,
             self.refused,
             self.unacked,
             self.errors,
             self.offered_rate,
+            self.sent_rate,
             self.acked_rate,
             self.duration_s,
             l.p50,

@@ -17,6 +17,7 @@ use std::time::Instant;
 use fjall::{Database, Keyspace, PersistMode};
 use tokio::sync::{mpsc, oneshot};
 
+use super::dedupe::{DedupeFilter, identity_hash};
 use super::{Error, Keyspaces, Ks};
 use crate::limits::COMMIT_BATCH_MAX;
 use crate::metrics::Metrics;
@@ -33,6 +34,8 @@ pub(crate) enum Op {
 pub(crate) struct DedupeProbe {
     /// Identity independent of the bucket (tenant, orb, msg_id), for the in-group check.
     pub id: Vec<u8>,
+    /// The bucket of the receive time.
+    pub bucket: u32,
     /// Key in the current bucket (written when the batch is stored).
     pub current: Vec<u8>,
     /// Key in the previous bucket (only read).
@@ -82,11 +85,17 @@ pub(crate) struct Committer {
 }
 
 impl Committer {
-    pub(crate) fn start(db: Database, ks: Keyspaces, queue_max: usize, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn start(
+        db: Database,
+        ks: Keyspaces,
+        queue_max: usize,
+        filter_bytes: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(queue_max);
         let thread = std::thread::Builder::new()
             .name("orb-commit".into())
-            .spawn(move || run(db, ks, rx, metrics))
+            .spawn(move || run(db, ks, rx, DedupeFilter::new(filter_bytes), metrics))
             .expect("spawning the commit thread");
         Committer { tx, thread: Arc::new(std::sync::Mutex::new(Some(thread))) }
     }
@@ -116,7 +125,7 @@ impl Committer {
     }
 }
 
-fn run(db: Database, ks: Keyspaces, mut rx: mpsc::Receiver<Request>, metrics: Arc<Metrics>) {
+fn run(db: Database, ks: Keyspaces, mut rx: mpsc::Receiver<Request>, mut filter: DedupeFilter, metrics: Arc<Metrics>) {
     let mut group: Vec<(Batch, oneshot::Sender<Result<Outcome, Error>>)> = Vec::with_capacity(256);
     let mut seen: HashSet<Vec<u8>> = HashSet::new();
     let mut outcomes: Vec<Outcome> = Vec::with_capacity(256);
@@ -137,7 +146,7 @@ fn run(db: Database, ks: Keyspaces, mut rx: mpsc::Receiver<Request>, metrics: Ar
             continue;
         }
         let started = Instant::now();
-        let result = write_group(&db, &ks, &mut group, &mut seen, &mut outcomes);
+        let result = write_group(&db, &ks, &mut group, &mut seen, &mut filter, &mut outcomes);
         let elapsed = started.elapsed();
         metrics.commit_groups.inc();
         metrics.commit_requests.add(group.len() as u64);
@@ -181,6 +190,7 @@ fn write_group(
     ks: &Keyspaces,
     group: &mut [(Batch, oneshot::Sender<Result<Outcome, Error>>)],
     seen: &mut HashSet<Vec<u8>>,
+    filter: &mut DedupeFilter,
     outcomes: &mut Vec<Outcome>,
 ) -> Result<(), GroupError> {
     let read_err = |e: fjall::Error| GroupError { error: Error::Engine(e), fatal: false };
@@ -189,13 +199,18 @@ fn write_group(
     let dedupe: &Keyspace = ks.get(Ks::Dedupe);
     for (batch, _) in group.iter_mut() {
         if let Some(probe) = batch.dedupe.take() {
+            filter.advance(probe.bucket, dedupe, ks.get(Ks::Tenants)).map_err(read_err)?;
+            let h = identity_hash(&probe.id);
+            // The filter rules out almost every id from memory; fjall decides the rest.
             let dup = seen.contains(&probe.id)
-                || dedupe.contains_key(&probe.current).map_err(read_err)?
-                || dedupe.contains_key(&probe.previous).map_err(read_err)?;
+                || (filter.may_contain(probe.bucket, h)
+                    && (dedupe.contains_key(&probe.current).map_err(read_err)?
+                        || dedupe.contains_key(&probe.previous).map_err(read_err)?));
             if dup {
                 outcomes.push(Outcome::Duplicate);
                 continue;
             }
+            filter.insert(probe.bucket, h);
             seen.insert(probe.id);
             wb.insert(dedupe, probe.current, Vec::<u8>::new());
         }

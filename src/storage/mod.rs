@@ -5,6 +5,7 @@
 
 mod codec;
 mod commit;
+mod dedupe;
 pub mod keys;
 
 use std::path::{Path, PathBuf};
@@ -17,7 +18,6 @@ pub use codec::{FORMAT_VERSION, decode, encode};
 pub use commit::{Batch, Outcome};
 use commit::{Committer, DedupeProbe};
 
-use crate::limits::DEDUPE_BUCKET_MS;
 use crate::metrics::Metrics;
 use crate::model::ids::hash64;
 use crate::model::orb::{OrbRecord, Presence};
@@ -101,11 +101,17 @@ pub type PointCursor = (u64, u64);
 pub struct StoreOptions {
     pub cache_bytes: u64,
     pub commit_queue_max: usize,
+    /// Size of each of the two in-memory `msg_id` filters (current and previous bucket).
+    pub dedupe_filter_bytes: usize,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { cache_bytes: 64 * 1024 * 1024, commit_queue_max: crate::limits::COMMIT_QUEUE_MAX }
+        StoreOptions {
+            cache_bytes: 64 * 1024 * 1024,
+            commit_queue_max: crate::limits::COMMIT_QUEUE_MAX,
+            dedupe_filter_bytes: 16 * 1024 * 1024,
+        }
     }
 }
 
@@ -144,7 +150,8 @@ impl Store {
                 });
             }
         }
-        let committer = Committer::start(db.clone(), ks.clone(), opts.commit_queue_max, metrics.clone());
+        let committer =
+            Committer::start(db.clone(), ks.clone(), opts.commit_queue_max, opts.dedupe_filter_bytes, metrics.clone());
         Ok(Store { db, ks, committer, metrics })
     }
 
@@ -180,12 +187,13 @@ impl Store {
         let stored = StoredPoint { point: point.clone(), received_ms };
         batch.put(Ks::Telemetry, keys::telemetry(key, point.ts, suffix), encode(&stored));
         if let Some(id) = &point.msg_id {
-            let bucket = (received_ms / DEDUPE_BUCKET_MS) as u32;
+            let bucket = dedupe::DedupeFilter::bucket(received_ms);
             let mut ident = keys::orb(key);
             ident.push(0);
             ident.extend_from_slice(id.as_bytes());
             batch.dedupe = Some(DedupeProbe {
                 id: ident,
+                bucket,
                 current: keys::dedupe(key, bucket, id),
                 previous: keys::dedupe(key, bucket.saturating_sub(1), id),
             });
@@ -313,7 +321,7 @@ impl Store {
     /// Deletes dedupe buckets that can no longer match (older than the previous bucket).
     /// Returns how many entries were removed.
     pub fn sweep_dedupe(&self, now_ms: u64) -> Result<usize, Error> {
-        let current = (now_ms / DEDUPE_BUCKET_MS) as u32;
+        let current = dedupe::DedupeFilter::bucket(now_ms);
         let Some(oldest_kept) = current.checked_sub(1) else { return Ok(0) };
         let dedupe = self.ks.get(Ks::Dedupe);
         let mut removed = 0;
