@@ -130,7 +130,8 @@ async fn a_msg_id_is_remembered_across_a_restart() {
     let ack = c.publish("telemetry/acme/again", telemetry(t + 500, "once", 12.0)).await.unwrap();
     assert_eq!(ack.reason, rumqttc::v5::mqttbytes::v5::PubAckReason::Success, "a duplicate is acknowledged");
     c.publish("telemetry/acme/again", telemetry(t + 600, "thrice", 13.0)).await.unwrap();
-    let ids: Vec<String> = history(&ts, "acme", "again").await.iter().map(|p| p["msg_id"].as_str().unwrap().to_string()).collect();
+    let ids: Vec<String> =
+        history(&ts, "acme", "again").await.iter().map(|p| p["msg_id"].as_str().unwrap().to_string()).collect();
     assert_eq!(ids, vec!["once", "twice", "thrice"]);
     assert_eq!(ts.metric("orbmanager_telemetry_duplicates_total").await, 1.0);
     c.disconnect().await;

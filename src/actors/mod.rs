@@ -48,7 +48,7 @@ fn timeout() -> Option<Duration> {
 }
 
 fn call_failed(what: &str) -> ApiError {
-    ApiError::new(ErrorCode::Unavailable, format!("{what}: the orb actor did not answer in time"))
+    ApiError::new(ErrorCode::Unavailable, format!("{what}: the orb actor did not answer; retry"))
 }
 
 impl Fleet {
@@ -94,8 +94,8 @@ impl Fleet {
             .await;
         match res {
             Ok(CallResult::Success(r)) => r,
-            // No answer: the orb does not exist (the shard dropped the port) or is overloaded.
-            Ok(CallResult::SenderError) => Err(ErrorCode::Unauthenticated),
+            // The actor failed while handling the connect: the client may retry.
+            Ok(CallResult::SenderError) => Err(ErrorCode::Unavailable),
             Ok(CallResult::Timeout) | Err(_) => Err(ErrorCode::Unavailable),
         }
     }
@@ -121,10 +121,8 @@ impl Fleet {
             .await
         {
             Ok(CallResult::Success(r)) => r,
-            Ok(CallResult::SenderError) => {
-                Err(ApiError::new(ErrorCode::NotFound, format!("orb {key} is not registered")))
-            }
-            Ok(CallResult::Timeout) | Err(_) => Err(call_failed("state report")),
+            // The actor failed while handling it (unknown orbs are answered by the shard).
+            Ok(CallResult::SenderError) | Ok(CallResult::Timeout) | Err(_) => Err(call_failed("state report")),
         }
     }
 
@@ -132,9 +130,10 @@ impl Fleet {
     /// `None` when there is no such orb.
     pub async fn touch(&self, key: &OrbKey) -> Result<Option<OrbStatus>, ApiError> {
         match self.shard(key).call(|reply| ShardMsg::Route(key.clone(), OrbMsg::Touch { reply }), timeout()).await {
-            Ok(CallResult::Success(s)) => Ok(Some(s)),
-            Ok(CallResult::SenderError) => Ok(None),
-            Ok(CallResult::Timeout) | Err(_) => Err(call_failed("activation")),
+            Ok(CallResult::Success(Ok(s))) => Ok(Some(s)),
+            Ok(CallResult::Success(Err(ErrorCode::NotFound))) => Ok(None),
+            Ok(CallResult::Success(Err(code))) => Err(ApiError::new(code, format!("orb {key} could not be activated"))),
+            Ok(CallResult::SenderError) | Ok(CallResult::Timeout) | Err(_) => Err(call_failed("activation")),
         }
     }
 
@@ -145,10 +144,8 @@ impl Fleet {
             .await
         {
             Ok(CallResult::Success(r)) => r,
-            Ok(CallResult::SenderError) => {
-                Err(ApiError::new(ErrorCode::NotFound, format!("orb {key} is not registered")))
-            }
-            Ok(CallResult::Timeout) | Err(_) => Err(call_failed("decommission")),
+            // The actor failed while handling it (unknown orbs are answered by the shard).
+            Ok(CallResult::SenderError) | Ok(CallResult::Timeout) | Err(_) => Err(call_failed("decommission")),
         }
     }
 

@@ -37,7 +37,7 @@ pub enum OrbMsg {
     /// A message of this orb was refused at the edge.
     Refused { code: ErrorCode, reason: String },
     /// Activate (registering in the dev tenant if allowed) and report the status.
-    Touch { reply: RpcReplyPort<OrbStatus> },
+    Touch { reply: RpcReplyPort<Result<OrbStatus, ErrorCode>> },
     /// Retire the orb and close its connection.
     Decommission { reply: RpcReplyPort<Result<(), ApiError>> },
     /// The registry record and live state as JSON.
@@ -156,7 +156,7 @@ impl Actor for OrbActor {
                 state.orb.apply(Event::Refused { code, reason: &reason }, now);
             }
             OrbMsg::Touch { reply } => {
-                let _ = reply.send(state.orb.record.status);
+                let _ = reply.send(Ok(state.orb.record.status));
             }
             OrbMsg::Decommission { reply } => {
                 let effects = state.orb.apply(Event::Decommission, now);

@@ -139,8 +139,11 @@ fn reject(msg: OrbMsg, code: ErrorCode, why: &str) {
         OrbMsg::Report { reply, .. } | OrbMsg::Decommission { reply } => {
             let _ = reply.send(Err(ApiError::new(code, why)));
         }
-        // Dropping the reply port tells the caller there is no such orb.
-        OrbMsg::Touch { .. } | OrbMsg::View { .. } => {}
+        OrbMsg::Touch { reply } => {
+            let _ = reply.send(Err(code));
+        }
+        // Views are only asked of live actors; nobody waits on the others.
+        OrbMsg::View { .. } => {}
         OrbMsg::Disconnected { .. } | OrbMsg::Telemetry(_) | OrbMsg::Refused { .. } | OrbMsg::InjectPanic => {}
     }
 }
