@@ -10,7 +10,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use orbmanager::actors::{Fleet, OrbCtx};
 use orbmanager::clock::Clock;
 use orbmanager::metrics::Metrics;
-use orbmanager::model::orb::{OrbRecord, OrbStatus};
+use orbmanager::model::orb::OrbRecord;
 use orbmanager::model::{OrbId, OrbKey, TelemetryPoint, TenantId};
 use orbmanager::storage::{Store, StoreOptions};
 
@@ -23,15 +23,8 @@ fn bench(c: &mut Criterion) {
     let store = Store::open(dir.path(), &StoreOptions::default(), metrics.clone()).unwrap();
     let tenant = TenantId::parse("bench").unwrap();
     let records: Vec<OrbRecord> = (0..ORBS)
-        .map(|i| OrbRecord {
-            tenant: tenant.clone(),
-            orb: OrbId::parse(&format!("orb-{i}")).unwrap(),
-            status: OrbStatus::Active,
-            attributes: Default::default(),
-            token_hash: None,
-            created_ms: 1,
-            updated_ms: 1,
-            auto_registered: false,
+        .map(|i| {
+            OrbRecord::provisioned(OrbKey::new(tenant.clone(), OrbId::parse(&format!("orb-{i}")).unwrap()), None, 1)
         })
         .collect();
     store.import_orbs(&records).unwrap();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use orbmanager::actors::{Fleet, OrbCtx};
 use orbmanager::clock::Clock;
 use orbmanager::metrics::Metrics;
-use orbmanager::model::orb::{OrbRecord, OrbStatus};
+use orbmanager::model::orb::OrbRecord;
 use orbmanager::model::{OrbId, OrbKey, TenantId};
 use orbmanager::storage::{Store, StoreOptions};
 
@@ -28,15 +28,12 @@ fn main() {
         let store = Store::open(dir.path(), &StoreOptions::default(), metrics.clone()).unwrap();
         let tenant = TenantId::parse("mem").unwrap();
         let records: Vec<OrbRecord> = (0..n)
-            .map(|i| OrbRecord {
-                tenant: tenant.clone(),
-                orb: OrbId::parse(&format!("orb-{i:07}")).unwrap(),
-                status: OrbStatus::Active,
-                attributes: Default::default(),
-                token_hash: Some([1; 32]),
-                created_ms: 1,
-                updated_ms: 1,
-                auto_registered: false,
+            .map(|i| {
+                OrbRecord::provisioned(
+                    OrbKey::new(tenant.clone(), OrbId::parse(&format!("orb-{i:07}")).unwrap()),
+                    Some([1; 32]),
+                    1,
+                )
             })
             .collect();
         store.import_orbs(&records).unwrap();

@@ -274,6 +274,7 @@ impl Server {
             }
         }
         self.sweeper.abort();
+        let _ = (&mut self.sweeper).await;
         self.fleet.stop().await;
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.close()).await;

@@ -3,12 +3,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
 use common::{TestServer, V3, now_ms, telemetry};
 use orbmanager::metrics::Metrics;
-use orbmanager::model::orb::{OrbRecord, OrbStatus};
-use orbmanager::model::{OrbId, TenantId};
+use orbmanager::model::orb::OrbRecord;
+use orbmanager::model::{OrbId, OrbKey, TenantId};
 use orbmanager::storage::{Store, StoreOptions};
 
 const REGISTERED: usize = 100_000;
@@ -23,15 +21,12 @@ async fn only_orbs_in_use_have_live_actors_and_idle_ones_passivate() {
         let store = Store::open(&path, &StoreOptions::default(), std::sync::Arc::new(Metrics::default())).unwrap();
         let tenant = TenantId::parse("fleet").unwrap();
         let records: Vec<OrbRecord> = (0..REGISTERED)
-            .map(|i| OrbRecord {
-                tenant: tenant.clone(),
-                orb: OrbId::parse(&format!("orb-{i:06}")).unwrap(),
-                status: OrbStatus::Provisioned,
-                attributes: BTreeMap::new(),
-                token_hash: Some(orbmanager::auth::hash_token(token.as_bytes())),
-                created_ms: 1,
-                updated_ms: 1,
-                auto_registered: false,
+            .map(|i| {
+                OrbRecord::provisioned(
+                    OrbKey::new(tenant.clone(), OrbId::parse(&format!("orb-{i:06}")).unwrap()),
+                    Some(orbmanager::auth::hash_token(token.as_bytes())),
+                    1,
+                )
             })
             .collect();
         store.import_orbs(&records).unwrap();

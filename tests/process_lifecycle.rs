@@ -23,6 +23,14 @@ async fn register(p: &Proc, orb: &str) -> String {
     body["device_token"].as_str().unwrap().to_string()
 }
 
+async fn register_all(p: &Proc) -> Vec<String> {
+    let mut tokens = Vec::new();
+    for i in 0..ORBS {
+        tokens.push(register(p, &format!("orb-{i}")).await);
+    }
+    tokens
+}
+
 async fn history_ids(p: &Proc, orb: &str) -> Vec<String> {
     let mut ids = Vec::new();
     let mut token: Option<String> = None;
@@ -74,10 +82,7 @@ fn start_publishers(p: &Proc, tokens: &[String], stop: Arc<AtomicBool>) -> Vec<t
 async fn kill_9_after_pubacks_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = Proc::serve(dir.path(), &[]).await;
-    let mut tokens = Vec::new();
-    for i in 0..ORBS {
-        tokens.push(register(&p, &format!("orb-{i}")).await);
-    }
+    let tokens = register_all(&p).await;
     let stop = Arc::new(AtomicBool::new(false));
     let publishers = start_publishers(&p, &tokens, stop.clone());
     // Kill while every publisher is mid-stream, after a good number of acknowledgements.
@@ -117,10 +122,7 @@ async fn kill_9_after_pubacks_loses_nothing_acknowledged() {
 async fn sigterm_drains_exits_zero_and_keeps_everything() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = Proc::serve(dir.path(), &[]).await;
-    let mut tokens = Vec::new();
-    for i in 0..ORBS {
-        tokens.push(register(&p, &format!("orb-{i}")).await);
-    }
+    let tokens = register_all(&p).await;
     let stop = Arc::new(AtomicBool::new(false));
     let publishers = start_publishers(&p, &tokens, stop.clone());
     let base = p.http.clone();

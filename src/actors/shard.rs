@@ -22,7 +22,7 @@ use super::orb::{OrbActor, OrbArgs, OrbMsg};
 use crate::error::{ApiError, ErrorCode};
 use crate::limits::{ORB_RESTART_WINDOW_MS, ORB_RESTARTS_MAX, SHARD_SWEEP_INTERVAL_MS};
 use crate::model::OrbKey;
-use crate::model::orb::{OrbRecord, OrbStatus};
+use crate::model::orb::OrbRecord;
 use crate::storage::{Batch, Store, TenantRecord};
 
 /// Messages to a shard.
@@ -72,9 +72,10 @@ impl Actor for ShardActor {
         Ok(ShardState { index: args.index, ctx: args.ctx, slots: HashMap::new() })
     }
 
-    async fn post_stop(&self, _myself: ActorRef<ShardMsg>, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
-        for (_, slot) in state.slots.drain() {
-            slot.actor.stop(Some("shard stopping".into()));
+    async fn post_stop(&self, myself: ActorRef<ShardMsg>, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
+        // Wait for the orb actors to end, so nothing of this shard outlives the fleet's stop.
+        myself.stop_children_and_wait(Some("shard stopping".into()), Some(Duration::from_secs(10))).await;
+        for _ in state.slots.drain() {
             state.ctx.metrics.live_actors.dec();
         }
         Ok(())
@@ -215,17 +216,7 @@ async fn persist_new(ctx: &OrbCtx, record: &OrbRecord) -> Result<(), crate::stor
 }
 
 async fn auto_register(ctx: &OrbCtx, key: &OrbKey) -> Result<OrbRecord, crate::storage::Error> {
-    let now = ctx.clock.now_ms();
-    let record = OrbRecord {
-        tenant: key.tenant.clone(),
-        orb: key.orb.clone(),
-        status: OrbStatus::Provisioned,
-        attributes: Default::default(),
-        token_hash: None,
-        created_ms: now,
-        updated_ms: now,
-        auto_registered: true,
-    };
+    let record = OrbRecord::provisioned(key.clone(), None, ctx.clock.now_ms());
     persist_new(ctx, &record).await?;
     tracing::debug!(orb = %key, "registered on first contact (dev tenant)");
     Ok(record)

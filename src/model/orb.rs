@@ -47,6 +47,21 @@ pub struct OrbRecord {
 }
 
 impl OrbRecord {
+    /// A newly registered orb: `Provisioned`, no attributes. `token_hash` is `None` only for
+    /// orbs the dev tenant registers on first contact (`auto_registered`).
+    pub fn provisioned(key: OrbKey, token_hash: Option<[u8; 32]>, now_ms: u64) -> OrbRecord {
+        OrbRecord {
+            tenant: key.tenant,
+            orb: key.orb,
+            status: OrbStatus::Provisioned,
+            attributes: BTreeMap::new(),
+            auto_registered: token_hash.is_none(),
+            token_hash,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+        }
+    }
+
     pub fn key(&self) -> OrbKey {
         OrbKey::new(self.tenant.clone(), self.orb.clone())
     }

@@ -57,7 +57,7 @@ impl TestServer {
         init_logs();
         let mut config = test_config(dir.path(), dev);
         tweak(&mut config);
-        let server = Server::start(&config, Clock::system()).await.expect("server starts");
+        let server = Server::start(&config, Clock::system()).await.unwrap_or_else(|e| panic!("server starts: {e}"));
         let e = server.endpoints();
         TestServer { http: format!("http://{}", e.http), mqtt: e.mqtt, server: Some(server), dir }
     }

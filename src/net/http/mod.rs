@@ -173,16 +173,12 @@ async fn register(State(ctx): Ctx, headers: HeaderMap, body: Bytes) -> Result<Re
     };
     let token = crate::auth::generate_token();
     let now = ctx.ingest.clock.now_ms();
-    let record = OrbRecord {
-        tenant: tenant.clone(),
-        orb: orb.clone(),
-        status: OrbStatus::Provisioned,
-        attributes: req.attributes,
-        token_hash: Some(crate::auth::hash_token(token.as_bytes())),
-        created_ms: now,
-        updated_ms: now,
-        auto_registered: false,
-    };
+    let mut record = OrbRecord::provisioned(
+        OrbKey::new(tenant.clone(), orb.clone()),
+        Some(crate::auth::hash_token(token.as_bytes())),
+        now,
+    );
+    record.attributes = req.attributes;
     ctx.fleet().register(record).await?;
     let body = serde_json::json!({
         "tenant_id": tenant,
@@ -205,6 +201,13 @@ fn orb_key(tenant: crate::model::TenantId, id: &str) -> Result<OrbKey, Problem> 
     Ok(OrbKey::new(tenant, orb))
 }
 
+/// The orb an operator call is about: authenticates, then scopes `id` to the caller's tenant.
+fn operator_orb(ctx: &HttpCtx, headers: &HeaderMap, tenant_id: Option<&str>, id: &str) -> Result<OrbKey, Problem> {
+    ctx.ingest.metrics.http_requests.inc();
+    let tenant = auth::operator(ctx, headers, tenant_id)?;
+    orb_key(tenant, id)
+}
+
 fn not_found(key: &OrbKey) -> Problem {
     bad(ErrorCode::NotFound, format!("no orb {} in tenant {}", key.orb, key.tenant))
 }
@@ -215,9 +218,7 @@ async fn get_orb(
     Path(id): Path<String>,
     Query(q): Query<TenantQuery>,
 ) -> Result<Response, Problem> {
-    ctx.ingest.metrics.http_requests.inc();
-    let tenant = auth::operator(&ctx, &headers, q.tenant_id.as_deref())?;
-    let key = orb_key(tenant, &id)?;
+    let key = operator_orb(&ctx, &headers, q.tenant_id.as_deref(), &id)?;
     match ctx.fleet().view(&key).await? {
         Some(v) => Ok(Json(v).into_response()),
         None => Err(not_found(&key)),
@@ -230,9 +231,7 @@ async fn decommission(
     Path(id): Path<String>,
     Query(q): Query<TenantQuery>,
 ) -> Result<Response, Problem> {
-    ctx.ingest.metrics.http_requests.inc();
-    let tenant = auth::operator(&ctx, &headers, q.tenant_id.as_deref())?;
-    let key = orb_key(tenant, &id)?;
+    let key = operator_orb(&ctx, &headers, q.tenant_id.as_deref(), &id)?;
     ctx.fleet().decommission(&key).await?;
     let view = ctx.fleet().view(&key).await?.ok_or_else(|| not_found(&key))?;
     Ok(Json(view).into_response())
@@ -265,9 +264,7 @@ async fn history(
     Path(id): Path<String>,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Response, Problem> {
-    ctx.ingest.metrics.http_requests.inc();
-    let tenant = auth::operator(&ctx, &headers, q.tenant_id.as_deref())?;
-    let key = orb_key(tenant, &id)?;
+    let key = operator_orb(&ctx, &headers, q.tenant_id.as_deref(), &id)?;
     let limit = q.limit.unwrap_or(HISTORY_PAGE_DEFAULT);
     if limit == 0 || limit > HISTORY_PAGE_MAX {
         return Err(bad(ErrorCode::InvalidArgument, format!("limit must be 1..{HISTORY_PAGE_MAX}")));

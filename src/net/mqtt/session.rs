@@ -275,6 +275,24 @@ impl Conn {
     }
 }
 
+/// Why a connection ended, as far as ntex-mqtt tells (the orb's own reason wins, see
+/// [`Conn::set_end_reason`]).
+pub fn stop_reason<E>(reason: &ntex_mqtt::Reason<E>) -> DisconnectReason {
+    match reason {
+        ntex_mqtt::Reason::Error(_) => DisconnectReason::NotAuthorized,
+        ntex_mqtt::Reason::Protocol(e) if matches!(e.get_ref(), ntex_mqtt::error::ProtocolError::KeepAliveTimeout) => {
+            DisconnectReason::KeepAliveTimeout
+        }
+        ntex_mqtt::Reason::Protocol(_) => DisconnectReason::ProtocolError,
+        ntex_mqtt::Reason::PeerGone(_) => DisconnectReason::ConnectionLost,
+    }
+}
+
+/// The QoS granted to an allowed subscription: what was asked, at most 1.
+pub fn granted_qos(requested: ntex_mqtt::QoS) -> ntex_mqtt::QoS {
+    if requested == ntex_mqtt::QoS::AtMostOnce { ntex_mqtt::QoS::AtMostOnce } else { ntex_mqtt::QoS::AtLeastOnce }
+}
+
 impl ConnInner {
     fn report_end(&self, fallback: DisconnectReason) {
         if self.reported.replace(true) {

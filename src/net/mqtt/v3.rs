@@ -4,8 +4,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use ntex::time::Seconds;
+use ntex_mqtt::Control;
 use ntex_mqtt::v3::{self, codec};
-use ntex_mqtt::{Control, QoS, Reason};
 
 use super::MqttCtx;
 use super::session::{self, CloseConnection, Conn, Verdict};
@@ -73,8 +73,7 @@ pub async fn protocol(conn: &Conn, msg: v3::ProtocolMessage) -> Result<v3::Proto
         v3::ProtocolMessage::Subscribe(mut sub) => {
             for mut s in sub.iter_mut() {
                 if conn.may_subscribe(s.topic()) {
-                    let qos = if s.qos() == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-                    s.confirm(qos);
+                    s.confirm(session::granted_qos(s.qos()));
                 } else {
                     s.fail();
                 }
@@ -93,15 +92,7 @@ pub async fn protocol(conn: &Conn, msg: v3::ProtocolMessage) -> Result<v3::Proto
 
 pub async fn control(conn: &Conn, ctl: Control<CloseConnection>) -> Result<Option<codec::Encoded>, CloseConnection> {
     if let Control::Stop(reason) = ctl {
-        let fallback = match &reason {
-            Reason::Error(_) => DisconnectReason::NotAuthorized,
-            Reason::Protocol(e) if matches!(e.get_ref(), ntex_mqtt::error::ProtocolError::KeepAliveTimeout) => {
-                DisconnectReason::KeepAliveTimeout
-            }
-            Reason::Protocol(_) => DisconnectReason::ProtocolError,
-            Reason::PeerGone(_) => DisconnectReason::ConnectionLost,
-        };
-        conn.ended(fallback);
+        conn.ended(session::stop_reason(&reason));
     }
     Ok(None)
 }

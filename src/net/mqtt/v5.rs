@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use ntex::util::ByteString;
 use ntex_mqtt::v5::{self, codec};
-use ntex_mqtt::{Control, QoS, Reason};
+use ntex_mqtt::{Control, QoS};
 
 use super::MqttCtx;
 use super::session::{self, CloseConnection, Conn, Verdict};
@@ -116,8 +116,7 @@ pub async fn protocol(conn: &Conn, msg: v5::ProtocolMessage) -> Result<v5::Proto
         v5::ProtocolMessage::Subscribe(mut sub) => {
             for mut s in sub.iter_mut() {
                 if conn.may_subscribe(s.topic()) {
-                    let qos = if s.options().qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-                    s.confirm(qos);
+                    s.confirm(session::granted_qos(s.options().qos));
                 } else {
                     s.fail(codec::SubscribeAckReason::NotAuthorized);
                 }
@@ -140,15 +139,7 @@ pub async fn protocol(conn: &Conn, msg: v5::ProtocolMessage) -> Result<v5::Proto
 
 pub async fn control(conn: &Conn, ctl: Control<CloseConnection>) -> Result<Option<codec::Encoded>, CloseConnection> {
     if let Control::Stop(reason) = ctl {
-        let fallback = match &reason {
-            Reason::Error(_) => DisconnectReason::NotAuthorized,
-            Reason::Protocol(e) if matches!(e.get_ref(), ntex_mqtt::error::ProtocolError::KeepAliveTimeout) => {
-                DisconnectReason::KeepAliveTimeout
-            }
-            Reason::Protocol(_) => DisconnectReason::ProtocolError,
-            Reason::PeerGone(_) => DisconnectReason::ConnectionLost,
-        };
-        conn.ended(fallback);
+        conn.ended(session::stop_reason(&reason));
     }
     Ok(None)
 }
