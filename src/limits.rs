@@ -84,3 +84,22 @@ pub const HISTORY_PAGE_MAX: usize = 10_000;
 
 /// Time the drain on SIGTERM allows listeners to close connections, in ms.
 pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
+
+/// Non-terminal commands one orb may have; creation beyond it is refused.
+pub const COMMANDS_PENDING_MAX: usize = 1_000;
+/// Largest command payload (compact JSON), in bytes.
+pub const COMMAND_PAYLOAD_MAX_BYTES: usize = 16 * 1024;
+/// Longest command type, in bytes.
+pub const COMMAND_TYPE_LEN_MAX: usize = 64;
+/// Longest idempotency key, in bytes.
+pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 128;
+/// Longest execution timeout, in seconds (7 days).
+pub const COMMAND_TIMEOUT_MAX_S: u64 = 7 * 24 * 3600;
+/// Longest `detail` a device may attach to an acknowledgement, in bytes.
+pub const COMMAND_ACK_DETAIL_LEN_MAX: usize = 1024;
+/// Commands handed to one connection and not yet acknowledged by its PUBACK.
+pub const COMMAND_OUTBOX_MAX: usize = 32;
+/// How often shards look for command expiries and timeouts, in ms (the bound on lateness).
+pub const DEADLINE_TICK_MS: u64 = 100;
+/// Most commands one list request returns.
+pub const COMMANDS_PAGE_MAX: usize = 1_000;

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::error::ErrorCode;
+use crate::model::command::CommandStatus;
 
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
@@ -97,6 +98,10 @@ pub struct Metrics {
     pub actor_passivations: Counter,
     pub actor_restarts: Counter,
     pub http_requests: Counter,
+    pub commands_created: Counter,
+    pub commands_terminal: [Counter; CommandStatus::ALL.len()],
+    /// How late expiries and timeouts fire after their deadline.
+    pub deadline_lateness: Histogram,
 }
 
 impl Metrics {
@@ -110,6 +115,12 @@ impl Metrics {
 
     pub fn connect_refused(&self, code: ErrorCode) {
         self.mqtt_connect_refused[code.metric_index()].inc();
+    }
+
+    pub fn command_terminal(&self, status: CommandStatus) {
+        if let Some(i) = CommandStatus::ALL.iter().position(|s| *s == status) {
+            self.commands_terminal[i].inc();
+        }
     }
 
     /// Refusals with this code so far.
@@ -168,6 +179,7 @@ impl Metrics {
             self.actor_restarts.get().to_string(),
         );
         simple("http_requests_total", "counter", "HTTP requests served.", self.http_requests.get().to_string());
+        simple("commands_created_total", "counter", "Commands created.", self.commands_created.get().to_string());
 
         let _ = writeln!(
             out,
@@ -200,23 +212,45 @@ impl Metrics {
                 self.mqtt_connect_refused[code.metric_index()].get()
             );
         }
-        let h = &self.commit_latency;
         let _ = writeln!(
             out,
-            "# HELP orbmanager_commit_latency_seconds Duration of one group commit including fsync.\n# TYPE orbmanager_commit_latency_seconds histogram"
+            "# HELP orbmanager_commands_terminal_total Commands that reached a terminal state, by state.\n# TYPE orbmanager_commands_terminal_total counter"
         );
-        let mut cumulative = 0;
-        for (i, bound) in LATENCY_BOUNDS_S.iter().enumerate() {
-            cumulative += h.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "orbmanager_commit_latency_seconds_bucket{{le=\"{bound}\"}} {cumulative}");
+        for (i, s) in CommandStatus::ALL.iter().enumerate().filter(|(_, s)| s.is_terminal()) {
+            let _ = writeln!(
+                out,
+                "orbmanager_commands_terminal_total{{status=\"{}\"}} {}",
+                s.as_str(),
+                self.commands_terminal[i].get()
+            );
         }
-        cumulative += h.buckets[LATENCY_BOUNDS_S.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "orbmanager_commit_latency_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
-        let _ =
-            writeln!(out, "orbmanager_commit_latency_seconds_sum {}", h.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "orbmanager_commit_latency_seconds_count {}", h.count());
+        histogram(
+            &mut out,
+            "commit_latency_seconds",
+            "Duration of one group commit including fsync.",
+            &self.commit_latency,
+        );
+        histogram(
+            &mut out,
+            "deadline_lateness_seconds",
+            "How late command expiries and timeouts fire.",
+            &self.deadline_lateness,
+        );
         out
     }
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
+    let _ = writeln!(out, "# HELP orbmanager_{name} {help}\n# TYPE orbmanager_{name} histogram");
+    let mut cumulative = 0;
+    for (i, bound) in LATENCY_BOUNDS_S.iter().enumerate() {
+        cumulative += h.buckets[i].load(Ordering::Relaxed);
+        let _ = writeln!(out, "orbmanager_{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+    }
+    cumulative += h.buckets[LATENCY_BOUNDS_S.len()].load(Ordering::Relaxed);
+    let _ = writeln!(out, "orbmanager_{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(out, "orbmanager_{name}_sum {}", h.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+    let _ = writeln!(out, "orbmanager_{name}_count {}", h.count());
 }
 
 #[cfg(test)]

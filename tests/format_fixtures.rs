@@ -87,6 +87,30 @@ fn stored_point_v1() {
 }
 
 #[test]
+fn command_v1() {
+    use orbmanager::model::command::{Command, CommandStatus, Transition};
+    let c = Command {
+        command_id: "cmd-7-0a0b0c0d0e0f".into(),
+        seq: 7,
+        command_type: "go_to".into(),
+        payload: r#"{"lat":1.5}"#.into(),
+        created_ms: 1_700_000_000_000,
+        expiry_ts: Some(1_700_000_060_000),
+        timeout_ms: Some(30_000),
+        idempotency_key: Some("op-1".into()),
+        supersede: false,
+        status: CommandStatus::InProgress,
+        history: vec![
+            Transition { status: CommandStatus::Queued, at_ms: 1_700_000_000_000, reason: None },
+            Transition { status: CommandStatus::InProgress, at_ms: 1_700_000_000_100, reason: Some("started".into()) },
+        ],
+        attempts: 1,
+        in_progress_ms: Some(1_700_000_000_100),
+    };
+    check("command", &c, COMMAND_V1);
+}
+
+#[test]
 fn tenant_record_v1() {
     check(
         "tenant",
@@ -100,3 +124,4 @@ const PRESENCE_V1: &str = "0100030180d095ffbc3101a0dd9bffbc310102010501056f72622
 const REPORTED_V1: &str = "0101086669726d7761726505322e332e3101077b2278223a317d0180d095ffbc31";
 const POINT_V1: &str = "0180d095ffbc3101036d2d31010000000000c04b40019a99999999d942409a99999999995ec001000000000000084001076d697373696f6e010474656d7000000000000035408ad095ffbc31";
 const TENANT_V1: &str = "010461636d6580d095ffbc31";
+const COMMAND_V1: &str = "0112636d642d372d3061306230633064306530660705676f5f746f0b7b226c6174223a312e357d80d095ffbc3101e0a499ffbc3101b0ea0101046f702d310003020080d095ffbc310003e4d095ffbc310107737461727465640101e4d095ffbc31";

@@ -4,6 +4,7 @@
 //! stable hash of `(tenant, orb)` to a shard, which activates the orb's actor on demand.
 //! Calls carry a timeout (`ACTOR_CALL_TIMEOUT_MS`); casts are used where nobody waits.
 
+mod commands;
 pub mod orb;
 pub mod shard;
 
@@ -11,17 +12,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::rpc::CallResult;
-use ractor::{Actor, ActorRef};
+use ractor::{Actor, ActorRef, RpcReplyPort};
 
 use crate::clock::Clock;
 use crate::error::{ApiError, ErrorCode};
 use crate::limits::ACTOR_CALL_TIMEOUT_MS;
 use crate::metrics::Metrics;
+use crate::model::command::{Command, DeviceAck, ValidCreate};
 use crate::model::orb::{ConnectRequest, DisconnectReason, OrbRecord, OrbStatus};
 use crate::model::state_report::StateReport;
 use crate::model::{OrbKey, TelemetryPoint};
 use crate::storage::Store;
-use orb::{KickSender, OrbMsg};
+use orb::{KickSender, OrbMsg, OutboxSender};
 use shard::{ShardActor, ShardArgs, ShardMsg};
 
 /// What every orb actor and shard shares: immutable configuration and handles.
@@ -60,7 +62,19 @@ impl Fleet {
             let (actor, _join) = Actor::spawn(None, ShardActor, ShardArgs { index, ctx: ctx.clone() }).await?;
             refs.push(actor);
         }
-        Ok(Fleet { shards: Arc::new(refs), ctx })
+        let fleet = Fleet { shards: Arc::new(refs), ctx };
+        // Deadlines survive restarts: the pending index carries each command's deadline.
+        match fleet.ctx.store.pending_deadlines() {
+            Ok(deadlines) => {
+                for (key, d) in deadlines {
+                    let _ = fleet.shard(&key).cast(ShardMsg::Deadline(key.clone(), Some(d)));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reading command deadlines failed; they fire when their orbs next activate")
+            }
+        }
+        Ok(fleet)
     }
 
     pub fn ctx(&self) -> &Arc<OrbCtx> {
@@ -177,6 +191,47 @@ impl Fleet {
             }
         }
         n
+    }
+
+    /// Creates a command; `Ok((command, true))` when created, `(command, false)` when an
+    /// identical request with the same idempotency key was answered before.
+    pub async fn create_command(&self, key: &OrbKey, req: ValidCreate) -> Result<(Command, bool), ApiError> {
+        self.call_orb(key, "command creation", |reply| OrbMsg::CreateCommand { req, reply }).await
+    }
+
+    pub async fn command_ack(&self, key: &OrbKey, ack: DeviceAck) -> Result<(), ApiError> {
+        self.call_orb(key, "command acknowledgement", |reply| OrbMsg::CommandAck { ack, reply }).await
+    }
+
+    pub async fn cancel_command(&self, key: &OrbKey, command_id: String) -> Result<Command, ApiError> {
+        self.call_orb(key, "command cancel", |reply| OrbMsg::CancelCommand { command_id, reply }).await
+    }
+
+    /// The HTTP fallback's pull: every deliverable command, marked sent.
+    pub async fn pull_commands(&self, key: &OrbKey) -> Result<Vec<Command>, ApiError> {
+        self.call_orb(key, "command pull", |reply| OrbMsg::PullCommands { reply }).await
+    }
+
+    pub fn command_delivered(&self, key: &OrbKey, conn_seq: u64, command_id: String) {
+        self.cast(key, OrbMsg::CommandDelivered { conn_seq, command_id });
+    }
+
+    pub fn commands_subscribed(&self, key: &OrbKey, conn_seq: u64, outbox: OutboxSender) {
+        self.cast(key, OrbMsg::CommandsSubscribed { conn_seq, outbox });
+    }
+
+    /// A call routed through the orb's shard whose answer is a `Result<T, ApiError>`.
+    async fn call_orb<T: Send + 'static>(
+        &self,
+        key: &OrbKey,
+        what: &str,
+        msg: impl FnOnce(RpcReplyPort<Result<T, ApiError>>) -> OrbMsg,
+    ) -> Result<T, ApiError> {
+        match self.shard(key).call(|reply| ShardMsg::Route(key.clone(), msg(reply)), timeout()).await {
+            Ok(CallResult::Success(r)) => r,
+            // The actor failed while handling it (unknown orbs are answered by the shard).
+            Ok(CallResult::SenderError) | Ok(CallResult::Timeout) | Err(_) => Err(call_failed(what)),
+        }
     }
 
     /// Fault injection: makes the orb's actor panic (activating it first).

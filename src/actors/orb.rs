@@ -13,9 +13,10 @@ use std::sync::Arc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::oneshot;
 
-use super::OrbCtx;
 use super::shard::ShardMsg;
+use super::{OrbCtx, commands};
 use crate::error::{ApiError, ErrorCode};
+use crate::model::command::{Command, DeviceAck, Queue, ValidCreate};
 use crate::model::orb::{Admission, ConnectRequest, DisconnectReason, Effect, Event, OrbRecord, OrbState, OrbStatus};
 use crate::model::state_report::StateReport;
 use crate::model::{OrbKey, TelemetryPoint};
@@ -42,9 +43,33 @@ pub enum OrbMsg {
     Decommission { reply: RpcReplyPort<Result<(), ApiError>> },
     /// The registry record and live state as JSON.
     View { reply: RpcReplyPort<serde_json::Value> },
+    /// Create a command (idempotently); replies when it is durable, with `true` when created
+    /// and `false` when an earlier identical request is answered again.
+    CreateCommand { req: ValidCreate, reply: RpcReplyPort<Result<(Command, bool), ApiError>> },
+    /// A device acknowledgement; replies when its effect is durable.
+    CommandAck { ack: DeviceAck, reply: RpcReplyPort<Result<(), ApiError>> },
+    /// The device's MQTT PUBACK for a command sent on connection `conn_seq`.
+    CommandDelivered { conn_seq: u64, command_id: String },
+    /// Connection `conn_seq` subscribed to the orb's command topic: deliver through `outbox`.
+    CommandsSubscribed { conn_seq: u64, outbox: OutboxSender },
+    /// Operator cancel.
+    CancelCommand { command_id: String, reply: RpcReplyPort<Result<Command, ApiError>> },
+    /// The HTTP fallback: hand every deliverable command to the device now.
+    PullCommands { reply: RpcReplyPort<Result<Vec<Command>, ApiError>> },
+    /// A command deadline may be due.
+    Tick,
     /// Fault injection for supervision tests: the handler panics.
     InjectPanic,
 }
+
+/// A command on its way to a connection.
+pub struct Outbound {
+    pub command_id: String,
+    pub payload: Vec<u8>,
+}
+
+/// The sending side of a connection's command outbox (bounded by `COMMAND_OUTBOX_MAX`).
+pub type OutboxSender = tokio::sync::mpsc::Sender<Outbound>;
 
 /// The actor (immutable configuration lives in `OrbCtx`).
 pub struct OrbActor;
@@ -60,11 +85,25 @@ pub struct OrbArgs {
 
 /// Actor state.
 pub struct OrbActorState {
-    key: OrbKey,
-    ctx: Arc<OrbCtx>,
-    shard: ActorRef<ShardMsg>,
-    orb: OrbState,
+    pub(super) key: OrbKey,
+    pub(super) ctx: Arc<OrbCtx>,
+    pub(super) shard: ActorRef<ShardMsg>,
+    pub(super) orb: OrbState,
     kick: Option<(u64, KickSender)>,
+    pub(super) commands: Queue,
+    pub(super) outbox: Option<Outbox>,
+    /// The deadline last reported to the shard.
+    pub(super) reported_deadline: Option<u64>,
+}
+
+/// Delivery state of the connection that subscribed to the orb's commands.
+pub struct Outbox {
+    pub(super) conn_seq: u64,
+    pub(super) tx: OutboxSender,
+    /// Highest sequence number handed to this connection.
+    pub(super) sent_upto: u64,
+    /// Handed over and not yet PUBACKed.
+    pub(super) in_flight: usize,
 }
 
 /// Rebuilds an orb's state from the store; the same function serves activation and reads of
@@ -106,7 +145,8 @@ impl Actor for OrbActor {
             None => ctx.store.orb(&key)?.ok_or_else(|| format!("orb {key} is not registered"))?,
         };
         let orb = restore(&ctx.store, &key, record, ctx.boot_id)?;
-        Ok(OrbActorState { key, ctx, shard, orb, kick: None })
+        let commands = Queue::new(ctx.store.pending_commands(&key)?, ctx.store.last_command_seq(&key)? + 1);
+        Ok(OrbActorState { key, ctx, shard, orb, kick: None, commands, outbox: None, reported_deadline: None })
     }
 
     async fn post_start(&self, _myself: ActorRef<OrbMsg>, state: &mut OrbActorState) -> Result<(), ActorProcessingErr> {
@@ -115,6 +155,7 @@ impl Actor for OrbActor {
             // passivating us.
             let _ = state.shard.cast(ShardMsg::Online(state.key.clone(), true));
         }
+        super::commands::report_deadline(state);
         Ok(())
     }
 
@@ -142,6 +183,9 @@ impl Actor for OrbActor {
                 if !effects.is_empty() {
                     state.kick = None;
                 }
+                if state.outbox.as_ref().is_some_and(|o| o.conn_seq == conn_seq) {
+                    state.outbox = None;
+                }
                 perform(state, effects).await?;
             }
             OrbMsg::Telemetry(point) => {
@@ -166,6 +210,38 @@ impl Actor for OrbActor {
             OrbMsg::View { reply } => {
                 let _ = reply.send(state.orb.to_json());
             }
+            OrbMsg::CreateCommand { req, reply } => {
+                // A failed commit fails the actor: the shard restarts it from the store, so the
+                // in-memory queue never runs ahead of what is durable.
+                let result = commands::create(state, req, now).await?;
+                let created = result.as_ref().is_ok_and(|(_, created)| *created);
+                let _ = reply.send(result);
+                if created {
+                    commands::deliver(state, now).await?;
+                }
+            }
+            OrbMsg::CommandAck { ack, reply } => {
+                let result = commands::ack(state, &ack, now).await?;
+                let _ = reply.send(result);
+            }
+            OrbMsg::CommandDelivered { conn_seq, command_id } => {
+                commands::delivered(state, conn_seq, &command_id, now).await?;
+            }
+            OrbMsg::CommandsSubscribed { conn_seq, outbox } => {
+                if state.orb.presence.online && state.orb.presence.conn_seq == conn_seq {
+                    state.outbox = Some(Outbox { conn_seq, tx: outbox, sent_upto: 0, in_flight: 0 });
+                    commands::deliver(state, now).await?;
+                }
+            }
+            OrbMsg::CancelCommand { command_id, reply } => {
+                let result = commands::cancel(state, &command_id, now).await?;
+                let _ = reply.send(result);
+            }
+            OrbMsg::PullCommands { reply } => {
+                let result = commands::pull(state, now).await?;
+                let _ = reply.send(Ok(result));
+            }
+            OrbMsg::Tick => commands::tick(state, now).await?,
             OrbMsg::InjectPanic => {
                 panic!("fault injection: orb actor {} panics on request", state.key);
             }

@@ -10,8 +10,8 @@
 //! `SHARD_SWEEP_INTERVAL_MS`, actors idle for `idle_passivate_ms` and without a live
 //! connection are stopped.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, Super
 use super::OrbCtx;
 use super::orb::{OrbActor, OrbArgs, OrbMsg};
 use crate::error::{ApiError, ErrorCode};
-use crate::limits::{ORB_RESTART_WINDOW_MS, ORB_RESTARTS_MAX, SHARD_SWEEP_INTERVAL_MS};
+use crate::limits::{DEADLINE_TICK_MS, ORB_RESTART_WINDOW_MS, ORB_RESTARTS_MAX, SHARD_SWEEP_INTERVAL_MS};
 use crate::model::OrbKey;
 use crate::model::orb::OrbRecord;
 use crate::storage::{Batch, Store, TenantRecord};
@@ -35,6 +35,10 @@ pub enum ShardMsg {
     Online(OrbKey, bool),
     /// Create a registry record unless the orb exists; serialized per orb by this mailbox.
     Register(Box<OrbRecord>, RpcReplyPort<Result<(), ApiError>>),
+    /// An orb's earliest command deadline (`None`: it has none).
+    Deadline(OrbKey, Option<u64>),
+    /// Send `Tick` to orbs whose deadline has come.
+    DeadlineTick,
     /// Look for idle actors to passivate.
     Sweep,
     /// Number of live orb actors in this shard.
@@ -60,6 +64,9 @@ pub struct ShardState {
     index: usize,
     ctx: Arc<OrbCtx>,
     slots: HashMap<OrbKey, Slot>,
+    /// Command deadlines of this shard's orbs, live or not (passivation keeps them).
+    deadlines: BTreeSet<(u64, OrbKey)>,
+    deadline_of: HashMap<OrbKey, u64>,
 }
 
 impl Actor for ShardActor {
@@ -69,7 +76,14 @@ impl Actor for ShardActor {
 
     async fn pre_start(&self, myself: ActorRef<ShardMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
         myself.send_interval(Duration::from_millis(SHARD_SWEEP_INTERVAL_MS), || ShardMsg::Sweep);
-        Ok(ShardState { index: args.index, ctx: args.ctx, slots: HashMap::new() })
+        myself.send_interval(Duration::from_millis(DEADLINE_TICK_MS), || ShardMsg::DeadlineTick);
+        Ok(ShardState {
+            index: args.index,
+            ctx: args.ctx,
+            slots: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            deadline_of: HashMap::new(),
+        })
     }
 
     async fn post_stop(&self, myself: ActorRef<ShardMsg>, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
@@ -101,6 +115,18 @@ impl Actor for ShardActor {
             }
             ShardMsg::Register(record, reply) => {
                 let _ = reply.send(register(state, *record).await);
+            }
+            ShardMsg::Deadline(key, deadline) => set_deadline(state, key, deadline),
+            ShardMsg::DeadlineTick => {
+                let wall = state.ctx.clock.now_ms();
+                while let Some((d, key)) = state.deadlines.first().cloned() {
+                    if d > wall {
+                        break;
+                    }
+                    state.deadlines.pop_first();
+                    state.deadline_of.remove(&key);
+                    route(&myself, state, key, OrbMsg::Tick, now).await;
+                }
             }
             ShardMsg::Sweep => sweep(state, now),
             ShardMsg::LiveCount(reply) => {
@@ -137,7 +163,16 @@ fn reject(msg: OrbMsg, code: ErrorCode, why: &str) {
         OrbMsg::Connect { reply, .. } => {
             let _ = reply.send(Err(if code == ErrorCode::NotFound { ErrorCode::Unauthenticated } else { code }));
         }
-        OrbMsg::Report { reply, .. } | OrbMsg::Decommission { reply } => {
+        OrbMsg::Report { reply, .. } | OrbMsg::Decommission { reply } | OrbMsg::CommandAck { reply, .. } => {
+            let _ = reply.send(Err(ApiError::new(code, why)));
+        }
+        OrbMsg::CreateCommand { reply, .. } => {
+            let _ = reply.send(Err(ApiError::new(code, why)));
+        }
+        OrbMsg::CancelCommand { reply, .. } => {
+            let _ = reply.send(Err(ApiError::new(code, why)));
+        }
+        OrbMsg::PullCommands { reply } => {
             let _ = reply.send(Err(ApiError::new(code, why)));
         }
         OrbMsg::Touch { reply } => {
@@ -145,7 +180,13 @@ fn reject(msg: OrbMsg, code: ErrorCode, why: &str) {
         }
         // Views are only asked of live actors; nobody waits on the others.
         OrbMsg::View { .. } => {}
-        OrbMsg::Disconnected { .. } | OrbMsg::Telemetry(_) | OrbMsg::Refused { .. } | OrbMsg::InjectPanic => {}
+        OrbMsg::Disconnected { .. }
+        | OrbMsg::Telemetry(_)
+        | OrbMsg::Refused { .. }
+        | OrbMsg::InjectPanic
+        | OrbMsg::CommandDelivered { .. }
+        | OrbMsg::CommandsSubscribed { .. }
+        | OrbMsg::Tick => {}
     }
 }
 
@@ -288,6 +329,16 @@ async fn restart(myself: &ActorRef<ShardMsg>, state: &mut ShardState, cell: &Act
 fn remove_slot(state: &mut ShardState, key: &OrbKey) {
     if state.slots.remove(key).is_some() {
         state.ctx.metrics.live_actors.dec();
+    }
+}
+
+fn set_deadline(state: &mut ShardState, key: OrbKey, deadline: Option<u64>) {
+    if let Some(old) = state.deadline_of.remove(&key) {
+        state.deadlines.remove(&(old, key.clone()));
+    }
+    if let Some(d) = deadline {
+        state.deadlines.insert((d, key.clone()));
+        state.deadline_of.insert(key, d);
     }
 }
 

@@ -26,6 +26,7 @@ use crate::metrics::Metrics;
 #[derive(Debug)]
 pub(crate) enum Op {
     Put(Ks, Vec<u8>, Vec<u8>),
+    Delete(Ks, Vec<u8>),
 }
 
 /// A `msg_id` check: the batch is dropped as a duplicate if the id was seen in the current or
@@ -60,6 +61,10 @@ impl Batch {
 
     pub(crate) fn put(&mut self, ks: Ks, key: Vec<u8>, value: Vec<u8>) {
         self.ops.push(Op::Put(ks, key, value));
+    }
+
+    pub(crate) fn delete(&mut self, ks: Ks, key: Vec<u8>) {
+        self.ops.push(Op::Delete(ks, key));
     }
 }
 
@@ -217,6 +222,7 @@ fn write_group(
         for op in batch.ops.drain(..) {
             match op {
                 Op::Put(which, k, v) => wb.insert(ks.get(which), k, v),
+                Op::Delete(which, k) => wb.remove(ks.get(which), k),
             }
         }
         outcomes.push(Outcome::Stored);

@@ -9,6 +9,9 @@
 //! | `reported`  | `t 0 o`                                    | `Reported`       |
 //! | `telemetry` | `t 0 o 0 ts:u64 suffix:u64`                | `StoredPoint`    |
 //! | `dedupe`    | `t 0 bucket:u32 o 0 msg_id`                | empty            |
+//! | `commands`  | `t 0 o 0 seq:u64`                          | `Command`        |
+//! | `pending`   | `t 0 o 0 seq:u64` (non-terminal only)      | deadline:u64     |
+//! | `idempotency` | `t 0 o 0 key`                            | seq:u64 hash:u64 |
 //! | `meta`      | ascii name                                 | per name         |
 
 use crate::model::OrbKey;
@@ -58,6 +61,39 @@ pub fn telemetry_cursor(k: &[u8]) -> Option<(u64, u64)> {
     Some((ts, suffix))
 }
 
+/// `t 0 o 0`: the prefix of one orb's commands (and pending entries).
+pub fn command_prefix(key: &OrbKey) -> Vec<u8> {
+    telemetry_prefix(key)
+}
+
+/// The key of one command.
+pub fn command(key: &OrbKey, seq: u64) -> Vec<u8> {
+    let mut k = command_prefix(key);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The sequence number of a command key.
+pub fn command_seq(k: &[u8]) -> Option<u64> {
+    k.get(k.len().checked_sub(8)?..)?.try_into().ok().map(u64::from_be_bytes)
+}
+
+/// The orb of a command key.
+pub fn command_orb(k: &[u8]) -> Option<OrbKey> {
+    let body = k.get(..k.len().checked_sub(9)?)?;
+    let sep = body.iter().position(|b| *b == 0)?;
+    let tenant = std::str::from_utf8(&body[..sep]).ok()?;
+    let orb = std::str::from_utf8(&body[sep + 1..]).ok()?;
+    OrbKey::parse_path(&format!("{tenant}/{orb}")).ok()
+}
+
+/// The key of an idempotency key.
+pub fn idempotency(key: &OrbKey, idem: &str) -> Vec<u8> {
+    let mut k = command_prefix(key);
+    k.extend_from_slice(idem.as_bytes());
+    k
+}
+
 /// The key of a remembered `msg_id` in a dedupe bucket.
 pub fn dedupe(key: &OrbKey, bucket: u32, msg_id: &str) -> Vec<u8> {
     let (t, o) = (key.tenant.as_str().as_bytes(), key.orb.as_str().as_bytes());
@@ -104,6 +140,15 @@ mod tests {
         assert!(!other.starts_with(&p));
         let tp = tenant_prefix("ac");
         assert!(!orb(&key("acme", "o1")).starts_with(&tp));
+    }
+
+    #[test]
+    fn command_keys_round_trip() {
+        let k = key("acme", "o1");
+        let c = command(&k, 0x0102);
+        assert_eq!(command_seq(&c), Some(0x0102));
+        assert_eq!(command_orb(&c), Some(k.clone()));
+        assert!(command(&k, 9) < command(&k, 10));
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub use commit::{Batch, Outcome};
 use commit::{Committer, DedupeProbe};
 
 use crate::metrics::Metrics;
+use crate::model::command::Command;
 use crate::model::ids::hash64;
 use crate::model::orb::{OrbRecord, Presence};
 use crate::model::state_report::Reported;
@@ -51,10 +52,24 @@ pub enum Ks {
     Reported,
     Telemetry,
     Dedupe,
+    Commands,
+    Pending,
+    Idempotency,
 }
 
 impl Ks {
-    const ALL: [Ks; 7] = [Ks::Meta, Ks::Tenants, Ks::Orbs, Ks::Presence, Ks::Reported, Ks::Telemetry, Ks::Dedupe];
+    const ALL: [Ks; 10] = [
+        Ks::Meta,
+        Ks::Tenants,
+        Ks::Orbs,
+        Ks::Presence,
+        Ks::Reported,
+        Ks::Telemetry,
+        Ks::Dedupe,
+        Ks::Commands,
+        Ks::Pending,
+        Ks::Idempotency,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -65,13 +80,16 @@ impl Ks {
             Ks::Reported => "reported",
             Ks::Telemetry => "telemetry",
             Ks::Dedupe => "dedupe",
+            Ks::Commands => "commands",
+            Ks::Pending => "pending",
+            Ks::Idempotency => "idempotency",
         }
     }
 }
 
 /// Open keyspace handles, indexed by [`Ks`].
 #[derive(Clone)]
-pub(crate) struct Keyspaces(Arc<[Keyspace; 7]>);
+pub(crate) struct Keyspaces(Arc<[Keyspace; Ks::ALL.len()]>);
 
 impl Keyspaces {
     pub(crate) fn get(&self, which: Ks) -> &Keyspace {
@@ -139,7 +157,8 @@ impl Store {
         })?;
         let handles: Vec<Keyspace> =
             Ks::ALL.iter().map(|k| db.keyspace(k.name(), KeyspaceCreateOptions::default)).collect::<Result<_, _>>()?;
-        let handles: [Keyspace; 7] = handles.try_into().unwrap_or_else(|_| unreachable!("seven keyspaces"));
+        let handles: [Keyspace; Ks::ALL.len()] =
+            handles.try_into().unwrap_or_else(|_| unreachable!("one handle per keyspace"));
         let ks = Keyspaces(Arc::new(handles));
         let meta = ks.get(Ks::Meta);
         match meta.get(META_FORMAT)? {
@@ -222,7 +241,100 @@ impl Store {
         batch.put(Ks::Reported, keys::orb(key), encode(reported));
     }
 
+    /// Writes a command; keeps the pending index (value: the command's deadline, 0 for none)
+    /// in step with its status.
+    pub fn add_command(batch: &mut Batch, key: &OrbKey, cmd: &Command) {
+        let k = keys::command(key, cmd.seq);
+        batch.put(Ks::Commands, k.clone(), encode(cmd));
+        if cmd.status.is_terminal() {
+            batch.delete(Ks::Pending, k);
+        } else {
+            batch.put(Ks::Pending, k, cmd.deadline().unwrap_or(0).to_be_bytes().to_vec());
+        }
+    }
+
+    pub fn add_idempotency(batch: &mut Batch, key: &OrbKey, idem: &str, seq: u64, body_hash: u64) {
+        let mut v = seq.to_be_bytes().to_vec();
+        v.extend_from_slice(&body_hash.to_be_bytes());
+        batch.put(Ks::Idempotency, keys::idempotency(key, idem), v);
+    }
+
     // ---- reads ----
+
+    /// One command by sequence number.
+    pub fn command(&self, key: &OrbKey, seq: u64) -> Result<Option<Command>, Error> {
+        self.get_decoded(Ks::Commands, "command", &keys::command(key, seq))
+    }
+
+    /// Commands of one orb in sequence order, after `after_seq`, at most `limit`.
+    pub fn commands(&self, key: &OrbKey, after_seq: u64, limit: usize) -> Result<Vec<Command>, Error> {
+        let Some(start) = after_seq.checked_add(1) else { return Ok(Vec::new()) };
+        let lo = keys::command(key, start);
+        let hi = keys::command(key, u64::MAX);
+        let mut out = Vec::new();
+        for guard in self.ks.get(Ks::Commands).range(lo..=hi) {
+            if out.len() >= limit {
+                break;
+            }
+            out.push(decode("command", &guard.value()?)?);
+        }
+        Ok(out)
+    }
+
+    /// The non-terminal commands of one orb, in sequence order.
+    pub fn pending_commands(&self, key: &OrbKey) -> Result<Vec<Command>, Error> {
+        let mut out = Vec::new();
+        for guard in self.ks.get(Ks::Pending).prefix(keys::command_prefix(key)) {
+            let k = guard.key()?;
+            match self.get_decoded::<Command>(Ks::Commands, "command", &k)? {
+                Some(c) => out.push(c),
+                None => return Err(Error::Corrupt { what: "pending index", detail: "entry without a command".into() }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The highest sequence number used by an orb (0 when none).
+    pub fn last_command_seq(&self, key: &OrbKey) -> Result<u64, Error> {
+        match self.ks.get(Ks::Commands).prefix(keys::command_prefix(key)).next_back() {
+            Some(guard) => Ok(keys::command_seq(&guard.key()?).unwrap_or(0)),
+            None => Ok(0),
+        }
+    }
+
+    /// What an idempotency key was used for: `(seq, body_hash)`.
+    pub fn idempotency(&self, key: &OrbKey, idem: &str) -> Result<Option<(u64, u64)>, Error> {
+        match self.ks.get(Ks::Idempotency).get(keys::idempotency(key, idem))? {
+            Some(v) if v.len() == 16 => {
+                let seq = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
+                let hash = u64::from_be_bytes(v[8..].try_into().expect("8 bytes"));
+                Ok(Some((seq, hash)))
+            }
+            Some(_) => Err(Error::Corrupt { what: "idempotency", detail: "value is not 16 bytes".into() }),
+            None => Ok(None),
+        }
+    }
+
+    /// The earliest command deadline of every orb that has one (start-up scan of the pending
+    /// index; values only, no command records).
+    pub fn pending_deadlines(&self) -> Result<Vec<(OrbKey, u64)>, Error> {
+        let mut out: Vec<(OrbKey, u64)> = Vec::new();
+        for guard in self.ks.get(Ks::Pending).iter() {
+            let (k, v) = guard.into_inner()?;
+            let deadline = v.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
+            if deadline == 0 {
+                continue;
+            }
+            let Some(orb) = keys::command_orb(&k) else { continue };
+            match out.last_mut() {
+                Some((last, d)) if *last == orb => *d = (*d).min(deadline),
+                _ => out.push((orb, deadline)),
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- reads of orbs ----
 
     fn get_decoded<T: serde::de::DeserializeOwned>(
         &self,

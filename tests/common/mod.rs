@@ -235,6 +235,39 @@ impl V3 {
         let _ = self.client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), async { while self.events.poll().await.is_ok() {} }).await;
     }
+
+    /// Subscribes at QoS 1 and waits for the SUBACK (publishes that arrive meanwhile are kept).
+    pub async fn subscribe(&mut self, topic: &str) -> Vec<(String, Vec<u8>)> {
+        self.client.subscribe(topic, rumqttc::QoS::AtLeastOnce).await.expect("request queue");
+        let mut early = Vec::new();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), self.events.poll())
+                .await
+                .expect("suback in time")
+                .expect("connected")
+            {
+                rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) => return early,
+                rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => early.push((p.topic, p.payload.to_vec())),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next PUBLISH from the server (acknowledged by rumqttc), or `None` after `secs`.
+    pub async fn next_publish(&mut self, secs: u64) -> Option<(String, Vec<u8>)> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, self.events.poll()).await {
+                Err(_) => return None,
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) => {
+                    return Some((p.topic, p.payload.to_vec()));
+                }
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => panic!("connection failed: {e}"),
+            }
+        }
+    }
 }
 
 /// An MQTT 5 client (rumqttc::v5) driven step by step.

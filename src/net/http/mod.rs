@@ -5,6 +5,7 @@
 //! `error::ErrorCode`. Every body is bounded (`HTTP_BODY_MAX_BYTES`).
 
 mod auth;
+mod commands;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -100,6 +101,10 @@ pub fn router(ctx: Arc<HttpCtx>) -> Router {
         .route("/v1/orbs/{id}", get(get_orb))
         .route("/v1/orbs/{id}/decommission", post(decommission))
         .route("/v1/orbs/{id}/telemetry", get(history).post(ingest))
+        .route("/v1/orbs/{id}/commands", get(commands::list).post(commands::create))
+        .route("/v1/orbs/{id}/commands/{command_id}", get(commands::get))
+        .route("/v1/orbs/{id}/commands/{command_id}/cancel", post(commands::cancel))
+        .route("/v1/orbs/{id}/commands/{command_id}/ack", post(commands::ack))
         .fallback(async || bad(ErrorCode::NotFound, "no such endpoint"))
         .layer(DefaultBodyLimit::max(HTTP_BODY_MAX_BYTES))
         .with_state(ctx)

@@ -14,8 +14,9 @@ use tokio::sync::oneshot;
 
 use super::MqttCtx;
 use super::topic::{self, Topic};
+use crate::actors::orb::Outbound;
 use crate::error::{ApiError, ErrorCode};
-use crate::limits::{MQTT_CLIENT_ID_LEN_MAX, MQTT_PASSWORD_LEN_MAX};
+use crate::limits::{COMMAND_OUTBOX_MAX, MQTT_CLIENT_ID_LEN_MAX, MQTT_PASSWORD_LEN_MAX};
 use crate::metrics::MsgKind;
 use crate::model::orb::{ConnectRequest, Credential, DisconnectReason, OrbStatus};
 use crate::model::{OrbKey, state_report};
@@ -36,6 +37,10 @@ pub struct Conn(pub(super) Rc<ConnInner>);
 pub struct ConnInner {
     pub(super) ctx: Arc<MqttCtx>,
     pub(super) identity: Identity,
+    sink: Sink,
+    /// Whether this connection's command outbox runs (started by its first SUBSCRIBE to the
+    /// orb's command topic).
+    commands_started: Cell<bool>,
     /// Why the connection is ending, when we know better than the transport does.
     pub(super) end_reason: Cell<Option<DisconnectReason>>,
     /// Dev-tenant orbs this connection has published for and found registered.
@@ -89,6 +94,7 @@ pub fn check_client_id(client_id: &str) -> Result<(), Refusal> {
 /// actor. `kick` closes the connection when the actor says so (takeover, decommission).
 pub async fn authenticate(
     ctx: &Arc<MqttCtx>,
+    sink: Sink,
     protocol: u8,
     client_id: &str,
     username: Option<&str>,
@@ -137,9 +143,11 @@ pub async fn authenticate(
     let conn = Conn(Rc::new(ConnInner {
         ctx: ctx.clone(),
         identity,
+        sink,
         end_reason: Cell::new(None),
         ensured: RefCell::new(HashSet::new()),
         reported: Cell::new(false),
+        commands_started: Cell::new(false),
     }));
     Ok((conn, kick))
 }
@@ -165,6 +173,30 @@ impl Conn {
             Identity::Orb { key: own, .. } => own == key || (ctx.dev && own.tenant.is_dev() && key.tenant.is_dev()),
             Identity::Anonymous => ctx.dev && key.tenant.is_dev(),
         }
+    }
+
+    /// Called for every granted subscription: the orb's own command topic starts delivery of
+    /// its queue to this connection.
+    pub fn subscribed(&self, filter: &str) {
+        let Identity::Orb { key, conn_seq } = &self.0.identity else { return };
+        if filter != format!("commands/{}/{}", key.tenant, key.orb) || self.0.commands_started.replace(true) {
+            return;
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Outbound>(COMMAND_OUTBOX_MAX);
+        let fleet = self.0.ctx.ingest.fleet.clone();
+        fleet.commands_subscribed(key, *conn_seq, tx);
+        let (key, conn_seq, sink) = (key.clone(), *conn_seq, self.0.sink.clone());
+        let topic = filter.to_string();
+        // Delivers in order, one command awaiting its PUBACK at a time, for as long as the
+        // connection lives; each PUBACK is reported to the orb (DELIVERED).
+        ntex::rt::spawn(async move {
+            while let Some(out) = rx.recv().await {
+                if sink.publish_qos1(&topic, out.payload).await.is_err() {
+                    break;
+                }
+                fleet.command_delivered(&key, conn_seq, out.command_id);
+            }
+        });
     }
 
     /// May this connection subscribe to `filter`?
@@ -264,9 +296,21 @@ impl Conn {
                     }
                 }
             }
-            Topic::CommandAck(_) | Topic::OtaProgress(_) => {
-                let err =
-                    ApiError::new(ErrorCode::NotImplemented, "commands and OTA jobs are not served by this build");
+            Topic::CommandAck(_) => {
+                let result = match crate::model::command::parse_ack(payload) {
+                    Ok(ack) => ingest.fleet.command_ack(&key, ack).await,
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(()) => Verdict::Accepted,
+                    Err(err) => {
+                        ingest.refuse(&key, &err);
+                        Verdict::Refused(err)
+                    }
+                }
+            }
+            Topic::OtaProgress(_) => {
+                let err = ApiError::new(ErrorCode::NotImplemented, "OTA jobs are not served by this build");
                 ingest.refuse(&key, &err);
                 Verdict::Refused(err)
             }
@@ -291,6 +335,28 @@ pub fn stop_reason<E>(reason: &ntex_mqtt::Reason<E>) -> DisconnectReason {
 /// The QoS granted to an allowed subscription: what was asked, at most 1.
 pub fn granted_qos(requested: ntex_mqtt::QoS) -> ntex_mqtt::QoS {
     if requested == ntex_mqtt::QoS::AtMostOnce { ntex_mqtt::QoS::AtMostOnce } else { ntex_mqtt::QoS::AtLeastOnce }
+}
+
+/// The connection's sink, for publishing to the device.
+#[derive(Clone)]
+pub enum Sink {
+    V3(ntex_mqtt::v3::MqttSink),
+    V5(ntex_mqtt::v5::MqttSink),
+}
+
+impl Sink {
+    /// Publishes at QoS 1 and waits for the device's PUBACK.
+    async fn publish_qos1(&self, topic: &str, payload: Vec<u8>) -> Result<(), ()> {
+        let topic = ntex::util::ByteString::from(topic);
+        let payload = ntex::util::Bytes::from(payload);
+        match self {
+            Sink::V3(s) => s.publish(topic).send_at_least_once(payload).await.map_err(|_| ()),
+            Sink::V5(s) => match s.publish(topic).send_at_least_once(payload).await {
+                Ok(ack) if (ack.reason_code as u8) < 0x80 => Ok(()),
+                _ => Err(()),
+            },
+        }
+    }
 }
 
 impl ConnInner {

@@ -23,7 +23,16 @@ pub async fn handshake(ctx: Arc<MqttCtx>, h: v3::Handshake) -> Result<v3::Handsh
     let username = pkt.username.as_ref().map(|u| u.to_string());
     let password = pkt.password.as_ref().map(|p| p.to_vec());
     let keepalive = super::idle_timeout_s(pkt.keep_alive, ctx.keepalive_max_s);
-    match session::authenticate(&ctx, 4, &client_id, username.as_deref(), password.as_deref()).await {
+    match session::authenticate(
+        &ctx,
+        session::Sink::V3(h.sink()),
+        4,
+        &client_id,
+        username.as_deref(),
+        password.as_deref(),
+    )
+    .await
+    {
         Ok((conn, kick)) => {
             if let Some(kick) = kick {
                 let sink = h.sink();
@@ -74,6 +83,7 @@ pub async fn protocol(conn: &Conn, msg: v3::ProtocolMessage) -> Result<v3::Proto
             for mut s in sub.iter_mut() {
                 if conn.may_subscribe(s.topic()) {
                     s.confirm(session::granted_qos(s.qos()));
+                    conn.subscribed(s.topic());
                 } else {
                     s.fail();
                 }

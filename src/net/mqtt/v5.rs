@@ -58,7 +58,16 @@ pub async fn handshake(ctx: Arc<MqttCtx>, h: v5::Handshake) -> Result<v5::Handsh
     let username = pkt.username.as_ref().map(|u| u.to_string());
     let password = pkt.password.as_ref().map(|p| p.to_vec());
     let requested_ka = pkt.keep_alive;
-    match session::authenticate(&ctx, 5, &client_id, username.as_deref(), password.as_deref()).await {
+    match session::authenticate(
+        &ctx,
+        session::Sink::V5(h.sink()),
+        5,
+        &client_id,
+        username.as_deref(),
+        password.as_deref(),
+    )
+    .await
+    {
         Ok((conn, kick)) => {
             if let Some(kick) = kick {
                 let sink = h.sink();
@@ -117,6 +126,7 @@ pub async fn protocol(conn: &Conn, msg: v5::ProtocolMessage) -> Result<v5::Proto
             for mut s in sub.iter_mut() {
                 if conn.may_subscribe(s.topic()) {
                     s.confirm(session::granted_qos(s.options().qos));
+                    conn.subscribed(s.topic());
                 } else {
                     s.fail(codec::SubscribeAckReason::NotAuthorized);
                 }
