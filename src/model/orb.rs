@@ -499,14 +499,13 @@ mod tests {
     }
 
     /// Seeded random event sequences against the invariants of the state machine. The seed is
-    /// printed on failure; rerun with ORBMANAGER_SEED=<seed> to reproduce.
+    /// printed on failure; rerun with OM_TEST_SEED=<seed> to reproduce.
     #[test]
     fn random_event_sequences_keep_the_invariants() {
-        let seed =
-            std::env::var("ORBMANAGER_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
+        let seed = std::env::var("OM_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
         let result = std::panic::catch_unwind(|| run_sequences(seed));
         if let Err(e) = result {
-            eprintln!("state machine invariant broken with ORBMANAGER_SEED={seed}");
+            eprintln!("state machine invariant broken with OM_TEST_SEED={seed}");
             std::panic::resume_unwind(e);
         }
     }

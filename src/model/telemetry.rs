@@ -505,11 +505,10 @@ mod tests {
     }
 
     /// Seeded mutations of valid payloads: the parser never panics, and whatever it accepts
-    /// re-parses to the same point. Rerun a failure with ORBMANAGER_SEED=<seed>.
+    /// re-parses to the same point. Rerun a failure with OM_TEST_SEED=<seed>.
     #[test]
     fn mutated_payloads_never_panic_and_accepted_points_round_trip() {
-        let seed =
-            std::env::var("ORBMANAGER_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
+        let seed = std::env::var("OM_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
         let result = std::panic::catch_unwind(|| {
             let mut rng = fastrand::Rng::with_seed(seed);
             let base = br#"{"ts":1700000000001,"msg_id":"m1","battery":55.5,"lat":37.7,"lon":-122.4,"speed":3.2,"mode":"mission","metrics":{"temp":21,"x":-1e3},"rpm":900}"#;
@@ -532,7 +531,7 @@ mod tests {
             }
         });
         if let Err(e) = result {
-            eprintln!("telemetry parser property broken with ORBMANAGER_SEED={seed}");
+            eprintln!("telemetry parser property broken with OM_TEST_SEED={seed}");
             std::panic::resume_unwind(e);
         }
     }

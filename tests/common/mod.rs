@@ -14,7 +14,7 @@ use tempfile::TempDir;
 pub const ADMIN: &str = "test-admin-token-0123456789";
 
 pub fn init_logs() {
-    let filter = std::env::var("ORBMANAGER_TEST_LOG").unwrap_or_else(|_| "warn".into());
+    let filter = std::env::var("OM_TEST_LOG").unwrap_or_else(|_| "warn".into());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
 }
 
@@ -358,7 +358,7 @@ impl Proc {
             .args(["--mqtt-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
             .args(extra)
             .env("ORBMANAGER_AUTH_ADMIN_TOKEN", ADMIN)
-            .env("ORBMANAGER_LOG", std::env::var("ORBMANAGER_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env("ORBMANAGER_LOG", std::env::var("OM_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .spawn()
             .expect("spawn orbmanager");
         let mut proc = Proc { child, http: String::new(), mqtt: "0.0.0.0:0".parse().unwrap() };
