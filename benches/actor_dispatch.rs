@@ -30,14 +30,7 @@ fn bench(c: &mut Criterion) {
     store.import_orbs(&records).unwrap();
     let keys: Vec<OrbKey> = records.iter().map(OrbRecord::key).collect();
     let fleet = rt.block_on(async {
-        let ctx = OrbCtx {
-            store: store.clone(),
-            clock: Clock::system(),
-            metrics,
-            dev: false,
-            boot_id: 1,
-            idle_passivate_ms: 3_600_000,
-        };
+        let ctx = OrbCtx::new(store.clone(), Clock::system(), metrics, false, 1, 3_600_000);
         let fleet = Fleet::start(ctx, 16).await.unwrap();
         for k in &keys {
             fleet.touch(k).await.unwrap();

@@ -40,14 +40,7 @@ fn main() {
         let keys: Vec<OrbKey> = records.iter().map(OrbRecord::key).collect();
         drop(records);
         let (fleet, before, after, secs) = rt.block_on(async {
-            let ctx = OrbCtx {
-                store: store.clone(),
-                clock: Clock::system(),
-                metrics: metrics.clone(),
-                dev: false,
-                boot_id: 1,
-                idle_passivate_ms: 3_600_000,
-            };
+            let ctx = OrbCtx::new(store.clone(), Clock::system(), metrics.clone(), false, 1, 3_600_000);
             let fleet = Fleet::start(ctx, 16).await.unwrap();
             let before = rss_bytes();
             let t = std::time::Instant::now();

@@ -110,14 +110,14 @@ impl Server {
         tracing::info!(data_dir = %config.data_dir.display(), orbs = orb_count, "store open");
 
         let fleet = Fleet::start(
-            OrbCtx {
-                store: store.clone(),
-                clock: clock.clone(),
-                metrics: metrics.clone(),
-                dev: config.dev,
-                boot_id: boot_id(),
-                idle_passivate_ms: config.actors.idle_passivate_s * 1000,
-            },
+            OrbCtx::new(
+                store.clone(),
+                clock.clone(),
+                metrics.clone(),
+                config.dev,
+                boot_id(),
+                config.actors.idle_passivate_s * 1000,
+            ),
             config.actors.shards,
         )
         .await

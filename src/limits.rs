@@ -103,3 +103,15 @@ pub const COMMAND_OUTBOX_MAX: usize = 32;
 pub const DEADLINE_TICK_MS: u64 = 100;
 /// Most commands one list request returns.
 pub const COMMANDS_PAGE_MAX: usize = 1_000;
+
+/// Most orb ids one broadcast may list (larger fleets use `all_orbs`).
+pub const BROADCAST_ORB_IDS_MAX: usize = 50_000;
+/// Broadcasts kept in memory (running or finished) per node; older finished ones are read
+/// from the store on request.
+pub const BROADCASTS_LIVE_MAX: usize = 256;
+/// Highest fan-out rate a broadcast may ask for, in orbs per second.
+pub const BROADCAST_RATE_MAX_PER_S: u32 = 100_000;
+/// Commands one broadcast has in creation at once.
+pub const BROADCAST_IN_FLIGHT_MAX: usize = 512;
+/// How often broadcasts fan out and persist their cursor, in ms.
+pub const BROADCAST_TICK_MS: u64 = 100;

@@ -8,30 +8,37 @@
 
 use tokio::sync::mpsc::error::TrySendError;
 
+use super::OrbCtx;
 use super::orb::{OrbActorState, Outbound};
 use super::shard::ShardMsg;
 use crate::error::{ApiError, ErrorCode};
 use crate::limits::COMMAND_OUTBOX_MAX;
-use crate::model::command::{AckOutcome, Command, DeviceAck, ValidCreate, new_command_id, seq_of};
+use crate::model::OrbKey;
+use crate::model::command::{AckOutcome, Command, DeviceAck, Queue, ValidCreate, new_command_id, seq_of};
 use crate::model::orb::OrbStatus;
 use crate::storage::{Batch, Error, Store};
 
 type Answer<T> = Result<Result<T, ApiError>, Error>;
 
-/// Persists changed commands in one durable batch.
-async fn persist(state: &OrbActorState, changed: &[Command], extra: impl FnOnce(&mut Batch)) -> Result<(), Error> {
+/// Persists changed commands in one durable batch, then tells the broadcast manager about
+/// the ones fanned out from a broadcast.
+async fn persist(ctx: &OrbCtx, key: &OrbKey, changed: &[Command], extra: impl FnOnce(&mut Batch)) -> Result<(), Error> {
     let mut batch = Batch::new();
     for c in changed {
-        Store::add_command(&mut batch, &state.key, c);
+        Store::add_command(&mut batch, key, c);
     }
     extra(&mut batch);
     if batch.is_empty() {
         return Ok(());
     }
-    state.ctx.store.commit(batch).await?;
-    let m = &state.ctx.metrics;
-    for c in changed.iter().filter(|c| c.status.is_terminal()) {
-        m.command_terminal(c.status);
+    ctx.store.commit(batch).await?;
+    for c in changed {
+        if c.status.is_terminal() {
+            ctx.metrics.command_terminal(c.status);
+        }
+        if let Some(b) = &c.broadcast_id {
+            ctx.broadcast_event(b, key, &c.command_id, c.status);
+        }
     }
     Ok(())
 }
@@ -55,11 +62,28 @@ fn find(state: &OrbActorState, command_id: &str) -> Result<Option<Command>, Erro
 }
 
 pub(super) async fn create(state: &mut OrbActorState, req: ValidCreate, now: u64) -> Answer<(Command, bool)> {
-    if state.orb.record.status == OrbStatus::Decommissioned {
-        return Ok(Err(ApiError::new(ErrorCode::Decommissioned, format!("orb {} is decommissioned", state.key))));
+    let status = state.orb.record.status;
+    let result = create_in(&state.ctx, &state.key, status, &mut state.commands, req, now).await?;
+    report_deadline(state);
+    Ok(result)
+}
+
+/// Creates a command in `queue` (idempotently), durably. Shared by the live actor and the
+/// shard's cold path for orbs that are not live (a broadcast to a mostly offline fleet must
+/// not activate an actor per orb).
+pub(super) async fn create_in(
+    ctx: &OrbCtx,
+    key: &OrbKey,
+    status: OrbStatus,
+    queue: &mut Queue,
+    req: ValidCreate,
+    now: u64,
+) -> Answer<(Command, bool)> {
+    if status == OrbStatus::Decommissioned {
+        return Ok(Err(ApiError::new(ErrorCode::Decommissioned, format!("orb {key} is decommissioned"))));
     }
     if let Some(idem) = &req.idempotency_key
-        && let Some((seq, hash)) = state.ctx.store.idempotency(&state.key, idem)?
+        && let Some((seq, hash)) = ctx.store.idempotency(key, idem)?
     {
         if hash != req.body_hash {
             return Ok(Err(ApiError::new(
@@ -67,30 +91,29 @@ pub(super) async fn create(state: &mut OrbActorState, req: ValidCreate, now: u64
                 format!("idempotency_key {idem:?} was used for a different command on this orb"),
             )));
         }
-        let original = match state.commands.get(seq) {
+        let original = match queue.get(seq) {
             Some(c) => Some(c.clone()),
-            None => state.ctx.store.command(&state.key, seq)?,
+            None => ctx.store.command(key, seq)?,
         };
         return match original {
             Some(c) => Ok(Ok((c, false))),
             None => Err(Error::Corrupt { what: "idempotency", detail: format!("key points at missing command {seq}") }),
         };
     }
-    let command_id = new_command_id(state.commands.next_seq);
-    let (cmd, superseded) = match state.commands.create(&req, command_id, now) {
+    let command_id = new_command_id(queue.next_seq);
+    let (cmd, superseded) = match queue.create(&req, command_id, now) {
         Ok(r) => r,
         Err(e) => return Ok(Err(e)),
     };
     let mut changed = superseded;
     changed.push(cmd.clone());
-    persist(state, &changed, |b| {
+    persist(ctx, key, &changed, |b| {
         if let Some(idem) = &req.idempotency_key {
-            Store::add_idempotency(b, &state.key, idem, cmd.seq, req.body_hash);
+            Store::add_idempotency(b, key, idem, cmd.seq, req.body_hash);
         }
     })
     .await?;
-    state.ctx.metrics.commands_created.inc();
-    report_deadline(state);
+    ctx.metrics.commands_created.inc();
     Ok(Ok((cmd, true)))
 }
 
@@ -125,7 +148,7 @@ pub(super) async fn deliver(state: &mut OrbActorState, now: u64) -> Result<(), E
     if closed {
         state.outbox = None;
     }
-    persist(state, &changed, |_| {}).await
+    persist(&state.ctx, &state.key, &changed, |_| {}).await
 }
 
 pub(super) async fn delivered(
@@ -138,7 +161,7 @@ pub(super) async fn delivered(
         o.in_flight = o.in_flight.saturating_sub(1);
     }
     if let Some(c) = state.commands.delivered(command_id, now) {
-        persist(state, &[c], |_| {}).await?;
+        persist(&state.ctx, &state.key, &[c], |_| {}).await?;
     }
     deliver(state, now).await
 }
@@ -146,7 +169,7 @@ pub(super) async fn delivered(
 pub(super) async fn ack(state: &mut OrbActorState, ack: &DeviceAck, now: u64) -> Answer<()> {
     match state.commands.ack(ack, now) {
         AckOutcome::Moved(c) => {
-            persist(state, &[*c], |_| {}).await?;
+            persist(&state.ctx, &state.key, &[*c], |_| {}).await?;
             report_deadline(state);
             deliver(state, now).await?;
             Ok(Ok(()))
@@ -166,7 +189,7 @@ pub(super) async fn ack(state: &mut OrbActorState, ack: &DeviceAck, now: u64) ->
 pub(super) async fn cancel(state: &mut OrbActorState, command_id: &str, now: u64) -> Answer<Command> {
     match state.commands.cancel(command_id, now) {
         Ok(c) => {
-            persist(state, std::slice::from_ref(&c), |_| {}).await?;
+            persist(&state.ctx, &state.key, std::slice::from_ref(&c), |_| {}).await?;
             report_deadline(state);
             Ok(Ok(c))
         }
@@ -195,7 +218,7 @@ pub(super) async fn pull(state: &mut OrbActorState, now: u64) -> Result<Vec<Comm
         }
     }
     state.ctx.metrics.messages_out.add(out.len() as u64);
-    persist(state, &changed, |_| {}).await?;
+    persist(&state.ctx, &state.key, &changed, |_| {}).await?;
     Ok(out)
 }
 
@@ -206,7 +229,7 @@ pub(super) async fn tick(state: &mut OrbActorState, now: u64) -> Result<(), Erro
             let late = now.saturating_sub(c.fired_deadline().unwrap_or(now));
             state.ctx.metrics.deadline_lateness.observe(std::time::Duration::from_millis(late));
         }
-        persist(state, &due, |_| {}).await?;
+        persist(&state.ctx, &state.key, &due, |_| {}).await?;
     }
     // The shard forgot this orb's deadline when it sent the tick.
     state.reported_deadline = None;

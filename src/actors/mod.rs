@@ -4,6 +4,7 @@
 //! stable hash of `(tenant, orb)` to a shard, which activates the orb's actor on demand.
 //! Calls carry a timeout (`ACTOR_CALL_TIMEOUT_MS`); casts are used where nobody waits.
 
+pub mod broadcast;
 mod commands;
 pub mod orb;
 pub mod shard;
@@ -18,11 +19,14 @@ use crate::clock::Clock;
 use crate::error::{ApiError, ErrorCode};
 use crate::limits::ACTOR_CALL_TIMEOUT_MS;
 use crate::metrics::Metrics;
-use crate::model::command::{Command, DeviceAck, ValidCreate};
+use crate::model::TenantId;
+use crate::model::broadcast::{Broadcast, Target};
+use crate::model::command::{Command, CommandStatus, DeviceAck, ValidCreate};
 use crate::model::orb::{ConnectRequest, DisconnectReason, OrbRecord, OrbStatus};
 use crate::model::state_report::StateReport;
 use crate::model::{OrbKey, TelemetryPoint};
 use crate::storage::Store;
+use broadcast::{BroadcastManager, BroadcastMsg, ManagerArgs};
 use orb::{KickSender, OrbMsg, OutboxSender};
 use shard::{ShardActor, ShardArgs, ShardMsg};
 
@@ -36,6 +40,33 @@ pub struct OrbCtx {
     /// Identifies this process in presence records.
     pub boot_id: u64,
     pub idle_passivate_ms: u64,
+    /// The broadcast manager, set once the fleet has started.
+    pub broadcasts: std::sync::OnceLock<ActorRef<BroadcastMsg>>,
+}
+
+impl OrbCtx {
+    pub fn new(
+        store: Store,
+        clock: Clock,
+        metrics: Arc<Metrics>,
+        dev: bool,
+        boot_id: u64,
+        idle_passivate_ms: u64,
+    ) -> Self {
+        OrbCtx { store, clock, metrics, dev, boot_id, idle_passivate_ms, broadcasts: std::sync::OnceLock::new() }
+    }
+
+    /// Tells the broadcast manager about a durable transition of a broadcast command.
+    pub fn broadcast_event(&self, id: &str, key: &OrbKey, command_id: &str, status: CommandStatus) {
+        if let Some(m) = self.broadcasts.get() {
+            let _ = m.cast(BroadcastMsg::Event {
+                id: id.to_string(),
+                orb: key.clone(),
+                command_id: command_id.to_string(),
+                status,
+            });
+        }
+    }
 }
 
 /// Handle to the shards; cheap to clone.
@@ -63,6 +94,8 @@ impl Fleet {
             refs.push(actor);
         }
         let fleet = Fleet { shards: Arc::new(refs), ctx };
+        let (manager, _join) = Actor::spawn(None, BroadcastManager, ManagerArgs { fleet: fleet.clone() }).await?;
+        let _ = fleet.ctx.broadcasts.set(manager);
         // Deadlines survive restarts: the pending index carries each command's deadline.
         match fleet.ctx.store.pending_deadlines() {
             Ok(deadlines) => {
@@ -239,8 +272,39 @@ impl Fleet {
         self.cast(key, OrbMsg::InjectPanic);
     }
 
+    fn manager(&self) -> Result<&ActorRef<BroadcastMsg>, ApiError> {
+        self.ctx.broadcasts.get().ok_or_else(|| ApiError::new(ErrorCode::Unavailable, "broadcasts are not running"))
+    }
+
+    async fn call_manager<T: Send + 'static>(
+        &self,
+        msg: impl FnOnce(RpcReplyPort<Result<T, ApiError>>) -> BroadcastMsg,
+    ) -> Result<T, ApiError> {
+        match self.manager()?.call(msg, timeout()).await {
+            Ok(CallResult::Success(r)) => r,
+            _ => Err(call_failed("broadcast")),
+        }
+    }
+
+    /// Starts a broadcast; returns its summary.
+    pub async fn start_broadcast(&self, b: Broadcast, target: Target) -> Result<serde_json::Value, ApiError> {
+        self.call_manager(|reply| BroadcastMsg::Start { b: Box::new(b), target, reply }).await
+    }
+
+    /// A broadcast's live summary: counts per command state.
+    pub async fn broadcast(&self, tenant: &TenantId, id: &str) -> Result<serde_json::Value, ApiError> {
+        self.call_manager(|reply| BroadcastMsg::Get { tenant: tenant.clone(), id: id.to_string(), reply }).await
+    }
+
+    pub async fn cancel_broadcast(&self, tenant: &TenantId, id: &str) -> Result<serde_json::Value, ApiError> {
+        self.call_manager(|reply| BroadcastMsg::Cancel { tenant: tenant.clone(), id: id.to_string(), reply }).await
+    }
+
     /// Stops every shard and, with them, every orb actor; waits until they are gone.
     pub async fn stop(&self) {
+        if let Some(m) = self.ctx.broadcasts.get() {
+            let _ = m.stop_and_wait(Some("fleet stopping".into()), Some(Duration::from_secs(10))).await;
+        }
         for s in self.shards.iter() {
             let _ = s.stop_and_wait(Some("fleet stopping".into()), Some(Duration::from_secs(10))).await;
         }

@@ -17,11 +17,12 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
-use super::OrbCtx;
 use super::orb::{OrbActor, OrbArgs, OrbMsg};
+use super::{OrbCtx, commands};
 use crate::error::{ApiError, ErrorCode};
 use crate::limits::{DEADLINE_TICK_MS, ORB_RESTART_WINDOW_MS, ORB_RESTARTS_MAX, SHARD_SWEEP_INTERVAL_MS};
 use crate::model::OrbKey;
+use crate::model::command::{Command, Queue, ValidCreate};
 use crate::model::orb::OrbRecord;
 use crate::storage::{Batch, Store, TenantRecord};
 
@@ -205,7 +206,31 @@ async fn route(myself: &ActorRef<ShardMsg>, state: &mut ShardState, key: OrbKey,
         }
         return;
     }
-    activate_and_deliver(myself, state, key, msg, now).await;
+    match msg {
+        OrbMsg::CreateCommand { req, reply } => {
+            let result = cold_create(state, &key, req).await.unwrap_or_else(|e| Err(ApiError::internal(e)));
+            let _ = reply.send(result);
+        }
+        msg => activate_and_deliver(myself, state, key, msg, now).await,
+    }
+}
+
+/// Creates a command for an orb that is not live without activating it (a broadcast to a
+/// mostly offline fleet must not cost an actor per orb). Safe because every message for the
+/// orb passes this mailbox: nothing else touches its queue meanwhile.
+async fn cold_create(
+    state: &mut ShardState,
+    key: &OrbKey,
+    req: ValidCreate,
+) -> Result<Result<(Command, bool), ApiError>, crate::storage::Error> {
+    let ctx = state.ctx.clone();
+    let Some(record) = ctx.store.orb(key)? else {
+        return Ok(Err(ApiError::new(ErrorCode::NotFound, format!("no orb {} in tenant {}", key.orb, key.tenant))));
+    };
+    let mut queue = Queue::new(ctx.store.pending_commands(key)?, ctx.store.last_command_seq(key)? + 1);
+    let result = commands::create_in(&ctx, key, record.status, &mut queue, req, ctx.clock.now_ms()).await?;
+    set_deadline(state, key.clone(), queue.next_deadline());
+    Ok(result)
 }
 
 async fn activate_and_deliver(myself: &ActorRef<ShardMsg>, state: &mut ShardState, key: OrbKey, msg: OrbMsg, now: u64) {

@@ -61,6 +61,17 @@ impl CommandStatus {
         matches!(self, CommandStatus::Queued | CommandStatus::Sent | CommandStatus::Delivered)
     }
 
+    /// Progress order for merging observations: terminal states rank highest and equal.
+    pub fn rank(self) -> u8 {
+        match self {
+            CommandStatus::Queued => 0,
+            CommandStatus::Sent => 1,
+            CommandStatus::Delivered => 2,
+            CommandStatus::InProgress => 3,
+            _ => 4,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             CommandStatus::Queued => "queued",
@@ -108,6 +119,8 @@ pub struct Command {
     /// Times the command was handed to a device.
     pub attempts: u32,
     pub in_progress_ms: Option<u64>,
+    /// The broadcast this command was fanned out from.
+    pub broadcast_id: Option<String>,
 }
 
 impl Command {
@@ -168,6 +181,7 @@ impl Command {
             "idempotency_key": self.idempotency_key,
             "supersede": self.supersede,
             "attempts": self.attempts,
+            "broadcast_id": self.broadcast_id,
             "history": history,
         })
     }
@@ -217,6 +231,7 @@ pub struct ValidCreate {
     pub supersede: bool,
     /// Hash of everything but the idempotency key: "the same body".
     pub body_hash: u64,
+    pub broadcast_id: Option<String>,
 }
 
 fn invalid(msg: impl Into<String>) -> ApiError {
@@ -269,6 +284,7 @@ impl CreateRequest {
             timeout_ms,
             idempotency_key: self.idempotency_key,
             supersede: self.supersede,
+            broadcast_id: None,
         })
     }
 }
@@ -410,6 +426,7 @@ impl Queue {
             history: Vec::new(),
             attempts: 0,
             in_progress_ms: None,
+            broadcast_id: req.broadcast_id.clone(),
         };
         cmd.set(CommandStatus::Queued, now_ms, None);
         self.next_seq += 1;

@@ -3,6 +3,7 @@
 //! Everything here takes the current time as an argument, so it can be tested exhaustively
 //! without a runtime.
 
+pub mod broadcast;
 pub mod command;
 pub mod ids;
 pub mod orb;

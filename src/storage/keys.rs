@@ -12,6 +12,8 @@
 //! | `commands`  | `t 0 o 0 seq:u64`                          | `Command`        |
 //! | `pending`   | `t 0 o 0 seq:u64` (non-terminal only)      | deadline:u64     |
 //! | `idempotency` | `t 0 o 0 key`                            | seq:u64 hash:u64 |
+//! | `broadcasts` | `t 0 id`                                  | `Broadcast`      |
+//! | `broadcast_targets` | `t 0 id`                           | `Vec<OrbId>`     |
 //! | `meta`      | ascii name                                 | per name         |
 
 use crate::model::OrbKey;
@@ -91,6 +93,13 @@ pub fn command_orb(k: &[u8]) -> Option<OrbKey> {
 pub fn idempotency(key: &OrbKey, idem: &str) -> Vec<u8> {
     let mut k = command_prefix(key);
     k.extend_from_slice(idem.as_bytes());
+    k
+}
+
+/// `t 0 id`: a broadcast (and its target list, in its own keyspace).
+pub fn broadcast(tenant: &str, id: &str) -> Vec<u8> {
+    let mut k = tenant_prefix(tenant);
+    k.extend_from_slice(id.as_bytes());
     k
 }
 

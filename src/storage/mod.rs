@@ -19,11 +19,12 @@ pub use commit::{Batch, Outcome};
 use commit::{Committer, DedupeProbe};
 
 use crate::metrics::Metrics;
+use crate::model::broadcast::Broadcast;
 use crate::model::command::Command;
 use crate::model::ids::hash64;
 use crate::model::orb::{OrbRecord, Presence};
 use crate::model::state_report::Reported;
-use crate::model::{OrbKey, TelemetryPoint, TenantId};
+use crate::model::{OrbId, OrbKey, TelemetryPoint, TenantId};
 
 /// Storage errors.
 #[derive(Debug, thiserror::Error)]
@@ -55,10 +56,12 @@ pub enum Ks {
     Commands,
     Pending,
     Idempotency,
+    Broadcasts,
+    BroadcastTargets,
 }
 
 impl Ks {
-    const ALL: [Ks; 10] = [
+    const ALL: [Ks; 12] = [
         Ks::Meta,
         Ks::Tenants,
         Ks::Orbs,
@@ -69,6 +72,8 @@ impl Ks {
         Ks::Commands,
         Ks::Pending,
         Ks::Idempotency,
+        Ks::Broadcasts,
+        Ks::BroadcastTargets,
     ];
 
     fn name(self) -> &'static str {
@@ -83,6 +88,8 @@ impl Ks {
             Ks::Commands => "commands",
             Ks::Pending => "pending",
             Ks::Idempotency => "idempotency",
+            Ks::Broadcasts => "broadcasts",
+            Ks::BroadcastTargets => "broadcast_targets",
         }
     }
 }
@@ -259,7 +266,67 @@ impl Store {
         batch.put(Ks::Idempotency, keys::idempotency(key, idem), v);
     }
 
+    pub fn add_broadcast(batch: &mut Batch, b: &Broadcast) {
+        batch.put(Ks::Broadcasts, keys::broadcast(b.tenant.as_str(), &b.id), encode(b));
+    }
+
+    pub fn add_broadcast_targets(batch: &mut Batch, tenant: &TenantId, id: &str, targets: &[OrbId]) {
+        batch.put(Ks::BroadcastTargets, keys::broadcast(tenant.as_str(), id), encode(&targets));
+    }
+
     // ---- reads ----
+
+    pub fn broadcast(&self, tenant: &TenantId, id: &str) -> Result<Option<Broadcast>, Error> {
+        self.get_decoded(Ks::Broadcasts, "broadcast", &keys::broadcast(tenant.as_str(), id))
+    }
+
+    pub fn broadcast_targets(&self, tenant: &TenantId, id: &str) -> Result<Vec<OrbId>, Error> {
+        Ok(self
+            .get_decoded(Ks::BroadcastTargets, "broadcast targets", &keys::broadcast(tenant.as_str(), id))?
+            .unwrap_or_default())
+    }
+
+    /// Every stored broadcast, oldest first within a tenant.
+    pub fn broadcasts(&self) -> Result<Vec<Broadcast>, Error> {
+        let mut out = Vec::new();
+        for guard in self.ks.get(Ks::Broadcasts).iter() {
+            out.push(decode("broadcast", &guard.value()?)?);
+        }
+        Ok(out)
+    }
+
+    /// Registered orb ids of a tenant after `after`, in id order, at most `limit`.
+    pub fn orb_ids_after(&self, tenant: &TenantId, after: Option<&str>, limit: usize) -> Result<Vec<OrbId>, Error> {
+        let prefix = keys::tenant_prefix(tenant.as_str());
+        let mut lo = prefix.clone();
+        if let Some(a) = after {
+            lo.extend_from_slice(a.as_bytes());
+            lo.push(0); // strictly after `a`: ids never contain 0x00
+        }
+        let mut hi = prefix.clone();
+        hi.push(0xff);
+        let mut out = Vec::with_capacity(limit.min(4096));
+        for guard in self.ks.get(Ks::Orbs).range(lo..hi) {
+            if out.len() >= limit {
+                break;
+            }
+            let k = guard.key()?;
+            let id = std::str::from_utf8(&k[prefix.len()..])
+                .map_err(|e| Error::Corrupt { what: "orb key", detail: e.to_string() })?;
+            out.push(OrbId::parse(id).map_err(|e| Error::Corrupt { what: "orb key", detail: e.to_string() })?);
+        }
+        Ok(out)
+    }
+
+    /// Registered orbs of one tenant (a scan of its keys).
+    pub fn tenant_orb_count(&self, tenant: &TenantId) -> Result<u64, Error> {
+        let mut n = 0;
+        for guard in self.ks.get(Ks::Orbs).prefix(keys::tenant_prefix(tenant.as_str())) {
+            guard.key()?;
+            n += 1;
+        }
+        Ok(n)
+    }
 
     /// One command by sequence number.
     pub fn command(&self, key: &OrbKey, seq: u64) -> Result<Option<Command>, Error> {

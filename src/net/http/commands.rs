@@ -15,6 +15,7 @@ use super::{HttpCtx, Problem, TenantQuery, bad, not_found, operator_orb, orb_key
 use crate::error::{ApiError, ErrorCode};
 use crate::limits::COMMANDS_PAGE_MAX;
 use crate::model::OrbKey;
+use crate::model::broadcast::BroadcastRequest;
 use crate::model::command::{Command, CommandStatus, CreateRequest, parse_ack, seq_of};
 
 type Ctx = State<Arc<HttpCtx>>;
@@ -187,4 +188,51 @@ pub async fn ack(
     let ack = parse_ack(v.to_string().as_bytes())?;
     ctx.ingest.fleet.command_ack(&key, ack).await?;
     Ok(Json(serde_json::json!({"ok": true})).into_response())
+}
+
+fn operator_tenant(
+    ctx: &HttpCtx,
+    headers: &HeaderMap,
+    tenant_id: Option<&str>,
+) -> Result<crate::model::TenantId, Problem> {
+    ctx.ingest.metrics.http_requests.inc();
+    auth::operator(ctx, headers, tenant_id)
+}
+
+/// `POST /v1/commands/broadcasts`: fan a command out to a list of orbs (`orb_ids`) or to every
+/// orb of the tenant (`all_orbs`), at `rate_per_s`, with an optional abort policy.
+pub async fn start_broadcast(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Query(q): Query<TenantQuery>,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let tenant = operator_tenant(&ctx, &headers, q.tenant_id.as_deref())?;
+    let req: BroadcastRequest = parse_json(&body)?;
+    let (b, target) = req.validate(tenant, ctx.ingest.clock.now_ms())?;
+    let summary = ctx.ingest.fleet.start_broadcast(b, target).await?;
+    Ok((StatusCode::CREATED, Json(summary)).into_response())
+}
+
+/// `GET /v1/commands/broadcasts/{id}`: the live summary, counts per command state.
+pub async fn get_broadcast(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<TenantQuery>,
+) -> Result<Response, Problem> {
+    let tenant = operator_tenant(&ctx, &headers, q.tenant_id.as_deref())?;
+    Ok(Json(ctx.ingest.fleet.broadcast(&tenant, &id).await?).into_response())
+}
+
+/// `POST /v1/commands/broadcasts/{id}/cancel`: stop fanning out and cancel every command the
+/// devices have not taken up.
+pub async fn cancel_broadcast(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<TenantQuery>,
+) -> Result<Response, Problem> {
+    let tenant = operator_tenant(&ctx, &headers, q.tenant_id.as_deref())?;
+    Ok(Json(ctx.ingest.fleet.cancel_broadcast(&tenant, &id).await?).into_response())
 }
