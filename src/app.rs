@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::actors::{Fleet, OrbCtx};
+use crate::api::Api;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::limits::SHUTDOWN_GRACE_MS;
@@ -172,12 +173,8 @@ impl Server {
             r.grpc.store(false, Ordering::Release);
         });
 
-        let http_ctx = Arc::new(HttpCtx {
-            ingest,
-            dev: config.dev,
-            admin_token: config.auth.admin_token.clone(),
-            readiness: readiness.clone(),
-        });
+        let api = Arc::new(Api::new(ingest, config.dev, config.auth.admin_token.clone()));
+        let http_ctx = Arc::new(HttpCtx { api: api.clone(), readiness: readiness.clone() });
         let (http_tx, http_rx) = oneshot::channel::<()>();
         let http_l = tokio::net::TcpListener::from_std(http_l).map_err(|source| AppError::Bind {
             what: "http",

@@ -5,6 +5,7 @@
 //! map and the invariants.
 
 pub mod actors;
+pub mod api;
 pub mod app;
 pub mod auth;
 pub mod cli;

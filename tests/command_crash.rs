@@ -187,6 +187,7 @@ async fn commands_survive_repeated_kill_9() {
     let mut rng = fastrand::Rng::with_seed(seed);
     let dir = tempfile::tempdir().unwrap();
     let mut proc = Proc::serve(dir.path(), &[]).await;
+    common::ensure_tenant(&proc.http, "acme").await;
     let mut tokens = Vec::new();
     for i in 0..orbs {
         let (s, b) = http(

@@ -12,6 +12,7 @@ use serde_json::Value;
 const ORBS: usize = 6;
 
 async fn register(p: &Proc, orb: &str) -> String {
+    common::ensure_tenant(&p.http, "acme").await;
     let (status, body) = http(
         "POST",
         &format!("{}/v1/orbs/register", p.http),

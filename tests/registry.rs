@@ -10,6 +10,12 @@ use orbmanager::sim::client;
 async fn registration_validates_and_conflicts_are_409() {
     let ts = TestServer::start(false).await;
     let url = ts.url("/v1/orbs/register");
+    // Tenants are created first; registering into an unknown tenant is 404.
+    let (status, body) =
+        http("POST", &url, Some(ADMIN), Some(serde_json::json!({"tenant_id": "acme", "orb_id": "r0"}))).await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("not_found")), "{body}");
+    common::ensure_tenant(&ts.http, "acme").await;
+    common::ensure_tenant(&ts.http, "globex").await;
     let (status, body) = http(
         "POST",
         &url,

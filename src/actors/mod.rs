@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::model::TenantId;
 use crate::model::broadcast::{Broadcast, Target};
 use crate::model::command::{Command, CommandStatus, DeviceAck, ValidCreate};
-use crate::model::orb::{ConnectRequest, DisconnectReason, OrbRecord, OrbStatus};
+use crate::model::orb::{ConnectRequest, DisconnectReason, OrbRecord, OrbState, OrbStatus};
 use crate::model::state_report::StateReport;
 use crate::model::{OrbKey, TelemetryPoint};
 use crate::storage::Store;
@@ -198,7 +198,7 @@ impl Fleet {
 
     /// The registry record and live state of an orb, from its actor when it is live and from
     /// the store otherwise (reads never activate an actor). `None` when there is no such orb.
-    pub async fn view(&self, key: &OrbKey) -> Result<Option<serde_json::Value>, ApiError> {
+    pub async fn view(&self, key: &OrbKey) -> Result<Option<OrbState>, ApiError> {
         let live = match self.shard(key).call(|reply| ShardMsg::ViewIfLive(key.clone(), reply), timeout()).await {
             Ok(CallResult::Success(live)) => live,
             _ => return Err(call_failed("view")),
@@ -207,12 +207,12 @@ impl Fleet {
         if let Some(actor) = live
             && let Ok(CallResult::Success(v)) = actor.call(|reply| OrbMsg::View { reply }, timeout()).await
         {
-            return Ok(Some(v));
+            return Ok(Some(*v));
         }
         let store = &self.ctx.store;
         let Some(record) = store.orb(key).map_err(ApiError::internal)? else { return Ok(None) };
         let state = orb::restore(store, key, record, self.ctx.boot_id).map_err(ApiError::internal)?;
-        Ok(Some(state.to_json()))
+        Ok(Some(state))
     }
 
     /// Live orb actors across all shards.

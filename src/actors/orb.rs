@@ -41,8 +41,8 @@ pub enum OrbMsg {
     Touch { reply: RpcReplyPort<Result<OrbStatus, ErrorCode>> },
     /// Retire the orb and close its connection.
     Decommission { reply: RpcReplyPort<Result<(), ApiError>> },
-    /// The registry record and live state as JSON.
-    View { reply: RpcReplyPort<serde_json::Value> },
+    /// The registry record and live state.
+    View { reply: RpcReplyPort<Box<OrbState>> },
     /// Create a command (idempotently); replies when it is durable, with `true` when created
     /// and `false` when an earlier identical request is answered again.
     CreateCommand { req: ValidCreate, reply: RpcReplyPort<Result<(Command, bool), ApiError>> },
@@ -208,7 +208,7 @@ impl Actor for OrbActor {
                 let _ = reply.send(result);
             }
             OrbMsg::View { reply } => {
-                let _ = reply.send(state.orb.to_json());
+                let _ = reply.send(Box::new(state.orb.clone()));
             }
             OrbMsg::CreateCommand { req, reply } => {
                 // A failed commit fails the actor: the shard restarts it from the store, so the

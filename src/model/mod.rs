@@ -9,6 +9,7 @@ pub mod ids;
 pub mod orb;
 pub mod state_report;
 pub mod telemetry;
+pub mod tenant;
 
 pub use ids::{IdError, OrbId, OrbKey, TenantId};
 pub use telemetry::{PayloadError, TelemetryPoint};

@@ -14,6 +14,7 @@
 //! | `idempotency` | `t 0 o 0 key`                            | seq:u64 hash:u64 |
 //! | `broadcasts` | `t 0 id`                                  | `Broadcast`      |
 //! | `broadcast_targets` | `t 0 id`                           | `Vec<OrbId>`     |
+//! | `api_tokens` | `t 0 sha256(secret)`                      | `ApiToken`       |
 //! | `meta`      | ascii name                                 | per name         |
 
 use crate::model::OrbKey;
@@ -93,6 +94,13 @@ pub fn command_orb(k: &[u8]) -> Option<OrbKey> {
 pub fn idempotency(key: &OrbKey, idem: &str) -> Vec<u8> {
     let mut k = command_prefix(key);
     k.extend_from_slice(idem.as_bytes());
+    k
+}
+
+/// `t 0 sha256`: an API token by the hash of its secret.
+pub fn api_token(tenant: &str, hash: &[u8; 32]) -> Vec<u8> {
+    let mut k = tenant_prefix(tenant);
+    k.extend_from_slice(hash);
     k
 }
 

@@ -24,6 +24,7 @@ use crate::model::command::Command;
 use crate::model::ids::hash64;
 use crate::model::orb::{OrbRecord, Presence};
 use crate::model::state_report::Reported;
+use crate::model::tenant::ApiToken;
 use crate::model::{OrbId, OrbKey, TelemetryPoint, TenantId};
 
 /// Storage errors.
@@ -58,10 +59,11 @@ pub enum Ks {
     Idempotency,
     Broadcasts,
     BroadcastTargets,
+    ApiTokens,
 }
 
 impl Ks {
-    const ALL: [Ks; 12] = [
+    const ALL: [Ks; 13] = [
         Ks::Meta,
         Ks::Tenants,
         Ks::Orbs,
@@ -74,6 +76,7 @@ impl Ks {
         Ks::Idempotency,
         Ks::Broadcasts,
         Ks::BroadcastTargets,
+        Ks::ApiTokens,
     ];
 
     fn name(self) -> &'static str {
@@ -90,6 +93,7 @@ impl Ks {
             Ks::Idempotency => "idempotency",
             Ks::Broadcasts => "broadcasts",
             Ks::BroadcastTargets => "broadcast_targets",
+            Ks::ApiTokens => "api_tokens",
         }
     }
 }
@@ -264,6 +268,28 @@ impl Store {
         let mut v = seq.to_be_bytes().to_vec();
         v.extend_from_slice(&body_hash.to_be_bytes());
         batch.put(Ks::Idempotency, keys::idempotency(key, idem), v);
+    }
+
+    pub fn add_api_token(batch: &mut Batch, hash: &[u8; 32], t: &ApiToken) {
+        batch.put(Ks::ApiTokens, keys::api_token(t.tenant.as_str(), hash), encode(t));
+    }
+
+    pub fn api_token(&self, tenant: &TenantId, hash: &[u8; 32]) -> Result<Option<ApiToken>, Error> {
+        self.get_decoded(Ks::ApiTokens, "api token", &keys::api_token(tenant.as_str(), hash))
+    }
+
+    /// Every API token of a tenant, with the hash that keys it.
+    pub fn api_tokens(&self, tenant: &TenantId) -> Result<Vec<([u8; 32], ApiToken)>, Error> {
+        let prefix = keys::tenant_prefix(tenant.as_str());
+        let mut out = Vec::new();
+        for guard in self.ks.get(Ks::ApiTokens).prefix(&prefix) {
+            let (k, v) = guard.into_inner()?;
+            let hash: [u8; 32] = k[prefix.len()..]
+                .try_into()
+                .map_err(|_| Error::Corrupt { what: "api token key", detail: format!("{} bytes", k.len()) })?;
+            out.push((hash, decode("api token", &v)?));
+        }
+        Ok(out)
     }
 
     pub fn add_broadcast(batch: &mut Batch, b: &Broadcast) {

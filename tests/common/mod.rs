@@ -78,8 +78,10 @@ impl TestServer {
         format!("{}{}", self.http, path)
     }
 
-    /// Registers an orb as the bootstrap operator; returns its device token.
+    /// Registers an orb as the bootstrap operator (creating its tenant the first time);
+    /// returns its device token.
     pub async fn register(&self, tenant: &str, orb: &str) -> String {
+        ensure_tenant(&self.http, tenant).await;
         let (status, body) = http(
             "POST",
             &self.url("/v1/orbs/register"),
@@ -100,6 +102,14 @@ impl TestServer {
     pub async fn metric(&self, name: &str) -> f64 {
         metric(&self.http, name).await
     }
+}
+
+/// Creates a tenant as the bootstrap operator unless it exists.
+pub async fn ensure_tenant(http_base: &str, tenant: &str) {
+    let (status, body) =
+        http("POST", &format!("{http_base}/v1/tenants"), Some(ADMIN), Some(serde_json::json!({"tenant_id": tenant})))
+            .await;
+    assert!(status == 201 || status == 409, "create tenant {tenant}: {status} {body}");
 }
 
 /// Reads one sample from `/metrics` (`name` may include labels).

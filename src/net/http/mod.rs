@@ -1,10 +1,10 @@
-//! The REST listener (axum): health, metrics, the read side of the registry and telemetry,
-//! registration, and the device HTTP fallback for telemetry.
+//! The REST listener (axum): health, metrics, tenants and tokens, the registry, telemetry
+//! (history and the device HTTP fallback), commands and broadcasts.
 //!
+//! Handlers authenticate through `api::Api` and call its operations, the same ones gRPC calls.
 //! Errors are problem documents (`application/problem+json`) carrying the stable code of
 //! `error::ErrorCode`. Every body is bounded (`HTTP_BODY_MAX_BYTES`).
 
-mod auth;
 mod commands;
 
 use std::collections::BTreeMap;
@@ -19,17 +19,13 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use crate::actors::Fleet;
+use crate::api::{Access, Api, Principal};
 use crate::error::{ApiError, ErrorCode};
-use crate::limits::{
-    HISTORY_PAGE_DEFAULT, HISTORY_PAGE_MAX, HTTP_BODY_MAX_BYTES, ORB_ATTRIBUTE_LEN_MAX, ORB_ATTRIBUTES_MAX,
-    TELEMETRY_HTTP_BATCH_MAX,
-};
-use crate::model::orb::{OrbRecord, OrbStatus};
-use crate::model::{OrbId, OrbKey, TelemetryPoint, telemetry};
-use crate::net::ingest::Ingest;
+use crate::limits::{HTTP_BODY_MAX_BYTES, TELEMETRY_HTTP_BATCH_MAX};
+use crate::model::orb::{OrbState, OrbStatus};
+use crate::model::tenant::Role;
+use crate::model::{TelemetryPoint, telemetry};
 use crate::storage::Outcome;
-pub use auth::Caller;
 
 /// Which listeners are up; `/healthz` answers 200 only when all are and nothing is draining.
 #[derive(Debug, Default)]
@@ -42,20 +38,11 @@ pub struct Readiness {
 
 /// What the handlers share.
 pub struct HttpCtx {
-    pub ingest: Arc<Ingest>,
-    pub dev: bool,
-    /// Bootstrap operator token (`auth.admin_token`); empty disables it.
-    pub admin_token: String,
+    pub api: Arc<Api>,
     pub readiness: Arc<Readiness>,
 }
 
 type Ctx = State<Arc<HttpCtx>>;
-
-impl HttpCtx {
-    fn fleet(&self) -> &Fleet {
-        &self.ingest.fleet
-    }
-}
 
 /// A problem document.
 pub struct Problem(pub ApiError);
@@ -97,6 +84,10 @@ pub fn router(ctx: Arc<HttpCtx>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route("/v1/tenants", post(create_tenant))
+        .route("/v1/tenants/{tenant}/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tenants/{tenant}/tokens/{token_id}/revoke", post(revoke_token))
+        .route("/v1/orbs", get(list_orbs))
         .route("/v1/orbs/register", post(register))
         .route("/v1/orbs/{id}", get(get_orb))
         .route("/v1/orbs/{id}/decommission", post(decommission))
@@ -113,6 +104,17 @@ pub fn router(ctx: Arc<HttpCtx>) -> Router {
         .with_state(ctx)
 }
 
+/// Authenticates the request (and counts it).
+fn caller(ctx: &HttpCtx, headers: &HeaderMap) -> Result<Principal, Problem> {
+    ctx.api.ingest.metrics.http_requests.inc();
+    let auth = headers.get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or("?"));
+    Ok(ctx.api.authenticate(auth)?)
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
+    serde_json::from_slice(body).map_err(|e| bad(ErrorCode::InvalidArgument, format!("request body: {e}")))
+}
+
 async fn healthz(State(ctx): Ctx) -> Response {
     let r = &ctx.readiness;
     let listeners = [("mqtt", &r.mqtt), ("grpc", &r.grpc), ("http", &r.http)];
@@ -124,9 +126,63 @@ async fn healthz(State(ctx): Ctx) -> Response {
 }
 
 async fn metrics(State(ctx): Ctx) -> Response {
-    let m = &ctx.ingest.metrics;
+    let m = &ctx.api.ingest.metrics;
     m.http_requests.inc();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantBody {
+    tenant_id: String,
+}
+
+async fn create_tenant(State(ctx): Ctx, headers: HeaderMap, body: Bytes) -> Result<Response, Problem> {
+    let p = caller(&ctx, &headers)?;
+    let req: TenantBody = parse_json(&body)?;
+    let t = ctx.api.create_tenant(&p, &req.tenant_id).await?;
+    Ok((StatusCode::CREATED, Json(serde_json::json!({"tenant_id": t.tenant, "created_ms": t.created_ms})))
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    role: String,
+    #[serde(default)]
+    name: String,
+}
+
+async fn create_token(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let p = caller(&ctx, &headers)?;
+    let req: TokenBody = parse_json(&body)?;
+    let role = Role::parse(&req.role)
+        .ok_or_else(|| bad(ErrorCode::InvalidArgument, format!("role {:?}: viewer, operator or admin", req.role)))?;
+    let (token, secret) = ctx.api.create_api_token(&p, Some(&tenant), role, &req.name).await?;
+    let mut v = token.to_json();
+    v["secret"] = secret.into();
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+async fn list_tokens(State(ctx): Ctx, headers: HeaderMap, Path(tenant): Path<String>) -> Result<Response, Problem> {
+    let p = caller(&ctx, &headers)?;
+    let tokens: Vec<serde_json::Value> =
+        ctx.api.list_api_tokens(&p, Some(&tenant))?.iter().map(|t| t.to_json()).collect();
+    Ok(Json(serde_json::json!({"tokens": tokens})).into_response())
+}
+
+async fn revoke_token(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Path((tenant, token_id)): Path<(String, String)>,
+) -> Result<Response, Problem> {
+    let p = caller(&ctx, &headers)?;
+    Ok(Json(ctx.api.revoke_api_token(&p, Some(&tenant), &token_id).await?.to_json()).into_response())
 }
 
 #[derive(Deserialize)]
@@ -139,61 +195,19 @@ struct RegisterBody {
     attributes: BTreeMap<String, String>,
 }
 
-fn check_attributes(attrs: &BTreeMap<String, String>) -> Result<(), Problem> {
-    if attrs.len() > ORB_ATTRIBUTES_MAX {
-        return Err(bad(ErrorCode::InvalidArgument, format!("at most {ORB_ATTRIBUTES_MAX} attributes")));
-    }
-    for (k, v) in attrs {
-        if k.is_empty() || k.len() > ORB_ATTRIBUTE_LEN_MAX || v.len() > ORB_ATTRIBUTE_LEN_MAX {
-            return Err(bad(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "attribute {k:?}: keys must be 1..{ORB_ATTRIBUTE_LEN_MAX} bytes and values at most {ORB_ATTRIBUTE_LEN_MAX}"
-                ),
-            ));
-        }
-        if k.chars().chain(v.chars()).any(char::is_control) {
-            return Err(bad(ErrorCode::InvalidArgument, format!("attribute {k:?} contains control characters")));
-        }
-    }
-    Ok(())
-}
-
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
-    serde_json::from_slice(body).map_err(|e| bad(ErrorCode::InvalidArgument, format!("request body: {e}")))
-}
-
 async fn register(State(ctx): Ctx, headers: HeaderMap, body: Bytes) -> Result<Response, Problem> {
-    ctx.ingest.metrics.http_requests.inc();
+    let p = caller(&ctx, &headers)?;
     let req: RegisterBody = parse_json(&body)?;
-    let tenant = auth::operator(&ctx, &headers, req.tenant_id.as_deref())?;
-    if req.csr_pem.is_some() {
-        return Err(bad(
-            ErrorCode::NotImplemented,
-            "certificate issuance from a CSR is not available in this build; omit csr_pem to receive a device token",
-        ));
-    }
-    check_attributes(&req.attributes)?;
-    let orb = match req.orb_id.as_deref() {
-        Some(id) => OrbId::parse(id).map_err(|e| bad(ErrorCode::InvalidArgument, e.to_string()))?,
-        None => OrbId::parse(&format!("orb-{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff))
-            .expect("generated ids are valid"),
-    };
-    let token = crate::auth::generate_token();
-    let now = ctx.ingest.clock.now_ms();
-    let mut record = OrbRecord::provisioned(
-        OrbKey::new(tenant.clone(), orb.clone()),
-        Some(crate::auth::hash_token(token.as_bytes())),
-        now,
-    );
-    record.attributes = req.attributes;
-    ctx.fleet().register(record).await?;
+    let r = ctx
+        .api
+        .register_orb(&p, req.tenant_id.as_deref(), req.orb_id.as_deref(), req.attributes, req.csr_pem.as_deref())
+        .await?;
     let body = serde_json::json!({
-        "tenant_id": tenant,
-        "orb_id": orb,
+        "tenant_id": r.tenant,
+        "orb_id": r.orb,
         "status": OrbStatus::Provisioned.as_str(),
-        "device_token": token,
-        "mqtt_username": format!("{tenant}/{orb}"),
+        "device_token": r.device_token,
+        "mqtt_username": format!("{}/{}", r.tenant, r.orb),
     });
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
@@ -204,20 +218,23 @@ struct TenantQuery {
     tenant_id: Option<String>,
 }
 
-fn orb_key(tenant: crate::model::TenantId, id: &str) -> Result<OrbKey, Problem> {
-    let orb = OrbId::parse(id).map_err(|e| bad(ErrorCode::InvalidArgument, e.to_string()))?;
-    Ok(OrbKey::new(tenant, orb))
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    tenant_id: Option<String>,
+    status: Option<String>,
+    page_size: Option<usize>,
+    page_token: Option<String>,
 }
 
-/// The orb an operator call is about: authenticates, then scopes `id` to the caller's tenant.
-fn operator_orb(ctx: &HttpCtx, headers: &HeaderMap, tenant_id: Option<&str>, id: &str) -> Result<OrbKey, Problem> {
-    ctx.ingest.metrics.http_requests.inc();
-    let tenant = auth::operator(ctx, headers, tenant_id)?;
-    orb_key(tenant, id)
-}
-
-fn not_found(key: &OrbKey) -> Problem {
-    bad(ErrorCode::NotFound, format!("no orb {} in tenant {}", key.orb, key.tenant))
+async fn list_orbs(State(ctx): Ctx, headers: HeaderMap, Query(q): Query<ListQuery>) -> Result<Response, Problem> {
+    let p = caller(&ctx, &headers)?;
+    let (orbs, next) = ctx
+        .api
+        .list_orbs(&p, q.tenant_id.as_deref(), q.status.as_deref(), q.page_size.unwrap_or(0), q.page_token.as_deref())
+        .await?;
+    let orbs: Vec<serde_json::Value> = orbs.iter().map(OrbState::to_json).collect();
+    Ok(Json(serde_json::json!({"orbs": orbs, "next_page_token": next})).into_response())
 }
 
 async fn get_orb(
@@ -226,11 +243,8 @@ async fn get_orb(
     Path(id): Path<String>,
     Query(q): Query<TenantQuery>,
 ) -> Result<Response, Problem> {
-    let key = operator_orb(&ctx, &headers, q.tenant_id.as_deref(), &id)?;
-    match ctx.fleet().view(&key).await? {
-        Some(v) => Ok(Json(v).into_response()),
-        None => Err(not_found(&key)),
-    }
+    let p = caller(&ctx, &headers)?;
+    Ok(Json(ctx.api.get_orb(&p, q.tenant_id.as_deref(), &id).await?.to_json()).into_response())
 }
 
 async fn decommission(
@@ -239,10 +253,8 @@ async fn decommission(
     Path(id): Path<String>,
     Query(q): Query<TenantQuery>,
 ) -> Result<Response, Problem> {
-    let key = operator_orb(&ctx, &headers, q.tenant_id.as_deref(), &id)?;
-    ctx.fleet().decommission(&key).await?;
-    let view = ctx.fleet().view(&key).await?.ok_or_else(|| not_found(&key))?;
-    Ok(Json(view).into_response())
+    let p = caller(&ctx, &headers)?;
+    Ok(Json(ctx.api.decommission_orb(&p, q.tenant_id.as_deref(), &id).await?.to_json()).into_response())
 }
 
 #[derive(Deserialize)]
@@ -255,64 +267,39 @@ struct HistoryQuery {
     page_token: Option<String>,
 }
 
-fn decode_page_token(t: &str) -> Result<(u64, u64), Problem> {
-    let invalid = || bad(ErrorCode::InvalidArgument, "page_token is not one this server issued");
-    let bytes = hex::decode(t).map_err(|_| invalid())?;
-    if bytes.len() != 16 {
-        return Err(invalid());
-    }
-    let ts = u64::from_be_bytes(bytes[..8].try_into().map_err(|_| invalid())?);
-    let suffix = u64::from_be_bytes(bytes[8..].try_into().map_err(|_| invalid())?);
-    Ok((ts, suffix))
-}
-
 async fn history(
     State(ctx): Ctx,
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Response, Problem> {
-    let key = operator_orb(&ctx, &headers, q.tenant_id.as_deref(), &id)?;
-    let limit = q.limit.unwrap_or(HISTORY_PAGE_DEFAULT);
-    if limit == 0 || limit > HISTORY_PAGE_MAX {
-        return Err(bad(ErrorCode::InvalidArgument, format!("limit must be 1..{HISTORY_PAGE_MAX}")));
+    let p = caller(&ctx, &headers)?;
+    if q.limit == Some(0) {
+        return Err(bad(ErrorCode::InvalidArgument, "limit must be at least 1"));
     }
-    let from = q.from.unwrap_or(0);
-    let to = q.to.unwrap_or(u64::MAX);
-    if from > to {
-        return Err(bad(ErrorCode::InvalidArgument, "from is after to"));
-    }
-    let after = q.page_token.as_deref().map(decode_page_token).transpose()?;
-    let store = &ctx.ingest.store;
-    if store.orb(&key).map_err(ApiError::internal)?.is_none() {
-        return Err(not_found(&key));
-    }
-    // One extra point tells whether another page exists.
-    let mut rows = store.points(&key, from, to, after, limit + 1).map_err(ApiError::internal)?;
-    let more = rows.len() > limit;
-    rows.truncate(limit);
-    let next = if more {
-        rows.last().map(|((ts, suffix), _)| {
-            let mut b = ts.to_be_bytes().to_vec();
-            b.extend_from_slice(&suffix.to_be_bytes());
-            hex::encode(b)
-        })
-    } else {
-        None
-    };
-    let points: Vec<serde_json::Value> = rows
+    let page = ctx.api.history(
+        &p,
+        q.tenant_id.as_deref(),
+        &id,
+        q.from.unwrap_or(0),
+        q.to.unwrap_or(u64::MAX),
+        q.limit.unwrap_or(0),
+        q.page_token.as_deref(),
+    )?;
+    let points: Vec<serde_json::Value> = page
+        .points
         .iter()
-        .map(|(_, sp)| {
+        .map(|sp| {
             let mut v = sp.point.to_json();
             v["received_ms"] = sp.received_ms.into();
             v
         })
         .collect();
     Ok(Json(serde_json::json!({
-        "tenant_id": key.tenant,
-        "orb_id": key.orb,
+        "tenant_id": page.key.tenant,
+        "orb_id": page.key.orb,
         "points": points,
-        "next_page_token": next,
+        "next_page_token": page.next_page_token,
     }))
     .into_response())
 }
@@ -326,15 +313,15 @@ async fn ingest(
     Query(q): Query<TenantQuery>,
     body: Bytes,
 ) -> Result<Response, Problem> {
-    let ingest = &ctx.ingest;
-    ingest.metrics.http_requests.inc();
+    let p = caller(&ctx, &headers)?;
+    let ingest = &ctx.api.ingest;
     ingest.metrics.message_in(crate::metrics::MsgKind::Telemetry);
-    let key = match auth::device_or_operator(&ctx, &headers, q.tenant_id.as_deref(), &id).await? {
-        Caller::Device(key) => key,
-        Caller::Operator(tenant) => {
-            let key = orb_key(tenant, &id)?;
-            match ctx.fleet().touch(&key).await? {
-                None => return Err(not_found(&key)),
+    let key = match &p {
+        Principal::Device(_) => ctx.api.device_orb(&p, &id, q.tenant_id.as_deref())?,
+        _ => {
+            let key = ctx.api.orb_key(&p, q.tenant_id.as_deref(), &id, Access::Operate)?;
+            match ctx.api.fleet().touch(&key).await? {
+                None => return Err(Problem(crate::api::orbs::not_found(&key))),
                 Some(OrbStatus::Decommissioned) => {
                     return Err(bad(ErrorCode::Decommissioned, format!("orb {key} is decommissioned")));
                 }

@@ -1,5 +1,5 @@
-//! The gRPC listener (tonic). This build serves `grpc.health.v1.Health`; the admin services
-//! of the operator API attach here.
+//! The gRPC listener (tonic): the operator API services, reflection (v1 and v1alpha, so
+//! grpcurl 1.8 works) and `grpc.health.v1`.
 
 use std::future::Future;
 
@@ -19,3 +19,4 @@ pub async fn serve(
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await
 }
+pub mod pb;

@@ -1,0 +1,216 @@
+//! Registry and telemetry operations: register, read, list, decommission, history.
+
+use std::collections::BTreeMap;
+
+use super::{Access, Api, Principal, given, internal, invalid};
+use crate::error::{ApiError, ErrorCode};
+use crate::limits::{HISTORY_PAGE_DEFAULT, HISTORY_PAGE_MAX, ORB_ATTRIBUTE_LEN_MAX, ORB_ATTRIBUTES_MAX};
+use crate::model::orb::{OrbRecord, OrbState, OrbStatus};
+use crate::model::{OrbId, OrbKey, TenantId};
+use crate::storage::StoredPoint;
+
+/// Most orbs one list page holds.
+pub const ORBS_PAGE_MAX: usize = 1_000;
+
+/// What a registration returns (the secrets once).
+#[derive(Clone, Debug)]
+pub struct Registration {
+    pub tenant: TenantId,
+    pub orb: OrbId,
+    pub device_token: String,
+}
+
+/// One page of history and the cursor to the next.
+pub struct HistoryPage {
+    pub key: OrbKey,
+    pub points: Vec<StoredPoint>,
+    pub next_page_token: Option<String>,
+}
+
+fn check_attributes(attrs: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if attrs.len() > ORB_ATTRIBUTES_MAX {
+        return Err(invalid(format!("at most {ORB_ATTRIBUTES_MAX} attributes")));
+    }
+    for (k, v) in attrs {
+        if k.is_empty() || k.len() > ORB_ATTRIBUTE_LEN_MAX || v.len() > ORB_ATTRIBUTE_LEN_MAX {
+            return Err(invalid(format!(
+                "attribute {k:?}: keys must be 1..{ORB_ATTRIBUTE_LEN_MAX} bytes and values at most {ORB_ATTRIBUTE_LEN_MAX}"
+            )));
+        }
+        if k.chars().chain(v.chars()).any(char::is_control) {
+            return Err(invalid(format!("attribute {k:?} contains control characters")));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn not_found(key: &OrbKey) -> ApiError {
+    ApiError::new(ErrorCode::NotFound, format!("no orb {} in tenant {}", key.orb, key.tenant))
+}
+
+impl Api {
+    /// The orb an operator call is about, if `p` may do `need` in its tenant.
+    pub fn orb_key(
+        &self,
+        p: &Principal,
+        tenant_id: Option<&str>,
+        orb_id: &str,
+        need: Access,
+    ) -> Result<OrbKey, ApiError> {
+        let tenant = self.tenant_for(p, tenant_id, need)?;
+        let orb = OrbId::parse(orb_id).map_err(|e| invalid(e.to_string()))?;
+        Ok(OrbKey::new(tenant, orb))
+    }
+
+    pub async fn register_orb(
+        &self,
+        p: &Principal,
+        tenant_id: Option<&str>,
+        orb_id: Option<&str>,
+        attributes: BTreeMap<String, String>,
+        csr_pem: Option<&str>,
+    ) -> Result<Registration, ApiError> {
+        let tenant = self.tenant_for(p, tenant_id, Access::Operate)?;
+        self.existing_tenant(&tenant)?;
+        if given(csr_pem).is_some() {
+            return Err(ApiError::new(
+                ErrorCode::NotImplemented,
+                "certificate issuance from a CSR is not available in this build; omit csr_pem to receive a device token",
+            ));
+        }
+        check_attributes(&attributes)?;
+        let orb = match given(orb_id) {
+            Some(id) => OrbId::parse(id).map_err(|e| invalid(e.to_string()))?,
+            None => OrbId::parse(&format!("orb-{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff))
+                .expect("generated ids are valid"),
+        };
+        let token = crate::auth::generate_token();
+        let key = OrbKey::new(tenant.clone(), orb.clone());
+        let mut record = OrbRecord::provisioned(key, Some(crate::auth::hash_token(token.as_bytes())), self.now_ms());
+        record.attributes = attributes;
+        self.fleet().register(record).await?;
+        Ok(Registration { tenant, orb, device_token: token })
+    }
+
+    /// The registry record and live state (never activates the orb's actor).
+    pub async fn get_orb(&self, p: &Principal, tenant_id: Option<&str>, orb_id: &str) -> Result<OrbState, ApiError> {
+        let key = self.orb_key(p, tenant_id, orb_id, Access::Read)?;
+        self.fleet().view(&key).await?.ok_or_else(|| not_found(&key))
+    }
+
+    /// Registered orbs in id order, optionally of one status.
+    pub async fn list_orbs(
+        &self,
+        p: &Principal,
+        tenant_id: Option<&str>,
+        status: Option<&str>,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<(Vec<OrbState>, Option<String>), ApiError> {
+        let tenant = self.tenant_for(p, tenant_id, Access::Read)?;
+        let status = match given(status) {
+            None => None,
+            Some(s) => Some(
+                [OrbStatus::Provisioned, OrbStatus::Active, OrbStatus::Decommissioned]
+                    .into_iter()
+                    .find(|x| x.as_str() == s)
+                    .ok_or_else(|| invalid(format!("status {s:?}: provisioned, active or decommissioned")))?,
+            ),
+        };
+        let page_size = if page_size == 0 { 100 } else { page_size };
+        if page_size > ORBS_PAGE_MAX {
+            return Err(invalid(format!("page_size must be at most {ORBS_PAGE_MAX}")));
+        }
+        let mut after = given(page_token)
+            .map(|t| OrbId::parse(t).map_err(|_| invalid("page_token is not one this server issued")))
+            .transpose()?;
+        let mut out = Vec::with_capacity(page_size);
+        // A filter that rarely matches pages on in bounded steps.
+        for _ in 0..10 {
+            let ids =
+                self.store().orb_ids_after(&tenant, after.as_ref().map(OrbId::as_str), page_size).map_err(internal)?;
+            let exhausted = ids.len() < page_size;
+            for id in ids {
+                after = Some(id.clone());
+                let key = OrbKey::new(tenant.clone(), id);
+                if let Some(state) = self.fleet().view(&key).await?
+                    && status.is_none_or(|s| s == state.record.status)
+                {
+                    out.push(state);
+                    if out.len() == page_size {
+                        return Ok((out, after.map(|a| a.to_string())));
+                    }
+                }
+            }
+            if exhausted {
+                return Ok((out, None));
+            }
+        }
+        Ok((out, after.map(|a| a.to_string())))
+    }
+
+    pub async fn decommission_orb(
+        &self,
+        p: &Principal,
+        tenant_id: Option<&str>,
+        orb_id: &str,
+    ) -> Result<OrbState, ApiError> {
+        let key = self.orb_key(p, tenant_id, orb_id, Access::Operate)?;
+        if self.store().orb(&key).map_err(internal)?.is_none() {
+            return Err(not_found(&key));
+        }
+        self.fleet().decommission(&key).await?;
+        self.fleet().view(&key).await?.ok_or_else(|| not_found(&key))
+    }
+
+    /// Telemetry history, ordered by device time; cursor pages never split points that share
+    /// a millisecond.
+    pub fn history(
+        &self,
+        p: &Principal,
+        tenant_id: Option<&str>,
+        orb_id: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+        page_token: Option<&str>,
+    ) -> Result<HistoryPage, ApiError> {
+        let key = self.orb_key(p, tenant_id, orb_id, Access::Read)?;
+        let limit = if limit == 0 { HISTORY_PAGE_DEFAULT } else { limit };
+        if limit > HISTORY_PAGE_MAX {
+            return Err(invalid(format!("limit must be 1..{HISTORY_PAGE_MAX}")));
+        }
+        if from > to {
+            return Err(invalid("from is after to"));
+        }
+        let after = given(page_token).map(decode_page_token).transpose()?;
+        if self.store().orb(&key).map_err(internal)?.is_none() {
+            return Err(not_found(&key));
+        }
+        // One extra point tells whether another page exists.
+        let mut rows = self.store().points(&key, from, to, after, limit + 1).map_err(internal)?;
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let next_page_token = if more {
+            rows.last().map(|((ts, suffix), _)| {
+                let mut b = ts.to_be_bytes().to_vec();
+                b.extend_from_slice(&suffix.to_be_bytes());
+                hex::encode(b)
+            })
+        } else {
+            None
+        };
+        Ok(HistoryPage { key, points: rows.into_iter().map(|(_, p)| p).collect(), next_page_token })
+    }
+}
+
+fn decode_page_token(t: &str) -> Result<(u64, u64), ApiError> {
+    let bad = || invalid("page_token is not one this server issued");
+    let bytes = hex::decode(t).map_err(|_| bad())?;
+    if bytes.len() != 16 {
+        return Err(bad());
+    }
+    let ts = u64::from_be_bytes(bytes[..8].try_into().map_err(|_| bad())?);
+    let suffix = u64::from_be_bytes(bytes[8..].try_into().map_err(|_| bad())?);
+    Ok((ts, suffix))
+}

@@ -1,0 +1,96 @@
+//! Tenants and their API tokens.
+
+use super::{Access, Api, Principal, Role, internal, invalid};
+use crate::error::{ApiError, ErrorCode};
+use crate::model::TenantId;
+use crate::model::tenant::ApiToken;
+use crate::storage::{Batch, Store, TenantRecord};
+
+/// Longest API token name, in bytes.
+const TOKEN_NAME_LEN_MAX: usize = 128;
+
+impl Api {
+    /// Creates a tenant (bootstrap token only).
+    pub async fn create_tenant(&self, p: &Principal, tenant_id: &str) -> Result<TenantRecord, ApiError> {
+        if *p != Principal::Root {
+            return Err(ApiError::new(ErrorCode::PermissionDenied, "only the bootstrap token creates tenants"));
+        }
+        let tenant = TenantId::parse(tenant_id).map_err(|e| invalid(format!("tenant_id: {e}")))?;
+        let _serial = self.tenant_lock.lock().await;
+        if self.store().tenant(&tenant).map_err(internal)?.is_some() {
+            return Err(ApiError::new(ErrorCode::AlreadyExists, format!("tenant {tenant} exists")));
+        }
+        let record = TenantRecord { tenant, created_ms: self.now_ms() };
+        let mut batch = Batch::new();
+        Store::add_tenant(&mut batch, &record);
+        self.store().commit(batch).await.map_err(internal)?;
+        Ok(record)
+    }
+
+    /// Fails with `NotFound` unless the tenant exists (the dev tenant always does under --dev).
+    pub(crate) fn existing_tenant(&self, tenant: &TenantId) -> Result<(), ApiError> {
+        if self.dev && tenant.is_dev() {
+            return Ok(());
+        }
+        match self.store().tenant(tenant).map_err(internal)? {
+            Some(_) => Ok(()),
+            None => Err(ApiError::new(ErrorCode::NotFound, format!("no tenant {tenant}"))),
+        }
+    }
+
+    /// Issues an API token; the secret is returned once and only its hash is stored.
+    pub async fn create_api_token(
+        &self,
+        p: &Principal,
+        tenant_id: Option<&str>,
+        role: Role,
+        name: &str,
+    ) -> Result<(ApiToken, String), ApiError> {
+        let tenant = self.tenant_for(p, tenant_id, Access::Admin)?;
+        self.existing_tenant(&tenant)?;
+        if name.len() > TOKEN_NAME_LEN_MAX || name.chars().any(char::is_control) {
+            return Err(invalid(format!("name: at most {TOKEN_NAME_LEN_MAX} bytes, no control characters")));
+        }
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret).expect("operating system random source failed");
+        let token = format!("{}{tenant}/{}", super::auth::API_TOKEN_PREFIX, hex::encode(secret));
+        let mut id = [0u8; 6];
+        getrandom::fill(&mut id).expect("operating system random source failed");
+        let record = ApiToken {
+            token_id: format!("tok-{}", hex::encode(id)),
+            tenant,
+            role,
+            name: name.to_string(),
+            created_ms: self.now_ms(),
+            revoked: false,
+        };
+        let mut batch = Batch::new();
+        Store::add_api_token(&mut batch, &crate::auth::hash_token(token.as_bytes()), &record);
+        self.store().commit(batch).await.map_err(internal)?;
+        Ok((record, token))
+    }
+
+    pub fn list_api_tokens(&self, p: &Principal, tenant_id: Option<&str>) -> Result<Vec<ApiToken>, ApiError> {
+        let tenant = self.tenant_for(p, tenant_id, Access::Admin)?;
+        Ok(self.store().api_tokens(&tenant).map_err(internal)?.into_iter().map(|(_, t)| t).collect())
+    }
+
+    /// Revokes a token: it stops working at once (every call looks it up).
+    pub async fn revoke_api_token(
+        &self,
+        p: &Principal,
+        tenant_id: Option<&str>,
+        token_id: &str,
+    ) -> Result<ApiToken, ApiError> {
+        let tenant = self.tenant_for(p, tenant_id, Access::Admin)?;
+        let tokens = self.store().api_tokens(&tenant).map_err(internal)?;
+        let Some((hash, mut t)) = tokens.into_iter().find(|(_, t)| t.token_id == token_id) else {
+            return Err(ApiError::new(ErrorCode::NotFound, format!("no token {token_id} in tenant {tenant}")));
+        };
+        t.revoked = true;
+        let mut batch = Batch::new();
+        Store::add_api_token(&mut batch, &hash, &t);
+        self.store().commit(batch).await.map_err(internal)?;
+        Ok(t)
+    }
+}
