@@ -55,7 +55,7 @@ impl Api {
     pub fn command_of(&self, key: &OrbKey, command_id: &str) -> Result<Command, ApiError> {
         let missing = || ApiError::new(ErrorCode::NotFound, format!("orb {} has no command {command_id}", key.orb));
         let seq = seq_of(command_id).ok_or_else(missing)?;
-        match self.store().command(&key, seq).map_err(internal)? {
+        match self.store().command(key, seq).map_err(internal)? {
             Some(c) if c.command_id == command_id => Ok(c),
             _ => Err(missing()),
         }

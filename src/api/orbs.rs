@@ -20,6 +20,16 @@ pub struct Registration {
     pub device_token: String,
 }
 
+/// A history request: `from <= ts <= to`, at most `limit` points (0: the default), after the
+/// cursor `page_token`.
+#[derive(Clone, Debug, Default)]
+pub struct HistoryQuery {
+    pub from: u64,
+    pub to: u64,
+    pub limit: usize,
+    pub page_token: Option<String>,
+}
+
 /// One page of history and the cursor to the next.
 pub struct HistoryPage {
     pub key: OrbKey,
@@ -170,12 +180,10 @@ impl Api {
         p: &Principal,
         tenant_id: Option<&str>,
         orb_id: &str,
-        from: u64,
-        to: u64,
-        limit: usize,
-        page_token: Option<&str>,
+        q: &HistoryQuery,
     ) -> Result<HistoryPage, ApiError> {
         let key = self.orb_key(p, tenant_id, orb_id, Access::Read)?;
+        let (from, to, limit, page_token) = (q.from, q.to, q.limit, q.page_token.as_deref());
         let limit = if limit == 0 { HISTORY_PAGE_DEFAULT } else { limit };
         if limit > HISTORY_PAGE_MAX {
             return Err(invalid(format!("limit must be 1..{HISTORY_PAGE_MAX}")));

@@ -277,15 +277,13 @@ async fn history(
     if q.limit == Some(0) {
         return Err(bad(ErrorCode::InvalidArgument, "limit must be at least 1"));
     }
-    let page = ctx.api.history(
-        &p,
-        q.tenant_id.as_deref(),
-        &id,
-        q.from.unwrap_or(0),
-        q.to.unwrap_or(u64::MAX),
-        q.limit.unwrap_or(0),
-        q.page_token.as_deref(),
-    )?;
+    let range = crate::api::orbs::HistoryQuery {
+        from: q.from.unwrap_or(0),
+        to: q.to.unwrap_or(u64::MAX),
+        limit: q.limit.unwrap_or(0),
+        page_token: q.page_token.clone(),
+    };
+    let page = ctx.api.history(&p, q.tenant_id.as_deref(), &id, &range)?;
     let points: Vec<serde_json::Value> = page
         .points
         .iter()
