@@ -154,7 +154,9 @@ impl Server {
             .map_err(|e| AppError::Start { what: "mqtt listener", message: e.to_string() })?;
         readiness.mqtt.store(true, Ordering::Release);
 
+        let api = Arc::new(Api::new(ingest, config.dev, config.auth.admin_token.clone()));
         let (grpc_tx, grpc_rx) = oneshot::channel::<()>();
+        let grpc_api = api.clone();
         let grpc_l = tokio::net::TcpListener::from_std(grpc_l).map_err(|source| AppError::Bind {
             what: "grpc",
             addr: config.grpc_addr.clone(),
@@ -163,7 +165,7 @@ impl Server {
         let r = readiness.clone();
         let grpc_task = tokio::spawn(async move {
             r.grpc.store(true, Ordering::Release);
-            if let Err(e) = crate::net::grpc::serve(grpc_l, async {
+            if let Err(e) = crate::net::grpc::serve(grpc_l, grpc_api, async {
                 let _ = grpc_rx.await;
             })
             .await
@@ -173,7 +175,6 @@ impl Server {
             r.grpc.store(false, Ordering::Release);
         });
 
-        let api = Arc::new(Api::new(ingest, config.dev, config.auth.admin_token.clone()));
         let http_ctx = Arc::new(HttpCtx { api: api.clone(), readiness: readiness.clone() });
         let (http_tx, http_rx) = oneshot::channel::<()>();
         let http_l = tokio::net::TcpListener::from_std(http_l).map_err(|source| AppError::Bind {

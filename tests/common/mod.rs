@@ -40,6 +40,7 @@ pub struct TestServer {
     pub dir: TempDir,
     pub http: String,
     pub mqtt: SocketAddr,
+    pub grpc: SocketAddr,
 }
 
 impl TestServer {
@@ -59,7 +60,7 @@ impl TestServer {
         tweak(&mut config);
         let server = Server::start(&config, Clock::system()).await.unwrap_or_else(|e| panic!("server starts: {e}"));
         let e = server.endpoints();
-        TestServer { http: format!("http://{}", e.http), mqtt: e.mqtt, server: Some(server), dir }
+        TestServer { http: format!("http://{}", e.http), mqtt: e.mqtt, grpc: e.grpc, server: Some(server), dir }
     }
 
     pub fn server(&self) -> &Server {

@@ -1,0 +1,348 @@
+//! The gRPC services: each call authenticates from `authorization` metadata, calls the same
+//! `api::Api` operation as REST, and converts between protobuf and model types here only.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::pb;
+use crate::api::orbs::HistoryQuery;
+use crate::api::{Api, Principal};
+use crate::error::ApiError;
+use crate::model::broadcast::{AbortPolicy, BroadcastRequest};
+use crate::model::command::{Command, CreateRequest};
+use crate::model::orb::OrbState;
+use crate::model::tenant::{ApiToken, Role};
+use crate::storage::StoredPoint;
+
+/// The services' shared state.
+#[derive(Clone)]
+pub struct Services {
+    pub api: Arc<Api>,
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+/// An `ApiError` as a gRPC status; the message starts with the stable code.
+pub fn status(e: ApiError) -> Status {
+    Status::new(tonic::Code::from_i32(e.code.grpc_code()), format!("{}: {}", e.code, e.message))
+}
+
+fn opt(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+impl Services {
+    fn principal<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+        let auth = match req.metadata().get("authorization") {
+            Some(v) => Some(v.to_str().map_err(|_| Status::unauthenticated("authorization metadata is not ASCII"))?),
+            None => None,
+        };
+        self.api.authenticate(auth).map_err(status)
+    }
+}
+
+fn role_to_pb(r: Role) -> i32 {
+    match r {
+        Role::Viewer => pb::Role::Viewer as i32,
+        Role::Operator => pb::Role::Operator as i32,
+        Role::Admin => pb::Role::Admin as i32,
+    }
+}
+
+fn token_to_pb(t: &ApiToken) -> pb::ApiToken {
+    pb::ApiToken {
+        token_id: t.token_id.clone(),
+        tenant_id: t.tenant.to_string(),
+        role: role_to_pb(t.role),
+        name: t.name.clone(),
+        created_ms: t.created_ms,
+        revoked: t.revoked,
+    }
+}
+
+pub fn point_to_pb(sp: &crate::model::TelemetryPoint, received_ms: u64) -> pb::TelemetryPoint {
+    pb::TelemetryPoint {
+        ts: sp.ts,
+        msg_id: sp.msg_id.clone().unwrap_or_default(),
+        battery: sp.battery,
+        lat: sp.position.map(|p| p.0),
+        lon: sp.position.map(|p| p.1),
+        speed: sp.speed,
+        mode: sp.mode.clone().unwrap_or_default(),
+        metrics: sp.metrics.iter().cloned().collect(),
+        received_ms,
+    }
+}
+
+pub fn orb_to_pb(s: &OrbState) -> pb::Orb {
+    let r = &s.record;
+    let p = &s.presence;
+    pb::Orb {
+        tenant_id: r.tenant.to_string(),
+        orb_id: r.orb.to_string(),
+        status: r.status.as_str().into(),
+        attributes: r.attributes.clone().into_iter().collect(),
+        created_ms: r.created_ms,
+        updated_ms: r.updated_ms,
+        auto_registered: r.auto_registered,
+        connectivity: Some(pb::Connectivity {
+            online: p.online,
+            conn_seq: p.conn_seq,
+            connected_at_ms: p.connected_at_ms,
+            disconnected_at_ms: p.disconnected_at_ms,
+            disconnect_reason: p.disconnect_reason.map(|d| d.as_str().to_string()).unwrap_or_default(),
+            protocol: p.protocol.map(|v| if v == 5 { "5.0" } else { "3.1.1" }.to_string()).unwrap_or_default(),
+            client_id: p.client_id.clone().unwrap_or_default(),
+            last_seen_ms: s.last_seen_ms,
+        }),
+        telemetry: s.last.as_ref().map(|pt| point_to_pb(pt, s.last_seen_ms.unwrap_or(0))),
+        reported: Some(pb::Reported {
+            versions: s.reported.versions.clone().into_iter().collect(),
+            config_json: s.reported.config.clone().unwrap_or_default(),
+            updated_ms: s.reported.updated_ms,
+        }),
+    }
+}
+
+fn command_to_pb(c: &Command) -> pb::Command {
+    pb::Command {
+        command_id: c.command_id.clone(),
+        seq: c.seq,
+        command_type: c.command_type.clone(),
+        payload_json: c.payload.clone(),
+        status: c.status.as_str().into(),
+        created_ms: c.created_ms,
+        expiry_ts: c.expiry_ts,
+        timeout_s: c.timeout_ms.map(|t| t / 1000),
+        idempotency_key: c.idempotency_key.clone().unwrap_or_default(),
+        attempts: c.attempts,
+        broadcast_id: c.broadcast_id.clone().unwrap_or_default(),
+        history: c
+            .history
+            .iter()
+            .map(|t| pb::Transition {
+                status: t.status.as_str().into(),
+                at_ms: t.at_ms,
+                reason: t.reason.clone().unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+fn broadcast_to_pb(v: &serde_json::Value) -> pb::Broadcast {
+    let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+    let u = |k: &str| v[k].as_u64().unwrap_or(0);
+    let counts: HashMap<String, u64> = v["counts"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0))).collect())
+        .unwrap_or_default();
+    pb::Broadcast {
+        broadcast_id: s("broadcast_id"),
+        status: s("status"),
+        command_type: s("command_type"),
+        total: u("total"),
+        fanned_out: u("fanned_out"),
+        counts,
+        create_errors: u("create_errors"),
+        reason: s("reason"),
+        created_ms: u("created_ms"),
+    }
+}
+
+fn payload(json: &str) -> Result<serde_json::Value, Status> {
+    if json.is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    serde_json::from_str(json).map_err(|e| Status::invalid_argument(format!("invalid_argument: payload_json: {e}")))
+}
+
+#[tonic::async_trait]
+impl pb::tenant_service_server::TenantService for Services {
+    async fn create_tenant(&self, req: Request<pb::CreateTenantRequest>) -> R<pb::Tenant> {
+        let p = self.principal(&req)?;
+        let t = self.api.create_tenant(&p, &req.get_ref().tenant_id).await.map_err(status)?;
+        Ok(Response::new(pb::Tenant { tenant_id: t.tenant.to_string(), created_ms: t.created_ms }))
+    }
+
+    async fn create_api_token(&self, req: Request<pb::CreateApiTokenRequest>) -> R<pb::CreatedApiToken> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let role = match pb::Role::try_from(r.role) {
+            Ok(pb::Role::Viewer) => Role::Viewer,
+            Ok(pb::Role::Operator) => Role::Operator,
+            Ok(pb::Role::Admin) => Role::Admin,
+            _ => return Err(Status::invalid_argument("invalid_argument: role must be VIEWER, OPERATOR or ADMIN")),
+        };
+        let (t, secret) = self.api.create_api_token(&p, opt(&r.tenant_id), role, &r.name).await.map_err(status)?;
+        Ok(Response::new(pb::CreatedApiToken { token: Some(token_to_pb(&t)), secret }))
+    }
+
+    async fn list_api_tokens(&self, req: Request<pb::ListApiTokensRequest>) -> R<pb::ListApiTokensResponse> {
+        let p = self.principal(&req)?;
+        let tokens = self.api.list_api_tokens(&p, opt(&req.get_ref().tenant_id)).map_err(status)?;
+        Ok(Response::new(pb::ListApiTokensResponse { tokens: tokens.iter().map(token_to_pb).collect() }))
+    }
+
+    async fn revoke_api_token(&self, req: Request<pb::RevokeApiTokenRequest>) -> R<pb::ApiToken> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let t = self.api.revoke_api_token(&p, opt(&r.tenant_id), &r.token_id).await.map_err(status)?;
+        Ok(Response::new(token_to_pb(&t)))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::registry_service_server::RegistryService for Services {
+    async fn register_orb(&self, req: Request<pb::RegisterOrbRequest>) -> R<pb::RegisterOrbResponse> {
+        let p = self.principal(&req)?;
+        let r = req.into_inner();
+        let reg = self
+            .api
+            .register_orb(&p, opt(&r.tenant_id), opt(&r.orb_id), r.attributes.into_iter().collect(), opt(&r.csr_pem))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::RegisterOrbResponse {
+            tenant_id: reg.tenant.to_string(),
+            orb_id: reg.orb.to_string(),
+            device_token: reg.device_token,
+            certificate_pem: String::new(),
+            ca_pem: String::new(),
+            server_ca_pem: String::new(),
+        }))
+    }
+
+    async fn get_orb(&self, req: Request<pb::GetOrbRequest>) -> R<pb::Orb> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let s = self.api.get_orb(&p, opt(&r.tenant_id), &r.orb_id).await.map_err(status)?;
+        Ok(Response::new(orb_to_pb(&s)))
+    }
+
+    async fn list_orbs(&self, req: Request<pb::ListOrbsRequest>) -> R<pb::ListOrbsResponse> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let (orbs, next) = self
+            .api
+            .list_orbs(&p, opt(&r.tenant_id), opt(&r.status), r.page_size as usize, opt(&r.page_token))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ListOrbsResponse {
+            orbs: orbs.iter().map(orb_to_pb).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn decommission_orb(&self, req: Request<pb::DecommissionOrbRequest>) -> R<pb::Orb> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let s = self.api.decommission_orb(&p, opt(&r.tenant_id), &r.orb_id).await.map_err(status)?;
+        Ok(Response::new(orb_to_pb(&s)))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::telemetry_service_server::TelemetryService for Services {
+    async fn query_telemetry(&self, req: Request<pb::QueryTelemetryRequest>) -> R<pb::QueryTelemetryResponse> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let q = HistoryQuery {
+            from: r.from,
+            to: if r.to == 0 { u64::MAX } else { r.to },
+            limit: r.limit as usize,
+            page_token: opt(&r.page_token).map(str::to_string),
+        };
+        let page = self.api.history(&p, opt(&r.tenant_id), &r.orb_id, &q).map_err(status)?;
+        let points = page.points.iter().map(|sp: &StoredPoint| point_to_pb(&sp.point, sp.received_ms)).collect();
+        Ok(Response::new(pb::QueryTelemetryResponse {
+            points,
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::command_service_server::CommandService for Services {
+    async fn create_command(&self, req: Request<pb::CreateCommandRequest>) -> R<pb::CreateCommandResponse> {
+        let p = self.principal(&req)?;
+        let r = req.into_inner();
+        let create = CreateRequest {
+            command_type: r.command_type,
+            payload: payload(&r.payload_json)?,
+            expiry_ts: r.expiry_ts,
+            timeout_s: r.timeout_s,
+            idempotency_key: opt(&r.idempotency_key).map(str::to_string),
+            supersede: r.supersede,
+        };
+        let (c, created) = self.api.create_command(&p, opt(&r.tenant_id), &r.orb_id, create).await.map_err(status)?;
+        Ok(Response::new(pb::CreateCommandResponse { command: Some(command_to_pb(&c)), created }))
+    }
+
+    async fn get_command(&self, req: Request<pb::GetCommandRequest>) -> R<pb::Command> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let c = self.api.get_command(&p, opt(&r.tenant_id), &r.orb_id, &r.command_id).map_err(status)?;
+        Ok(Response::new(command_to_pb(&c)))
+    }
+
+    async fn list_commands(&self, req: Request<pb::ListCommandsRequest>) -> R<pb::ListCommandsResponse> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let (cmds, next) = self
+            .api
+            .list_commands(&p, opt(&r.tenant_id), &r.orb_id, opt(&r.status), r.limit as usize, opt(&r.page_token))
+            .map_err(status)?;
+        Ok(Response::new(pb::ListCommandsResponse {
+            commands: cmds.iter().map(command_to_pb).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn cancel_command(&self, req: Request<pb::CancelCommandRequest>) -> R<pb::Command> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let c = self.api.cancel_command(&p, opt(&r.tenant_id), &r.orb_id, &r.command_id).await.map_err(status)?;
+        Ok(Response::new(command_to_pb(&c)))
+    }
+
+    async fn start_broadcast(&self, req: Request<pb::StartBroadcastRequest>) -> R<pb::Broadcast> {
+        let p = self.principal(&req)?;
+        let r = req.into_inner();
+        let abort = match (r.abort_failure_pct, r.abort_min_samples) {
+            (None, None) => None,
+            (Some(failure_pct), Some(min_samples)) => Some(AbortPolicy { failure_pct, min_samples }),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "invalid_argument: abort needs both abort_failure_pct and abort_min_samples",
+                ));
+            }
+        };
+        let b = BroadcastRequest {
+            command_type: r.command_type,
+            payload: payload(&r.payload_json)?,
+            expiry_ts: r.expiry_ts,
+            timeout_s: r.timeout_s,
+            orb_ids: (!r.orb_ids.is_empty()).then_some(r.orb_ids),
+            all_orbs: r.all_orbs,
+            rate_per_s: (r.rate_per_s != 0).then_some(r.rate_per_s),
+            abort,
+        };
+        let v = self.api.start_broadcast(&p, opt(&r.tenant_id), b).await.map_err(status)?;
+        Ok(Response::new(broadcast_to_pb(&v)))
+    }
+
+    async fn get_broadcast(&self, req: Request<pb::GetBroadcastRequest>) -> R<pb::Broadcast> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let v = self.api.get_broadcast(&p, opt(&r.tenant_id), &r.broadcast_id).await.map_err(status)?;
+        Ok(Response::new(broadcast_to_pb(&v)))
+    }
+
+    async fn cancel_broadcast(&self, req: Request<pb::CancelBroadcastRequest>) -> R<pb::Broadcast> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let v = self.api.cancel_broadcast(&p, opt(&r.tenant_id), &r.broadcast_id).await.map_err(status)?;
+        Ok(Response::new(broadcast_to_pb(&v)))
+    }
+}
