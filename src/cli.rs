@@ -21,6 +21,178 @@ pub enum Command {
     Demo(DemoArgs),
     /// Fleet simulator / MQTT load generator; prints a JSON summary.
     Sim(SimArgs),
+    /// Tenants (bootstrap token).
+    Tenants {
+        #[command(flatten)]
+        conn: ClientArgs,
+        #[command(subcommand)]
+        cmd: TenantsCmd,
+    },
+    /// API tokens of a tenant.
+    Tokens {
+        #[command(flatten)]
+        conn: ClientArgs,
+        #[command(subcommand)]
+        cmd: TokensCmd,
+    },
+    /// The registry: register, read, list, decommission orbs.
+    Orbs {
+        #[command(flatten)]
+        conn: ClientArgs,
+        #[command(subcommand)]
+        cmd: OrbsCmd,
+    },
+    /// Telemetry history.
+    Telemetry {
+        #[command(flatten)]
+        conn: ClientArgs,
+        #[command(subcommand)]
+        cmd: TelemetryCmd,
+    },
+    /// Commands and broadcasts.
+    Commands {
+        #[command(flatten)]
+        conn: ClientArgs,
+        #[command(subcommand)]
+        cmd: CommandsCmd,
+    },
+}
+
+/// How the operator CLI reaches the server (gRPC).
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// gRPC address of the server.
+    #[arg(long, global = true, env = "ORBMANAGER_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+    /// API token (or the bootstrap token).
+    #[arg(long, global = true, env = "ORBMANAGER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Tenant to act in (optional with a tenant-scoped token).
+    #[arg(long, global = true, env = "ORBMANAGER_TENANT")]
+    pub tenant: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum TenantsCmd {
+    Create { tenant_id: String },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum TokensCmd {
+    /// Issue a token (its secret is printed once).
+    Create {
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    List,
+    Revoke {
+        token_id: String,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum OrbsCmd {
+    /// Register an orb; prints its device token once.
+    Register {
+        /// Orb id (generated when omitted).
+        #[arg(long)]
+        id: Option<String>,
+        /// Attribute `key=value` (repeatable).
+        #[arg(long = "attr", value_parser = parse_attr)]
+        attrs: Vec<(String, String)>,
+        /// PEM certificate signing request file.
+        #[arg(long)]
+        csr: Option<PathBuf>,
+    },
+    Get {
+        orb_id: String,
+    },
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+        #[arg(long)]
+        page_token: Option<String>,
+    },
+    Decommission {
+        orb_id: String,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum TelemetryCmd {
+    /// History of one orb, ordered by device time.
+    Query {
+        orb_id: String,
+        /// Unix ms.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Unix ms (0: no bound).
+        #[arg(long, default_value_t = 0)]
+        to: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long)]
+        page_token: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum CommandsCmd {
+    /// Send a command to one orb.
+    Send {
+        orb_id: String,
+        command_type: String,
+        /// JSON payload.
+        #[arg(long)]
+        payload: Option<String>,
+        #[arg(long)]
+        expiry_ts: Option<u64>,
+        #[arg(long)]
+        timeout_s: Option<u64>,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[arg(long)]
+        supersede: bool,
+    },
+    Get {
+        orb_id: String,
+        command_id: String,
+    },
+    List {
+        orb_id: String,
+        /// `pending`, a state, or all when omitted.
+        #[arg(long)]
+        status: Option<String>,
+    },
+    Cancel {
+        orb_id: String,
+        command_id: String,
+    },
+    /// Fan a command out to every orb of the tenant, or to `--orb` ids.
+    Broadcast {
+        command_type: String,
+        #[arg(long)]
+        payload: Option<String>,
+        #[arg(long = "orb")]
+        orbs: Vec<String>,
+        #[arg(long, default_value_t = 1000)]
+        rate_per_s: u32,
+    },
+    /// A broadcast's live summary.
+    BroadcastStatus {
+        broadcast_id: String,
+    },
+}
+
+fn parse_attr(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?} is not key=value"))
 }
 
 /// Options shared by `serve` and `demo`. Each has an `ORBMANAGER_*` twin and a config key.

@@ -56,6 +56,12 @@ fn sim_config(a: &SimArgs) -> anyhow::Result<SimConfig> {
     })
 }
 
+/// Prints a CLI result (tables and JSON to stdout); errors go to stderr via `main`.
+fn client_out(r: Result<String, orbmanager::client::ClientError>) -> anyhow::Result<()> {
+    print!("{}", r?);
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
@@ -66,6 +72,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load_config(&args.serve)?;
             runtime()?.block_on(orbmanager::demo::run(config, args.orbs, args.interval_ms))?;
         }
+        Command::Tenants { conn, cmd } => client_out(runtime()?.block_on(orbmanager::client::tenants(&conn, &cmd)))?,
+        Command::Tokens { conn, cmd } => client_out(runtime()?.block_on(orbmanager::client::tokens(&conn, &cmd)))?,
+        Command::Orbs { conn, cmd } => client_out(runtime()?.block_on(orbmanager::client::orbs(&conn, &cmd)))?,
+        Command::Telemetry { conn, cmd } => {
+            client_out(runtime()?.block_on(orbmanager::client::telemetry(&conn, &cmd)))?
+        }
+        Command::Commands { conn, cmd } => client_out(runtime()?.block_on(orbmanager::client::commands(&conn, &cmd)))?,
         Command::Sim(args) => {
             init_tracing(&std::env::var("ORBMANAGER_LOG").unwrap_or_else(|_| "warn".into()));
             let cfg = sim_config(&args)?;

@@ -1,0 +1,414 @@
+//! The operator CLI (`orbmanager tenants|tokens|orbs|telemetry|commands ...`) over the gRPC
+//! API: tables for people, `--json` for scripts.
+
+use std::fmt::Write as _;
+
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+use crate::cli::{ClientArgs, CommandsCmd, OrbsCmd, TelemetryCmd, TenantsCmd, TokensCmd};
+use crate::net::grpc::pb;
+use pb::command_service_client::CommandServiceClient;
+use pb::registry_service_client::RegistryServiceClient;
+use pb::telemetry_service_client::TelemetryServiceClient;
+use pb::tenant_service_client::TenantServiceClient;
+
+/// A failed CLI call, printed to stderr.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach {server}: {source}")]
+    Connect { server: String, source: tonic::transport::Error },
+    #[error("{}", .0.message())]
+    Call(#[from] Status),
+    #[error("{0}")]
+    Usage(String),
+}
+
+struct Client {
+    ch: Channel,
+    args: ClientArgs,
+}
+
+impl Client {
+    fn req<T>(&self, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        r.set_timeout(std::time::Duration::from_secs(30));
+        if let Some(t) = &self.args.token
+            && let Ok(v) = format!("Bearer {t}").parse()
+        {
+            r.metadata_mut().insert("authorization", v);
+        }
+        r
+    }
+
+    fn tenant(&self) -> String {
+        self.args.tenant.clone().unwrap_or_default()
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+/// Columns padded to their widest cell.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let parts: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        let _ = writeln!(out, "{}", parts.join("  ").trim_end());
+    };
+    line(header.to_vec(), &mut out);
+    for r in rows {
+        line(r.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+fn opt_f(v: Option<f64>) -> String {
+    v.map(|x| format!("{x}")).unwrap_or_else(|| "-".into())
+}
+
+fn orb_text(o: &pb::Orb) -> String {
+    let c = o.connectivity.clone().unwrap_or_default();
+    let t = o.telemetry.clone().unwrap_or_default();
+    let mut s = String::new();
+    let _ = writeln!(s, "orb        {}/{}", o.tenant_id, o.orb_id);
+    let _ = writeln!(s, "status     {}", o.status);
+    let _ = writeln!(
+        s,
+        "online     {} (conn {}, {})",
+        c.online,
+        c.conn_seq,
+        if c.protocol.is_empty() { "-" } else { &c.protocol }
+    );
+    let _ = writeln!(s, "battery    {}", opt_f(t.battery));
+    let _ = writeln!(s, "position   {} {}", opt_f(t.lat), opt_f(t.lon));
+    let _ = writeln!(s, "speed      {}", opt_f(t.speed));
+    let _ = writeln!(s, "mode       {}", if t.mode.is_empty() { "-" } else { &t.mode });
+    for (k, v) in &o.attributes {
+        let _ = writeln!(s, "attr       {k}={v}");
+    }
+    if let Some(r) = &o.reported {
+        for (k, v) in &r.versions {
+            let _ = writeln!(s, "version    {k}={v}");
+        }
+    }
+    s
+}
+
+fn command_row(c: &pb::Command) -> Vec<String> {
+    vec![c.command_id.clone(), c.seq.to_string(), c.command_type.clone(), c.status.clone(), c.attempts.to_string()]
+}
+
+const COMMAND_HEADER: [&str; 5] = ["COMMAND_ID", "SEQ", "TYPE", "STATUS", "ATTEMPTS"];
+
+fn payload(p: &Option<String>) -> Result<String, ClientError> {
+    match p {
+        None => Ok(String::new()),
+        Some(p) => {
+            serde_json::from_str::<serde_json::Value>(p)
+                .map_err(|e| ClientError::Usage(format!("--payload is not JSON: {e}")))?;
+            Ok(p.clone())
+        }
+    }
+}
+
+async fn connect(args: &ClientArgs) -> Result<Client, ClientError> {
+    let ch = Channel::from_shared(args.server.clone())
+        .map_err(|e| ClientError::Usage(format!("--server {}: {e}", args.server)))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|source| ClientError::Connect { server: args.server.clone(), source })?;
+    Ok(Client { ch, args: args.clone() })
+}
+
+pub async fn tenants(args: &ClientArgs, cmd: &TenantsCmd) -> Result<String, ClientError> {
+    let c = connect(args).await?;
+    let mut svc = TenantServiceClient::new(c.ch.clone());
+    match cmd {
+        TenantsCmd::Create { tenant_id } => {
+            let t =
+                svc.create_tenant(c.req(pb::CreateTenantRequest { tenant_id: tenant_id.clone() })).await?.into_inner();
+            Ok(if args.json { json(&t) } else { format!("created tenant {}\n", t.tenant_id) })
+        }
+    }
+}
+
+pub async fn tokens(args: &ClientArgs, cmd: &TokensCmd) -> Result<String, ClientError> {
+    let c = connect(args).await?;
+    let mut svc = TenantServiceClient::new(c.ch.clone());
+    let token_rows = |ts: &[pb::ApiToken]| {
+        let rows: Vec<Vec<String>> = ts
+            .iter()
+            .map(|t| {
+                let role = pb::Role::try_from(t.role)
+                    .map(|r| r.as_str_name().trim_start_matches("ROLE_").to_lowercase())
+                    .unwrap_or_default();
+                vec![t.token_id.clone(), role, t.name.clone(), t.revoked.to_string()]
+            })
+            .collect();
+        table(&["TOKEN_ID", "ROLE", "NAME", "REVOKED"], &rows)
+    };
+    match cmd {
+        TokensCmd::Create { role, name } => {
+            let role = match role.as_str() {
+                "viewer" => pb::Role::Viewer,
+                "operator" => pb::Role::Operator,
+                _ => pb::Role::Admin,
+            };
+            let t = svc
+                .create_api_token(c.req(pb::CreateApiTokenRequest {
+                    tenant_id: c.tenant(),
+                    role: role as i32,
+                    name: name.clone(),
+                }))
+                .await?
+                .into_inner();
+            Ok(if args.json { json(&t) } else { format!("{}\n(the secret is shown once; store it now)\n", t.secret) })
+        }
+        TokensCmd::List => {
+            let ts = svc.list_api_tokens(c.req(pb::ListApiTokensRequest { tenant_id: c.tenant() })).await?.into_inner();
+            Ok(if args.json { json(&ts) } else { token_rows(&ts.tokens) })
+        }
+        TokensCmd::Revoke { token_id } => {
+            let t = svc
+                .revoke_api_token(
+                    c.req(pb::RevokeApiTokenRequest { tenant_id: c.tenant(), token_id: token_id.clone() }),
+                )
+                .await?
+                .into_inner();
+            Ok(if args.json { json(&t) } else { token_rows(&[t]) })
+        }
+    }
+}
+
+pub async fn orbs(args: &ClientArgs, cmd: &OrbsCmd) -> Result<String, ClientError> {
+    let c = connect(args).await?;
+    let mut svc = RegistryServiceClient::new(c.ch.clone());
+    match cmd {
+        OrbsCmd::Register { id, attrs, csr } => {
+            let csr_pem = match csr {
+                Some(p) => {
+                    std::fs::read_to_string(p).map_err(|e| ClientError::Usage(format!("{}: {e}", p.display())))?
+                }
+                None => String::new(),
+            };
+            let r = svc
+                .register_orb(c.req(pb::RegisterOrbRequest {
+                    tenant_id: c.tenant(),
+                    orb_id: id.clone().unwrap_or_default(),
+                    attributes: attrs.iter().cloned().collect(),
+                    csr_pem,
+                }))
+                .await?
+                .into_inner();
+            Ok(if args.json {
+                json(&r)
+            } else {
+                format!(
+                    "registered {}/{}\nmqtt username  {}/{}\ndevice token   {}\n(the token is shown once; store it on the device)\n",
+                    r.tenant_id, r.orb_id, r.tenant_id, r.orb_id, r.device_token
+                )
+            })
+        }
+        OrbsCmd::Get { orb_id } => {
+            let o = svc
+                .get_orb(c.req(pb::GetOrbRequest { tenant_id: c.tenant(), orb_id: orb_id.clone() }))
+                .await?
+                .into_inner();
+            Ok(if args.json { json(&o) } else { orb_text(&o) })
+        }
+        OrbsCmd::List { status, page_size, page_token } => {
+            let r = svc
+                .list_orbs(c.req(pb::ListOrbsRequest {
+                    tenant_id: c.tenant(),
+                    status: status.clone().unwrap_or_default(),
+                    page_size: *page_size,
+                    page_token: page_token.clone().unwrap_or_default(),
+                }))
+                .await?
+                .into_inner();
+            if args.json {
+                return Ok(json(&r));
+            }
+            let rows: Vec<Vec<String>> = r
+                .orbs
+                .iter()
+                .map(|o| {
+                    let t = o.telemetry.clone().unwrap_or_default();
+                    let online = o.connectivity.as_ref().is_some_and(|c| c.online);
+                    vec![o.orb_id.clone(), o.status.clone(), online.to_string(), opt_f(t.battery), t.mode]
+                })
+                .collect();
+            let mut out = table(&["ORB", "STATUS", "ONLINE", "BATTERY", "MODE"], &rows);
+            if !r.next_page_token.is_empty() {
+                let _ = writeln!(out, "(more: --page-token {})", r.next_page_token);
+            }
+            Ok(out)
+        }
+        OrbsCmd::Decommission { orb_id } => {
+            let o = svc
+                .decommission_orb(c.req(pb::DecommissionOrbRequest { tenant_id: c.tenant(), orb_id: orb_id.clone() }))
+                .await?
+                .into_inner();
+            Ok(if args.json { json(&o) } else { orb_text(&o) })
+        }
+    }
+}
+
+pub async fn telemetry(args: &ClientArgs, cmd: &TelemetryCmd) -> Result<String, ClientError> {
+    let c = connect(args).await?;
+    let mut svc = TelemetryServiceClient::new(c.ch.clone());
+    let TelemetryCmd::Query { orb_id, from, to, limit, page_token } = cmd;
+    let r = svc
+        .query_telemetry(c.req(pb::QueryTelemetryRequest {
+            tenant_id: c.tenant(),
+            orb_id: orb_id.clone(),
+            from: *from,
+            to: *to,
+            limit: *limit,
+            page_token: page_token.clone().unwrap_or_default(),
+        }))
+        .await?
+        .into_inner();
+    if args.json {
+        return Ok(json(&r));
+    }
+    let rows: Vec<Vec<String>> = r
+        .points
+        .iter()
+        .map(|p| vec![p.ts.to_string(), opt_f(p.battery), opt_f(p.lat), opt_f(p.lon), opt_f(p.speed), p.mode.clone()])
+        .collect();
+    let mut out = table(&["TS", "BATTERY", "LAT", "LON", "SPEED", "MODE"], &rows);
+    if !r.next_page_token.is_empty() {
+        let _ = writeln!(out, "(more: --page-token {})", r.next_page_token);
+    }
+    Ok(out)
+}
+
+pub async fn commands(args: &ClientArgs, cmd: &CommandsCmd) -> Result<String, ClientError> {
+    let c = connect(args).await?;
+    let mut svc = CommandServiceClient::new(c.ch.clone());
+    let broadcast_text = |b: &pb::Broadcast| {
+        let mut counts: Vec<(&String, &u64)> = b.counts.iter().filter(|(_, n)| **n > 0).collect();
+        counts.sort();
+        let counts: Vec<String> = counts.iter().map(|(k, n)| format!("{k}={n}")).collect();
+        format!(
+            "broadcast {}  {}  {}/{} fanned out  {}\n",
+            b.broadcast_id,
+            b.status,
+            b.fanned_out,
+            b.total,
+            counts.join(" ")
+        )
+    };
+    match cmd {
+        CommandsCmd::Send { orb_id, command_type, payload: p, expiry_ts, timeout_s, idempotency_key, supersede } => {
+            let r = svc
+                .create_command(c.req(pb::CreateCommandRequest {
+                    tenant_id: c.tenant(),
+                    orb_id: orb_id.clone(),
+                    command_type: command_type.clone(),
+                    payload_json: payload(p)?,
+                    expiry_ts: *expiry_ts,
+                    timeout_s: *timeout_s,
+                    idempotency_key: idempotency_key.clone().unwrap_or_default(),
+                    supersede: *supersede,
+                }))
+                .await?
+                .into_inner();
+            if args.json {
+                return Ok(json(&r));
+            }
+            let cmd = r.command.unwrap_or_default();
+            Ok(table(&COMMAND_HEADER, &[command_row(&cmd)])
+                + if r.created { "" } else { "(already created with this idempotency key)\n" })
+        }
+        CommandsCmd::Get { orb_id, command_id } => {
+            let cmd = svc
+                .get_command(c.req(pb::GetCommandRequest {
+                    tenant_id: c.tenant(),
+                    orb_id: orb_id.clone(),
+                    command_id: command_id.clone(),
+                }))
+                .await?
+                .into_inner();
+            if args.json {
+                return Ok(json(&cmd));
+            }
+            let rows: Vec<Vec<String>> =
+                cmd.history.iter().map(|t| vec![t.at_ms.to_string(), t.status.clone(), t.reason.clone()]).collect();
+            Ok(table(&COMMAND_HEADER, &[command_row(&cmd)]) + "\n" + &table(&["AT_MS", "STATUS", "REASON"], &rows))
+        }
+        CommandsCmd::List { orb_id, status } => {
+            let r = svc
+                .list_commands(c.req(pb::ListCommandsRequest {
+                    tenant_id: c.tenant(),
+                    orb_id: orb_id.clone(),
+                    status: status.clone().unwrap_or_default(),
+                    limit: 0,
+                    page_token: String::new(),
+                }))
+                .await?
+                .into_inner();
+            Ok(if args.json {
+                json(&r)
+            } else {
+                table(&COMMAND_HEADER, &r.commands.iter().map(command_row).collect::<Vec<_>>())
+            })
+        }
+        CommandsCmd::Cancel { orb_id, command_id } => {
+            let cmd = svc
+                .cancel_command(c.req(pb::CancelCommandRequest {
+                    tenant_id: c.tenant(),
+                    orb_id: orb_id.clone(),
+                    command_id: command_id.clone(),
+                }))
+                .await?
+                .into_inner();
+            Ok(if args.json { json(&cmd) } else { table(&COMMAND_HEADER, &[command_row(&cmd)]) })
+        }
+        CommandsCmd::Broadcast { command_type, payload: p, orbs, rate_per_s } => {
+            let b = svc
+                .start_broadcast(c.req(pb::StartBroadcastRequest {
+                    tenant_id: c.tenant(),
+                    command_type: command_type.clone(),
+                    payload_json: payload(p)?,
+                    orb_ids: orbs.clone(),
+                    all_orbs: orbs.is_empty(),
+                    rate_per_s: *rate_per_s,
+                    ..Default::default()
+                }))
+                .await?
+                .into_inner();
+            Ok(if args.json { json(&b) } else { broadcast_text(&b) })
+        }
+        CommandsCmd::BroadcastStatus { broadcast_id } => {
+            let b = svc
+                .get_broadcast(
+                    c.req(pb::GetBroadcastRequest { tenant_id: c.tenant(), broadcast_id: broadcast_id.clone() }),
+                )
+                .await?
+                .into_inner();
+            Ok(if args.json { json(&b) } else { broadcast_text(&b) })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::table;
+
+    #[test]
+    fn tables_pad_to_the_widest_cell() {
+        let t = table(&["A", "LONGER"], &[vec!["xxxx".into(), "y".into()]]);
+        assert_eq!(t, "A     LONGER\nxxxx  y\n");
+    }
+}
