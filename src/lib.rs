@@ -18,5 +18,6 @@ pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod pki;
 pub mod sim;
 pub mod storage;

@@ -44,7 +44,7 @@ async fn registration_validates_and_conflicts_are_409() {
         (serde_json::json!({"tenant_id": "ac me", "orb_id": "x"}), "invalid_argument"),
         (serde_json::json!({"tenant_id": "acme", "orb_id": "x", "colour": 1}), "invalid_argument"),
         (serde_json::json!({"orb_id": "x"}), "invalid_argument"),
-        (serde_json::json!({"tenant_id": "acme", "orb_id": "x", "csr_pem": "-----BEGIN"}), "not_implemented"),
+        (serde_json::json!({"tenant_id": "acme", "orb_id": "x", "csr_pem": "-----BEGIN"}), "invalid_argument"),
     ] {
         let (status, body) = http("POST", &url, Some(ADMIN), Some(req.clone())).await;
         assert_eq!(body["code"], code, "{req} -> {status} {body}");

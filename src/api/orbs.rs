@@ -18,6 +18,11 @@ pub struct Registration {
     pub tenant: TenantId,
     pub orb: OrbId,
     pub device_token: String,
+    /// With a CSR: the device certificate, the tenant CA that issued it and the CA of the
+    /// server certificate (to verify the MQTTS listener).
+    pub certificate_pem: Option<String>,
+    pub ca_pem: Option<String>,
+    pub server_ca_pem: Option<String>,
 }
 
 /// A history request: `from <= ts <= to`, at most `limit` points (0: the default), after the
@@ -82,12 +87,6 @@ impl Api {
     ) -> Result<Registration, ApiError> {
         let tenant = self.tenant_for(p, tenant_id, Access::Operate)?;
         self.existing_tenant(&tenant)?;
-        if given(csr_pem).is_some() {
-            return Err(ApiError::new(
-                ErrorCode::NotImplemented,
-                "certificate issuance from a CSR is not available in this build; omit csr_pem to receive a device token",
-            ));
-        }
         check_attributes(&attributes)?;
         let orb = match given(orb_id) {
             Some(id) => OrbId::parse(id).map_err(|e| invalid(e.to_string()))?,
@@ -95,11 +94,31 @@ impl Api {
                 .expect("generated ids are valid"),
         };
         let token = crate::auth::generate_token();
+        let now = self.now_ms();
         let key = OrbKey::new(tenant.clone(), orb.clone());
-        let mut record = OrbRecord::provisioned(key, Some(crate::auth::hash_token(token.as_bytes())), self.now_ms());
+        let mut record = OrbRecord::provisioned(key, Some(crate::auth::hash_token(token.as_bytes())), now);
         record.attributes = attributes;
+        let mut reg = Registration {
+            tenant: tenant.clone(),
+            orb: orb.clone(),
+            device_token: token,
+            certificate_pem: None,
+            ca_pem: None,
+            server_ca_pem: None,
+        };
+        if let Some(csr) = given(csr_pem) {
+            let ca = self.ca(Some(&tenant)).await?;
+            let issued = crate::pki::issue_device_cert(&ca, &tenant, &orb, csr, now).map_err(|e| match e {
+                crate::pki::PkiError::Ca(_) => internal(e),
+                e => invalid(e.to_string()),
+            })?;
+            record.cert_serial = Some(issued.serial);
+            reg.certificate_pem = Some(issued.cert_pem);
+            reg.ca_pem = Some(ca.cert_pem);
+            reg.server_ca_pem = Some(self.ca(None).await?.cert_pem);
+        }
         self.fleet().register(record).await?;
-        Ok(Registration { tenant, orb, device_token: token })
+        Ok(reg)
     }
 
     /// The registry record and live state (never activates the orb's actor).
@@ -166,10 +185,14 @@ impl Api {
         orb_id: &str,
     ) -> Result<OrbState, ApiError> {
         let key = self.orb_key(p, tenant_id, orb_id, Access::Operate)?;
-        if self.store().orb(&key).map_err(internal)?.is_none() {
-            return Err(not_found(&key));
-        }
+        let Some(record) = self.store().orb(&key).map_err(internal)? else { return Err(not_found(&key)) };
         self.fleet().decommission(&key).await?;
+        // Its certificate is revoked with it (the token stops working with the status).
+        if let Some(serial) = &record.cert_serial {
+            let mut batch = crate::storage::Batch::new();
+            crate::storage::Store::add_revoked(&mut batch, &key, serial, self.now_ms());
+            self.store().commit(batch).await.map_err(internal)?;
+        }
         self.fleet().view(&key).await?.ok_or_else(|| not_found(&key))
     }
 

@@ -4,6 +4,7 @@ use super::{Access, Api, Principal, Role, internal, invalid};
 use crate::error::{ApiError, ErrorCode};
 use crate::model::TenantId;
 use crate::model::tenant::ApiToken;
+use crate::pki::StoredCa;
 use crate::storage::{Batch, Store, TenantRecord};
 
 /// Longest API token name, in bytes.
@@ -21,10 +22,35 @@ impl Api {
             return Err(ApiError::new(ErrorCode::AlreadyExists, format!("tenant {tenant} exists")));
         }
         let record = TenantRecord { tenant, created_ms: self.now_ms() };
+        // The tenant's device CA is created with it.
+        let ca = crate::pki::new_tenant_ca(&record.tenant, record.created_ms).map_err(internal)?;
         let mut batch = Batch::new();
         Store::add_tenant(&mut batch, &record);
+        Store::add_ca(&mut batch, Some(&record.tenant), &ca);
         self.store().commit(batch).await.map_err(internal)?;
         Ok(record)
+    }
+
+    /// A tenant's device CA (`None`: the platform's server CA), created on first use where it
+    /// does not exist yet (the dev tenant, stores from before CAs).
+    pub(crate) async fn ca(&self, tenant: Option<&TenantId>) -> Result<StoredCa, ApiError> {
+        if let Some(ca) = self.store().ca(tenant).map_err(internal)? {
+            return Ok(ca);
+        }
+        let _serial = self.tenant_lock.lock().await;
+        if let Some(ca) = self.store().ca(tenant).map_err(internal)? {
+            return Ok(ca);
+        }
+        let now = self.now_ms();
+        let ca = match tenant {
+            Some(t) => crate::pki::new_tenant_ca(t, now),
+            None => crate::pki::new_ca("OrbManager server CA", now),
+        }
+        .map_err(internal)?;
+        let mut batch = Batch::new();
+        Store::add_ca(&mut batch, tenant, &ca);
+        self.store().commit(batch).await.map_err(internal)?;
+        Ok(ca)
     }
 
     /// Fails with `NotFound` unless the tenant exists (the dev tenant always does under --dev).

@@ -44,6 +44,8 @@ pub struct OrbRecord {
     pub updated_ms: u64,
     /// Registered on first contact in `--dev`, not by an operator.
     pub auto_registered: bool,
+    /// Serial (hex) of the device certificate issued at registration, if any.
+    pub cert_serial: Option<String>,
 }
 
 impl OrbRecord {
@@ -59,6 +61,7 @@ impl OrbRecord {
             token_hash,
             created_ms: now_ms,
             updated_ms: now_ms,
+            cert_serial: None,
         }
     }
 
@@ -331,6 +334,7 @@ impl OrbState {
             "created_ms": r.created_ms,
             "updated_ms": r.updated_ms,
             "auto_registered": r.auto_registered,
+            "cert_serial": r.cert_serial,
             "connectivity": {
                 "online": p.online,
                 "conn_seq": p.conn_seq,
@@ -372,6 +376,7 @@ mod tests {
             created_ms: 1,
             updated_ms: 1,
             auto_registered: token.is_none(),
+            cert_serial: None,
         }
     }
 

@@ -15,6 +15,8 @@
 //! | `broadcasts` | `t 0 id`                                  | `Broadcast`      |
 //! | `broadcast_targets` | `t 0 id`                           | `Vec<OrbId>`     |
 //! | `api_tokens` | `t 0 sha256(secret)`                      | `ApiToken`       |
+//! | `cas`       | `t` (or `0`: the platform server CA)       | `StoredCa`       |
+//! | `revoked`   | `t 0 serial`                               | (orb, at_ms)     |
 //! | `meta`      | ascii name                                 | per name         |
 
 use crate::model::OrbKey;
@@ -101,6 +103,21 @@ pub fn idempotency(key: &OrbKey, idem: &str) -> Vec<u8> {
 pub fn api_token(tenant: &str, hash: &[u8; 32]) -> Vec<u8> {
     let mut k = tenant_prefix(tenant);
     k.extend_from_slice(hash);
+    k
+}
+
+/// The key of a CA: the tenant id, or `0` for the platform's server CA.
+pub fn ca(tenant: Option<&str>) -> Vec<u8> {
+    match tenant {
+        Some(t) => t.as_bytes().to_vec(),
+        None => vec![0],
+    }
+}
+
+/// `t 0 serial`: a revoked device certificate.
+pub fn revoked(tenant: &str, serial: &str) -> Vec<u8> {
+    let mut k = tenant_prefix(tenant);
+    k.extend_from_slice(serial.as_bytes());
     k
 }
 

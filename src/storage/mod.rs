@@ -26,6 +26,7 @@ use crate::model::orb::{OrbRecord, Presence};
 use crate::model::state_report::Reported;
 use crate::model::tenant::ApiToken;
 use crate::model::{OrbId, OrbKey, TelemetryPoint, TenantId};
+use crate::pki::StoredCa;
 
 /// Storage errors.
 #[derive(Debug, thiserror::Error)]
@@ -60,10 +61,12 @@ pub enum Ks {
     Broadcasts,
     BroadcastTargets,
     ApiTokens,
+    Cas,
+    Revoked,
 }
 
 impl Ks {
-    const ALL: [Ks; 13] = [
+    const ALL: [Ks; 15] = [
         Ks::Meta,
         Ks::Tenants,
         Ks::Orbs,
@@ -77,6 +80,8 @@ impl Ks {
         Ks::Broadcasts,
         Ks::BroadcastTargets,
         Ks::ApiTokens,
+        Ks::Cas,
+        Ks::Revoked,
     ];
 
     fn name(self) -> &'static str {
@@ -94,6 +99,8 @@ impl Ks {
             Ks::Broadcasts => "broadcasts",
             Ks::BroadcastTargets => "broadcast_targets",
             Ks::ApiTokens => "api_tokens",
+            Ks::Cas => "cas",
+            Ks::Revoked => "revoked",
         }
     }
 }
@@ -290,6 +297,24 @@ impl Store {
             out.push((hash, decode("api token", &v)?));
         }
         Ok(out)
+    }
+
+    /// A tenant's device CA (key `t`), or the platform server CA (key `0`: not a tenant id).
+    pub fn add_ca(batch: &mut Batch, tenant: Option<&TenantId>, ca: &StoredCa) {
+        batch.put(Ks::Cas, keys::ca(tenant.map(TenantId::as_str)), encode(ca));
+    }
+
+    pub fn ca(&self, tenant: Option<&TenantId>) -> Result<Option<StoredCa>, Error> {
+        self.get_decoded(Ks::Cas, "certificate authority", &keys::ca(tenant.map(TenantId::as_str)))
+    }
+
+    /// Records a revoked device certificate (checked by the mTLS listener).
+    pub fn add_revoked(batch: &mut Batch, key: &OrbKey, serial: &str, at_ms: u64) {
+        batch.put(Ks::Revoked, keys::revoked(key.tenant.as_str(), serial), encode(&(key.orb.clone(), at_ms)));
+    }
+
+    pub fn is_revoked(&self, tenant: &TenantId, serial: &str) -> Result<bool, Error> {
+        Ok(self.ks.get(Ks::Revoked).contains_key(keys::revoked(tenant.as_str(), serial))?)
     }
 
     pub fn add_broadcast(batch: &mut Batch, b: &Broadcast) {

@@ -207,9 +207,9 @@ impl pb::registry_service_server::RegistryService for Services {
             tenant_id: reg.tenant.to_string(),
             orb_id: reg.orb.to_string(),
             device_token: reg.device_token,
-            certificate_pem: String::new(),
-            ca_pem: String::new(),
-            server_ca_pem: String::new(),
+            certificate_pem: reg.certificate_pem.unwrap_or_default(),
+            ca_pem: reg.ca_pem.unwrap_or_default(),
+            server_ca_pem: reg.server_ca_pem.unwrap_or_default(),
         }))
     }
 

@@ -208,6 +208,9 @@ async fn register(State(ctx): Ctx, headers: HeaderMap, body: Bytes) -> Result<Re
         "status": OrbStatus::Provisioned.as_str(),
         "device_token": r.device_token,
         "mqtt_username": format!("{}/{}", r.tenant, r.orb),
+        "certificate_pem": r.certificate_pem,
+        "ca_pem": r.ca_pem,
+        "server_ca_pem": r.server_ca_pem,
     });
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
