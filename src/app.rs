@@ -67,6 +67,8 @@ pub struct Server {
     http: (Option<oneshot::Sender<()>>, Option<JoinHandle<()>>),
     grpc: (Option<oneshot::Sender<()>>, Option<JoinHandle<()>>),
     sweeper: JoinHandle<()>,
+    /// Ends live streams when draining starts.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 fn bind(what: &'static str, addr: &str) -> Result<std::net::TcpListener, AppError> {
@@ -118,7 +120,8 @@ impl Server {
                 config.dev,
                 boot_id(),
                 config.actors.idle_passivate_s * 1000,
-            ),
+            )
+            .with_hub(crate::stream::Hub::new(config.stream.buffer)),
             config.actors.shards,
         )
         .await
@@ -154,7 +157,8 @@ impl Server {
             .map_err(|e| AppError::Start { what: "mqtt listener", message: e.to_string() })?;
         readiness.mqtt.store(true, Ordering::Release);
 
-        let api = Arc::new(Api::new(ingest, config.dev, config.auth.admin_token.clone()));
+        let (closing_tx, closing) = tokio::sync::watch::channel(false);
+        let api = Arc::new(Api::new(ingest, config.dev, config.auth.admin_token.clone(), closing));
         let (grpc_tx, grpc_rx) = oneshot::channel::<()>();
         let grpc_api = api.clone();
         let grpc_l = tokio::net::TcpListener::from_std(grpc_l).map_err(|source| AppError::Bind {
@@ -230,6 +234,7 @@ impl Server {
             http: (Some(http_tx), Some(http_task)),
             grpc: (Some(grpc_tx), Some(grpc_task)),
             sweeper,
+            closing: closing_tx,
         })
     }
 
@@ -254,6 +259,7 @@ impl Server {
     pub async fn shutdown(mut self) {
         tracing::info!("draining");
         self.readiness.draining.store(true, Ordering::Release);
+        let _ = self.closing.send(true);
         let grace = Duration::from_millis(SHUTDOWN_GRACE_MS);
         if let Some(mqtt) = self.mqtt.take() {
             if tokio::time::timeout(grace, mqtt.stop()).await.is_err() {

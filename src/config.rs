@@ -29,7 +29,21 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub storage: StorageConfig,
     pub actors: ActorsConfig,
+    pub stream: StreamConfig,
     pub auth: AuthConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    /// Live-stream ring size, in events; a subscriber further behind is told and resynced.
+    pub buffer: usize,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig { buffer: limits::STREAM_BUFFER_DEFAULT }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -102,6 +116,7 @@ impl Default for Config {
             telemetry: TelemetryConfig::default(),
             storage: StorageConfig::default(),
             actors: ActorsConfig::default(),
+            stream: StreamConfig::default(),
             auth: AuthConfig::default(),
         }
     }
@@ -339,6 +354,9 @@ impl Config {
         }
         if a.idle_passivate_s == 0 {
             return invalid("actors.idle_passivate_s must be at least 1".into());
+        }
+        if !(16..=16 * 1024 * 1024).contains(&self.stream.buffer) {
+            return invalid(format!("stream.buffer = {} must be 16..16777216", self.stream.buffer));
         }
         if !self.auth.admin_token.is_empty() && self.auth.admin_token.len() < 16 {
             return invalid("auth.admin_token must be at least 16 characters".into());

@@ -21,3 +21,4 @@ pub mod net;
 pub mod pki;
 pub mod sim;
 pub mod storage;
+pub mod stream;

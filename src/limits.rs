@@ -115,3 +115,8 @@ pub const BROADCAST_RATE_MAX_PER_S: u32 = 100_000;
 pub const BROADCAST_IN_FLIGHT_MAX: usize = 512;
 /// How often broadcasts fan out and persist their cursor, in ms.
 pub const BROADCAST_TICK_MS: u64 = 100;
+
+/// Default size of the live-stream ring, in events; a subscriber further behind is resynced.
+pub const STREAM_BUFFER_DEFAULT: usize = 65_536;
+/// Most orbs one stream subscription may name (and resync after a lag).
+pub const STREAM_ORBS_MAX: usize = 1_000;

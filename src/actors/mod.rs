@@ -42,6 +42,8 @@ pub struct OrbCtx {
     pub idle_passivate_ms: u64,
     /// The broadcast manager, set once the fleet has started.
     pub broadcasts: std::sync::OnceLock<ActorRef<BroadcastMsg>>,
+    /// The live stream of orb changes.
+    pub hub: crate::stream::Hub,
 }
 
 impl OrbCtx {
@@ -53,7 +55,22 @@ impl OrbCtx {
         boot_id: u64,
         idle_passivate_ms: u64,
     ) -> Self {
-        OrbCtx { store, clock, metrics, dev, boot_id, idle_passivate_ms, broadcasts: std::sync::OnceLock::new() }
+        OrbCtx {
+            store,
+            clock,
+            metrics,
+            dev,
+            boot_id,
+            idle_passivate_ms,
+            broadcasts: std::sync::OnceLock::new(),
+            hub: crate::stream::Hub::new(crate::limits::STREAM_BUFFER_DEFAULT),
+        }
+    }
+
+    /// Uses `hub` for the live stream (its ring size comes from the config).
+    pub fn with_hub(mut self, hub: crate::stream::Hub) -> Self {
+        self.hub = hub;
+        self
     }
 
     /// Tells the broadcast manager about a durable transition of a broadcast command.

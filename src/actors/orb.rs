@@ -21,6 +21,7 @@ use crate::model::orb::{Admission, ConnectRequest, DisconnectReason, Effect, Eve
 use crate::model::state_report::StateReport;
 use crate::model::{OrbKey, TelemetryPoint};
 use crate::storage::{Batch, Store};
+use crate::stream::{ChangeKind, OrbChange};
 
 /// Closes a live connection; held by the actor for the orb's current connection.
 pub type KickSender = oneshot::Sender<DisconnectReason>;
@@ -173,6 +174,7 @@ impl Actor for OrbActor {
                     perform(state, effects).await?;
                     state.kick = Some((conn_seq, kick));
                     let _ = reply.send(Ok(conn_seq));
+                    publish(state, ChangeKind::Presence, now);
                 }
                 Admission::Refused(code) => {
                     let _ = reply.send(Err(code));
@@ -186,14 +188,22 @@ impl Actor for OrbActor {
                 if state.outbox.as_ref().is_some_and(|o| o.conn_seq == conn_seq) {
                     state.outbox = None;
                 }
+                let changed = !effects.is_empty();
                 perform(state, effects).await?;
+                if changed {
+                    publish(state, ChangeKind::Presence, now);
+                }
             }
             OrbMsg::Telemetry(point) => {
                 let effects = state.orb.apply(Event::Telemetry(&point), now);
                 perform(state, effects).await?;
+                publish(state, ChangeKind::Telemetry, now);
             }
             OrbMsg::Report { report, reply } => {
                 let result = report_state(state, &report, now).await;
+                if result.is_ok() {
+                    publish(state, ChangeKind::Reported, now);
+                }
                 let _ = reply.send(result);
             }
             OrbMsg::Refused { code, reason } => {
@@ -205,6 +215,7 @@ impl Actor for OrbActor {
             OrbMsg::Decommission { reply } => {
                 let effects = state.orb.apply(Event::Decommission, now);
                 let result = perform(state, effects).await.map_err(ApiError::internal);
+                publish(state, ChangeKind::Status, now);
                 let _ = reply.send(result);
             }
             OrbMsg::View { reply } => {
@@ -248,6 +259,11 @@ impl Actor for OrbActor {
         }
         Ok(())
     }
+}
+
+/// Tells live-stream subscribers about a change that was just applied.
+fn publish(state: &OrbActorState, kind: ChangeKind, now: u64) {
+    state.ctx.hub.publish(OrbChange::of(&state.orb, kind, now));
 }
 
 async fn report_state(state: &mut OrbActorState, report: &StateReport, now: u64) -> Result<(), ApiError> {

@@ -25,11 +25,18 @@ pub struct Api {
     pub admin_token: String,
     /// Serializes tenant creation (exists-then-create).
     pub tenant_lock: tokio::sync::Mutex<()>,
+    /// Turns true when the server drains: live streams end so listeners can stop.
+    pub closing: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Api {
-    pub fn new(ingest: Arc<Ingest>, dev: bool, admin_token: String) -> Api {
-        Api { ingest, dev, admin_token, tenant_lock: tokio::sync::Mutex::new(()) }
+    pub fn new(
+        ingest: Arc<Ingest>,
+        dev: bool,
+        admin_token: String,
+        closing: tokio::sync::watch::Receiver<bool>,
+    ) -> Api {
+        Api { ingest, dev, admin_token, tenant_lock: tokio::sync::Mutex::new(()), closing }
     }
 }
 

@@ -245,3 +245,64 @@ fn decode_page_token(t: &str) -> Result<(u64, u64), ApiError> {
     let suffix = u64::from_be_bytes(bytes[8..].try_into().map_err(|_| bad())?);
     Ok((ts, suffix))
 }
+
+/// What a stream subscriber is sent.
+pub enum StreamEvent {
+    Change(std::sync::Arc<crate::stream::OrbChange>),
+    Lagged(u64),
+}
+
+impl Api {
+    /// Subscribes to live changes of a tenant's orbs (all, or the named ones). The returned
+    /// receiver is bounded; a subscriber that reads too slowly is told it lagged and, for named
+    /// orbs, resynchronised with a snapshot.
+    pub fn stream(
+        self: &std::sync::Arc<Self>,
+        p: &Principal,
+        tenant_id: Option<&str>,
+        orb_ids: &[String],
+    ) -> Result<tokio::sync::mpsc::Receiver<StreamEvent>, ApiError> {
+        use crate::limits::STREAM_ORBS_MAX;
+        use crate::stream::{ChangeKind, Filter, OrbChange, StreamItem};
+        let tenant = self.tenant_for(p, tenant_id, Access::Read)?;
+        if orb_ids.len() > STREAM_ORBS_MAX {
+            return Err(invalid(format!("a stream names at most {STREAM_ORBS_MAX} orbs")));
+        }
+        let orbs = orb_ids
+            .iter()
+            .map(|o| OrbId::parse(o).map_err(|e| invalid(format!("orb_ids: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut sub = self.fleet().ctx().hub.subscribe(Filter { tenant: tenant.clone(), orbs: orbs.clone() });
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let api = self.clone();
+        let mut closing = self.closing.clone();
+        tokio::spawn(async move {
+            loop {
+                let item = tokio::select! {
+                    item = sub.next() => item,
+                    _ = closing.wait_for(|c| *c) => None,
+                };
+                let Some(item) = item else { break };
+                let ok = match item {
+                    StreamItem::Change(c) => tx.send(StreamEvent::Change(c)).await.is_ok(),
+                    StreamItem::Lagged(n) => {
+                        let mut ok = tx.send(StreamEvent::Lagged(n)).await.is_ok();
+                        let now = api.now_ms();
+                        for orb in &orbs {
+                            let key = OrbKey::new(tenant.clone(), orb.clone());
+                            if let Ok(Some(state)) = api.fleet().view(&key).await {
+                                let snap = OrbChange::of(&state, ChangeKind::Snapshot, now);
+                                ok = ok && tx.send(StreamEvent::Change(std::sync::Arc::new(snap))).await.is_ok();
+                            }
+                        }
+                        ok
+                    }
+                };
+                if !ok {
+                    break; // the subscriber is gone
+                }
+            }
+        });
+        Ok(rx)
+    }
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::pb;
-use crate::api::orbs::HistoryQuery;
+use crate::api::orbs::{HistoryQuery, StreamEvent};
 use crate::api::{Api, Principal};
 use crate::error::ApiError;
 use crate::model::broadcast::{AbortPolicy, BroadcastRequest};
@@ -242,8 +242,40 @@ impl pb::registry_service_server::RegistryService for Services {
     }
 }
 
+fn event_to_pb(e: StreamEvent) -> pb::OrbEvent {
+    match e {
+        StreamEvent::Lagged(n) => pb::OrbEvent { kind: "lagged".into(), lagged: n, ..Default::default() },
+        StreamEvent::Change(c) => pb::OrbEvent {
+            kind: serde_json::to_value(c.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+            orb_id: c.orb_id.to_string(),
+            at_ms: c.at_ms,
+            status: c.status.into(),
+            online: c.online,
+            ts: c.ts,
+            battery: c.battery,
+            lat: c.lat,
+            lon: c.lon,
+            speed: c.speed,
+            mode: c.mode.clone().unwrap_or_default(),
+            lagged: 0,
+        },
+    }
+}
+
 #[tonic::async_trait]
 impl pb::telemetry_service_server::TelemetryService for Services {
+    type StreamOrbsStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::OrbEvent, Status>> + Send + 'static>>;
+
+    async fn stream_orbs(&self, req: Request<pb::StreamOrbsRequest>) -> R<Self::StreamOrbsStream> {
+        use tokio_stream::StreamExt;
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let rx = self.api.stream(&p, opt(&r.tenant_id), &r.orb_ids).map_err(status)?;
+        let s = tokio_stream::wrappers::ReceiverStream::new(rx).map(|e| Ok(event_to_pb(e)));
+        Ok(Response::new(Box::pin(s)))
+    }
+
     async fn query_telemetry(&self, req: Request<pb::QueryTelemetryRequest>) -> R<pb::QueryTelemetryResponse> {
         let p = self.principal(&req)?;
         let r = req.get_ref();

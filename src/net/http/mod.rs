@@ -88,6 +88,7 @@ pub fn router(ctx: Arc<HttpCtx>) -> Router {
         .route("/v1/tenants/{tenant}/tokens", get(list_tokens).post(create_token))
         .route("/v1/tenants/{tenant}/tokens/{token_id}/revoke", post(revoke_token))
         .route("/v1/orbs", get(list_orbs))
+        .route("/v1/orbs/stream", get(stream))
         .route("/v1/orbs/register", post(register))
         .route("/v1/orbs/{id}", get(get_orb))
         .route("/v1/orbs/{id}/decommission", post(decommission))
@@ -258,6 +259,40 @@ async fn decommission(
 ) -> Result<Response, Problem> {
     let p = caller(&ctx, &headers)?;
     Ok(Json(ctx.api.decommission_orb(&p, q.tenant_id.as_deref(), &id).await?.to_json()).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamQuery {
+    tenant_id: Option<String>,
+    /// Comma-separated orb ids; all of the tenant's orbs when absent.
+    orb_ids: Option<String>,
+}
+
+/// `GET /v1/orbs/stream`: Server-Sent Events, `event: change` with the orb's dashboard fields
+/// and `event: lagged` with `{"missed": n}` when the subscriber fell behind (a snapshot of the
+/// named orbs follows as changes of kind `snapshot`).
+async fn stream(State(ctx): Ctx, headers: HeaderMap, Query(q): Query<StreamQuery>) -> Result<Response, Problem> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tokio_stream::StreamExt;
+    let p = caller(&ctx, &headers)?;
+    let orbs: Vec<String> = q
+        .orb_ids
+        .as_deref()
+        .map(|s| s.split(',').filter(|x| !x.is_empty()).map(str::to_string).collect())
+        .unwrap_or_default();
+    let rx = ctx.api.stream(&p, q.tenant_id.as_deref(), &orbs)?;
+    let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(|e| {
+        Ok::<_, std::convert::Infallible>(match e {
+            crate::api::orbs::StreamEvent::Change(c) => {
+                Event::default().event("change").data(serde_json::to_string(&*c).unwrap_or_default())
+            }
+            crate::api::orbs::StreamEvent::Lagged(n) => {
+                Event::default().event("lagged").data(format!("{{\"missed\":{n}}}"))
+            }
+        })
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
 }
 
 #[derive(Deserialize)]
