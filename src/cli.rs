@@ -283,4 +283,11 @@ pub struct SimArgs {
     /// Also write the JSON summary to this file.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Measure ingest -> live-stream latency through the server's SSE stream at this HTTP
+    /// address (host:port).
+    #[arg(long)]
+    pub stream_http: Option<String>,
+    /// Bearer token for `--stream-http` (not needed under --dev).
+    #[arg(long, env = "ORBMANAGER_TOKEN", hide_env_values = true)]
+    pub stream_token: Option<String>,
 }

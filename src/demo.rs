@@ -47,6 +47,7 @@ pub async fn run(mut config: Config, orbs: usize, interval_ms: u64) -> Result<()
         anonymous: false,
         workload: Workload::City,
         inflight_max: 16,
+        stream: None,
     };
     let fleet = tokio::spawn(sim::run(sim_cfg, Some(stop_rx)));
     shutdown_signal().await;

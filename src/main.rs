@@ -53,6 +53,7 @@ fn sim_config(a: &SimArgs) -> anyhow::Result<SimConfig> {
         anonymous: a.anonymous,
         workload: Workload::Synthetic { payload_bytes: a.payload_bytes },
         inflight_max: 64,
+        stream: a.stream_http.clone().map(|addr| (addr, a.stream_token.clone())),
     })
 }
 

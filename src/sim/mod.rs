@@ -39,6 +39,8 @@ pub struct SimConfig {
     pub workload: Workload,
     /// In-flight QoS 1 publishes per connection (the broker's receive maximum).
     pub inflight_max: usize,
+    /// `(http host:port, bearer token)` of an OrbManager whose SSE stream to measure.
+    pub stream: Option<(String, Option<String>)>,
 }
 
 /// Percentiles in milliseconds.
@@ -77,6 +79,8 @@ pub struct Summary {
     pub sent_rate: f64,
     pub acked_rate: f64,
     pub puback_latency_ms: Percentiles,
+    /// Device timestamp -> arrival on the live stream (`--stream-http`), when measured.
+    pub stream_latency_ms: Option<Percentiles>,
 }
 
 #[derive(Default)]
@@ -136,13 +140,21 @@ pub async fn run(cfg: SimConfig, stop: Option<watch::Receiver<bool>>) -> Summary
             orb_task(i, &cfg, &stats, hists, connect_at, publish_start, end, stop).await;
         });
     }
+    let stream_task = cfg.stream.clone().map(|(addr, token)| {
+        let tenant = cfg.tenant.clone();
+        let until = end + Duration::from_secs(2);
+        tokio::spawn(async move { stream_latency(&addr, token.as_deref(), &tenant, until).await })
+    });
     while tasks.join_next().await.is_some() {}
+    let stream_latency_ms = match stream_task {
+        Some(t) => t.await.ok().flatten().map(|h| percentiles(&h)),
+        None => None,
+    };
     let elapsed = Instant::now().saturating_duration_since(publish_start).as_secs_f64().max(1e-9);
     let mut all = new_histogram();
     for h in hists.iter() {
         let _ = all.add(&*h.lock().expect("histogram lock"));
     }
-    let ms = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
     let s = &stats;
     Summary {
         target: cfg.addr.clone(),
@@ -163,14 +175,44 @@ pub async fn run(cfg: SimConfig, stop: Option<watch::Receiver<bool>>) -> Summary
         offered_rate: s.scheduled.load(Ordering::Relaxed) as f64 / elapsed,
         sent_rate: s.sent.load(Ordering::Relaxed) as f64 / elapsed,
         acked_rate: s.acked.load(Ordering::Relaxed) as f64 / elapsed,
-        puback_latency_ms: Percentiles {
-            p50: ms(0.5),
-            p95: ms(0.95),
-            p99: ms(0.99),
-            max: all.max() as f64 / 1000.0,
-            samples: all.len(),
-        },
+        puback_latency_ms: percentiles(&all),
+        stream_latency_ms,
     }
+}
+
+fn percentiles(h: &Histogram<u64>) -> Percentiles {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    Percentiles { p50: ms(0.5), p95: ms(0.95), p99: ms(0.99), max: h.max() as f64 / 1000.0, samples: h.len() }
+}
+
+/// Reads the server's SSE stream until `until` and records, for every telemetry change,
+/// the time from the device timestamp (set when the sim built the payload) to arrival.
+async fn stream_latency(addr: &str, token: Option<&str>, tenant: &str, until: Instant) -> Option<Histogram<u64>> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut sock = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let req = format!(
+        "GET /v1/orbs/stream?tenant_id={tenant} HTTP/1.1\r\nHost: {addr}\r\n{auth}Accept: text/event-stream\r\n\r\n"
+    );
+    sock.write_all(req.as_bytes()).await.ok()?;
+    let mut lines = BufReader::new(sock).lines();
+    let mut h = new_histogram();
+    loop {
+        let line = match tokio::time::timeout_at(until, lines.next_line()).await {
+            Ok(Ok(Some(l))) => l,
+            _ => break,
+        };
+        let Some(data) = line.strip_prefix("data: ") else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else { continue };
+        if v["kind"] != "telemetry" {
+            continue;
+        }
+        if let Some(ts) = v["ts"].as_u64() {
+            let now = workload::now_ms();
+            let _ = h.record(now.saturating_sub(ts).max(1) * 1000);
+        }
+    }
+    Some(h)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -335,7 +377,7 @@ impl Summary {
             "target {}  mqtt {}  qos {}  orbs {} ({} connected, {} failed)\n\
              scheduled {}  sent {}  acked {}  refused {}  unacked {}  errors {}\n\
              offered {:.0} msg/s  sent {:.0} msg/s  acked {:.0} msg/s over {:.1} s\n\
-             PUBACK latency ms  p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}  ({} samples)",
+             PUBACK latency ms  p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}  ({} samples){}",
             self.target,
             if self.protocol == 5 { "5.0" } else { "3.1.1" },
             self.qos,
@@ -356,7 +398,11 @@ impl Summary {
             l.p95,
             l.p99,
             l.max,
-            l.samples
+            l.samples,
+            self.stream_latency_ms.as_ref().map_or(String::new(), |s| format!(
+                "\ningest -> stream ms p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}  ({} samples)",
+                s.p50, s.p95, s.p99, s.max, s.samples
+            ))
         )
     }
 }

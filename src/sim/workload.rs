@@ -27,7 +27,7 @@ pub struct Motion {
 /// San Francisco's centre; orbs start within ~5 km of it.
 const CITY: (f64, f64) = (37.7749, -122.4194);
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
