@@ -141,6 +141,13 @@ pub enum TelemetryCmd {
         #[arg(long)]
         page_token: Option<String>,
     },
+    /// Follow live changes (all of the tenant's orbs, or the named ones) until interrupted.
+    Tail {
+        orb_ids: Vec<String>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
 }
 
 #[derive(Debug, Clone, Subcommand)]

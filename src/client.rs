@@ -263,10 +263,57 @@ pub async fn orbs(args: &ClientArgs, cmd: &OrbsCmd) -> Result<String, ClientErro
     }
 }
 
+/// Prints live changes as they come (one line, or one JSON object, per event).
+async fn tail(c: &Client, orb_ids: &[String], count: Option<usize>) -> Result<String, ClientError> {
+    use std::io::Write as _;
+    let mut svc = TelemetryServiceClient::new(c.ch.clone());
+    let mut req = Request::new(pb::StreamOrbsRequest { tenant_id: c.tenant(), orb_ids: orb_ids.to_vec() });
+    if let Some(t) = &c.args.token
+        && let Ok(v) = format!("Bearer {t}").parse()
+    {
+        req.metadata_mut().insert("authorization", v);
+    }
+    let mut stream = svc.stream_orbs(req).await?.into_inner();
+    let mut n = 0;
+    let mut out = std::io::stdout().lock();
+    while count.is_none_or(|c| n < c) {
+        let Some(e) = stream.message().await? else { break };
+        let line = if c.args.json {
+            json_line(&e)
+        } else if e.kind == "lagged" {
+            format!("(fell behind: {} changes missed; resyncing)", e.lagged)
+        } else {
+            format!(
+                "{:>13}  {:<20} {:<10} online={} battery={} pos={},{} mode={}",
+                e.at_ms,
+                e.orb_id,
+                e.kind,
+                e.online,
+                opt_f(e.battery),
+                opt_f(e.lat),
+                opt_f(e.lon),
+                if e.mode.is_empty() { "-" } else { &e.mode }
+            )
+        };
+        // Each event is flushed as it arrives: `tail` is read by people and pipes alike.
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+        n += 1;
+    }
+    Ok(String::new())
+}
+
+fn json_line<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
 pub async fn telemetry(args: &ClientArgs, cmd: &TelemetryCmd) -> Result<String, ClientError> {
     let c = connect(args).await?;
     let mut svc = TelemetryServiceClient::new(c.ch.clone());
-    let TelemetryCmd::Query { orb_id, from, to, limit, page_token } = cmd;
+    let (orb_id, from, to, limit, page_token) = match cmd {
+        TelemetryCmd::Tail { orb_ids, count } => return tail(&c, orb_ids, *count).await,
+        TelemetryCmd::Query { orb_id, from, to, limit, page_token } => (orb_id, from, to, limit, page_token),
+    };
     let r = svc
         .query_telemetry(c.req(pb::QueryTelemetryRequest {
             tenant_id: c.tenant(),

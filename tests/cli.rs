@@ -65,6 +65,37 @@ async fn operators_drive_the_fleet_from_the_command_line() {
     let o = cli(&ts, &op, &["telemetry", "query", "c1"]).await;
     assert!(o.ok && o.stdout.starts_with("TS"), "{}", o.stdout);
 
+    // `telemetry tail` follows live changes: keep posting until the tail has printed one.
+    let server = format!("http://{}", ts.grpc);
+    let mut tail = std::process::Command::new(env!("CARGO_BIN_EXE_orbmanager"))
+        .args(["telemetry", "tail", "c1", "--count", "1", "--json"])
+        .env("ORBMANAGER_SERVER", &server)
+        .env("ORBMANAGER_TOKEN", &op)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut n = 0u64;
+    let finished = loop {
+        n += 1;
+        let point = serde_json::json!({"ts": common::now_ms() - 1000 + n, "battery": 33});
+        let (s, _) = common::http("POST", &ts.url("/v1/orbs/c1/telemetry"), Some(&op), Some(point)).await;
+        assert_eq!(s, 200);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if tail.try_wait().unwrap().is_some() {
+            break true;
+        }
+        if n > 100 {
+            break false;
+        }
+    };
+    assert!(finished, "tail printed nothing");
+    let out = tail.wait_with_output().unwrap();
+    let event: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(
+        (event["orb_id"].as_str(), event["kind"].as_str(), event["battery"].as_f64()),
+        (Some("c1"), Some("telemetry"), Some(33.0))
+    );
+
     // Bad credentials and another tenant: refused, non-zero exit, the reason on stderr.
     let o = cli(&ts, "oma/acme/0000", &["orbs", "list"]).await;
     assert!(!o.ok && o.stderr.contains("unauthenticated"), "{}", o.stderr);
