@@ -112,13 +112,24 @@ pub enum OrbsCmd {
     Get {
         orb_id: String,
     },
+    /// Search the fleet: `--query 'battery < 20 AND mode = "mission"'`.
     List {
+        #[arg(long, short = 'q', default_value = "")]
+        query: String,
         #[arg(long)]
-        status: Option<String>,
+        sort: Option<String>,
+        #[arg(long)]
+        desc: bool,
         #[arg(long, default_value_t = 100)]
         page_size: u32,
         #[arg(long)]
         page_token: Option<String>,
+        /// Count matches by this field instead of listing them.
+        #[arg(long)]
+        count_by: Option<String>,
+        /// Min/max/avg/percentiles of this numeric field over the matches.
+        #[arg(long)]
+        stats: Option<String>,
     },
     Decommission {
         orb_id: String,

@@ -225,29 +225,44 @@ pub async fn orbs(args: &ClientArgs, cmd: &OrbsCmd) -> Result<String, ClientErro
                 .into_inner();
             Ok(if args.json { json(&o) } else { orb_text(&o) })
         }
-        OrbsCmd::List { status, page_size, page_token } => {
+        OrbsCmd::List { query, sort, desc, page_size, page_token, count_by, stats } => {
             let r = svc
-                .list_orbs(c.req(pb::ListOrbsRequest {
+                .search_orbs(c.req(pb::SearchOrbsRequest {
                     tenant_id: c.tenant(),
-                    status: status.clone().unwrap_or_default(),
+                    query: query.clone(),
+                    sort: sort.clone().unwrap_or_default(),
+                    descending: *desc,
                     page_size: *page_size,
                     page_token: page_token.clone().unwrap_or_default(),
+                    count_by: count_by.clone().unwrap_or_default(),
+                    stats: stats.clone().unwrap_or_default(),
                 }))
                 .await?
                 .into_inner();
             if args.json {
                 return Ok(json(&r));
             }
+            if count_by.is_some() {
+                let mut groups: Vec<(&String, &u64)> = r.count_by.iter().collect();
+                groups.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+                let rows: Vec<Vec<String>> = groups.iter().map(|(k, n)| vec![(*k).clone(), n.to_string()]).collect();
+                return Ok(table(&["VALUE", "COUNT"], &rows));
+            }
+            if let Some(s) = &r.stats {
+                return Ok(format!(
+                    "count {}  min {}  max {}  avg {:.3}  p50 {}  p90 {}  p99 {}\n",
+                    s.count, s.min, s.max, s.avg, s.p50, s.p90, s.p99
+                ));
+            }
             let rows: Vec<Vec<String>> = r
                 .orbs
                 .iter()
                 .map(|o| {
-                    let t = o.telemetry.clone().unwrap_or_default();
-                    let online = o.connectivity.as_ref().is_some_and(|c| c.online);
-                    vec![o.orb_id.clone(), o.status.clone(), online.to_string(), opt_f(t.battery), t.mode]
+                    vec![o.orb_id.clone(), o.status.clone(), o.online.to_string(), opt_f(o.battery), o.mode.clone()]
                 })
                 .collect();
             let mut out = table(&["ORB", "STATUS", "ONLINE", "BATTERY", "MODE"], &rows);
+            let _ = writeln!(out, "({} matching)", r.total);
             if !r.next_page_token.is_empty() {
                 let _ = writeln!(out, "(more: --page-token {})", r.next_page_token);
             }

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod pki;
+pub mod search;
 pub mod sim;
 pub mod storage;
 pub mod stream;

@@ -44,6 +44,8 @@ pub struct OrbCtx {
     pub broadcasts: std::sync::OnceLock<ActorRef<BroadcastMsg>>,
     /// The live stream of orb changes.
     pub hub: crate::stream::Hub,
+    /// The in-memory search index (a row per registered orb).
+    pub index: crate::search::FleetIndex,
 }
 
 impl OrbCtx {
@@ -64,7 +66,13 @@ impl OrbCtx {
             idle_passivate_ms,
             broadcasts: std::sync::OnceLock::new(),
             hub: crate::stream::Hub::new(crate::limits::STREAM_BUFFER_DEFAULT),
+            index: crate::search::FleetIndex::default(),
         }
+    }
+
+    /// Refreshes an orb's search row.
+    pub fn index_orb(&self, state: &OrbState) {
+        self.index.upsert(state.record.key(), crate::search::Row::of(state));
     }
 
     /// Uses `hub` for the live stream (its ring size comes from the config).
@@ -111,6 +119,25 @@ impl Fleet {
             refs.push(actor);
         }
         let fleet = Fleet { shards: Arc::new(refs), ctx };
+        // Fill the search index from the store in the background; searches answer
+        // `unavailable` until it is complete, and live updates are never overwritten by it.
+        let (store, index, boot) = (fleet.ctx.store.clone(), fleet.ctx.index.clone(), fleet.ctx.boot_id);
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let result = store.for_each_orb(|record| {
+                let key = record.key();
+                let state = orb::restore(&store, &key, record, boot)?;
+                index.insert_if_absent(key, crate::search::Row::of(&state));
+                Ok(())
+            });
+            match result {
+                Ok(n) => tracing::info!(orbs = n, ms = started.elapsed().as_millis() as u64, "search index loaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "loading the search index failed; searches see only orbs active since start")
+                }
+            }
+            index.set_ready();
+        });
         let (manager, _join) = Actor::spawn(None, BroadcastManager, ManagerArgs { fleet: fleet.clone() }).await?;
         let _ = fleet.ctx.broadcasts.set(manager);
         // Deadlines survive restarts: the pending index carries each command's deadline.

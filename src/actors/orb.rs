@@ -261,8 +261,9 @@ impl Actor for OrbActor {
     }
 }
 
-/// Tells live-stream subscribers about a change that was just applied.
+/// Tells live-stream subscribers and the search index about a change that was just applied.
 fn publish(state: &OrbActorState, kind: ChangeKind, now: u64) {
+    state.ctx.index_orb(&state.orb);
     state.ctx.hub.publish(OrbChange::of(&state.orb, kind, now));
 }
 

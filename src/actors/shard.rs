@@ -278,6 +278,7 @@ async fn persist_new(ctx: &OrbCtx, record: &OrbRecord) -> Result<(), crate::stor
     }
     Store::add_orb(&mut batch, record);
     ctx.store.commit(batch).await?;
+    ctx.index_orb(&crate::model::orb::OrbState::new(record.clone()));
     Ok(())
 }
 

@@ -306,3 +306,79 @@ impl Api {
         Ok(rx)
     }
 }
+
+/// A search as the transports receive it (strings, validated here).
+#[derive(Clone, Debug, Default)]
+pub struct SearchParams {
+    pub query: String,
+    /// Extra status filter (ANDed), for `GET /v1/orbs?status=`.
+    pub status: Option<String>,
+    pub sort: Option<String>,
+    /// `asc` (default) or `desc`.
+    pub order: Option<String>,
+    pub page_size: usize,
+    pub page_token: Option<String>,
+    /// Projection: the fields to return besides `orb_id`.
+    pub fields: Option<Vec<String>>,
+    pub count_by: Option<String>,
+    pub stats: Option<String>,
+}
+
+fn field(name: &str, what: &str) -> Result<crate::model::query::Field, ApiError> {
+    crate::model::query::Field::parse(name).ok_or_else(|| invalid(format!("{what}: unknown field {name:?}")))
+}
+
+impl Api {
+    /// Fleet search over the in-memory index: filter, sort, cursor pages, projection and one
+    /// aggregation over every match.
+    pub fn search_orbs(
+        &self,
+        p: &Principal,
+        tenant_id: Option<&str>,
+        params: SearchParams,
+    ) -> Result<(TenantId, crate::search::SearchResult, Option<Vec<String>>), ApiError> {
+        use crate::model::query::{Expr, Field, Op, Value};
+        use crate::search::{Aggregate, SearchRequest, Sort};
+        let tenant = self.tenant_for(p, tenant_id, Access::Read)?;
+        let mut query = crate::model::query::parse(&params.query).map_err(|e| invalid(e.to_string()))?;
+        if let Some(s) = given(params.status.as_deref()) {
+            query = Expr::And(Box::new(query), Box::new(Expr::Cmp(Field::Status, Op::Eq, Value::Str(s.to_string()))));
+        }
+        let sort = match given(params.sort.as_deref()) {
+            None => None,
+            Some(name) => Some(Sort {
+                field: field(name, "sort")?,
+                descending: match given(params.order.as_deref()) {
+                    None | Some("asc") => false,
+                    Some("desc") => true,
+                    Some(o) => return Err(invalid(format!("order {o:?}: asc or desc"))),
+                },
+            }),
+        };
+        let aggregate = match (given(params.count_by.as_deref()), given(params.stats.as_deref())) {
+            (Some(_), Some(_)) => return Err(invalid("one aggregation at a time: count_by or stats")),
+            (Some(f), None) => Some(Aggregate::CountBy(field(f, "count_by")?)),
+            (None, Some(f)) => {
+                let f = field(f, "stats")?;
+                if !f.is_numeric() {
+                    return Err(invalid("stats needs a numeric field: battery, speed, lat, lon, last_seen_ms"));
+                }
+                Some(Aggregate::Stats(f))
+            }
+            (None, None) => None,
+        };
+        let page_size = if params.page_size == 0 { 100 } else { params.page_size };
+        if page_size > ORBS_PAGE_MAX {
+            return Err(invalid(format!("page_size must be at most {ORBS_PAGE_MAX}")));
+        }
+        let req = SearchRequest {
+            query,
+            sort,
+            page_size,
+            page_token: params.page_token.filter(|t| !t.is_empty()),
+            aggregate,
+        };
+        let result = self.fleet().ctx().index.search(&tenant, &req)?;
+        Ok((tenant, result, params.fields.filter(|f| !f.is_empty())))
+    }
+}

@@ -7,6 +7,7 @@ pub mod broadcast;
 pub mod command;
 pub mod ids;
 pub mod orb;
+pub mod query;
 pub mod state_report;
 pub mod telemetry;
 pub mod tenant;

@@ -530,6 +530,16 @@ impl Store {
         Ok(out)
     }
 
+    /// Calls `f` for every registered orb, in key order; returns how many there were.
+    pub fn for_each_orb(&self, mut f: impl FnMut(OrbRecord) -> Result<(), Error>) -> Result<usize, Error> {
+        let mut n = 0;
+        for guard in self.ks.get(Ks::Orbs).iter() {
+            f(decode("orb", &guard.value()?)?)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Number of registered orbs (exact; a scan of the registry keys).
     pub fn orb_count(&self) -> Result<usize, Error> {
         Ok(self.ks.get(Ks::Orbs).len()?)

@@ -234,6 +234,61 @@ impl pb::registry_service_server::RegistryService for Services {
         }))
     }
 
+    async fn search_orbs(&self, req: Request<pb::SearchOrbsRequest>) -> R<pb::SearchOrbsResponse> {
+        let p = self.principal(&req)?;
+        let r = req.into_inner();
+        let params = crate::api::orbs::SearchParams {
+            query: r.query,
+            status: None,
+            sort: opt(&r.sort).map(str::to_string),
+            order: Some(if r.descending { "desc" } else { "asc" }.into()),
+            page_size: r.page_size as usize,
+            page_token: opt(&r.page_token).map(str::to_string),
+            fields: None,
+            count_by: opt(&r.count_by).map(str::to_string),
+            stats: opt(&r.stats).map(str::to_string),
+        };
+        let (_, res, _) = self.api.search_orbs(&p, opt(&r.tenant_id), params).map_err(status)?;
+        let agg = res.aggregate.unwrap_or_default();
+        let count_by = agg["count_by"]
+            .as_object()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0))).collect())
+            .unwrap_or_default();
+        let stats = agg.get("stats").map(|s| pb::Stats {
+            count: s["count"].as_u64().unwrap_or(0),
+            min: s["min"].as_f64().unwrap_or(0.0),
+            max: s["max"].as_f64().unwrap_or(0.0),
+            avg: s["avg"].as_f64().unwrap_or(0.0),
+            p50: s["p50"].as_f64().unwrap_or(0.0),
+            p90: s["p90"].as_f64().unwrap_or(0.0),
+            p99: s["p99"].as_f64().unwrap_or(0.0),
+        });
+        let orbs = res
+            .rows
+            .iter()
+            .map(|row| pb::OrbSummary {
+                orb_id: row.orb.to_string(),
+                status: row.status.as_str().into(),
+                online: row.online,
+                battery: row.battery,
+                speed: row.speed,
+                lat: row.lat,
+                lon: row.lon,
+                mode: row.mode.as_deref().unwrap_or_default().into(),
+                last_seen_ms: row.last_seen_ms,
+                versions: row.versions.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                attributes: row.attrs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::SearchOrbsResponse {
+            orbs,
+            total: res.total,
+            next_page_token: res.next_page_token.unwrap_or_default(),
+            count_by,
+            stats,
+        }))
+    }
+
     async fn decommission_orb(&self, req: Request<pb::DecommissionOrbRequest>) -> R<pb::Orb> {
         let p = self.principal(&req)?;
         let r = req.get_ref();

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use crate::api::{Access, Api, Principal};
 use crate::error::{ApiError, ErrorCode};
 use crate::limits::{HTTP_BODY_MAX_BYTES, TELEMETRY_HTTP_BATCH_MAX};
-use crate::model::orb::{OrbState, OrbStatus};
+use crate::model::orb::OrbStatus;
 use crate::model::tenant::Role;
 use crate::model::{TelemetryPoint, telemetry};
 use crate::storage::Outcome;
@@ -227,18 +227,40 @@ struct TenantQuery {
 struct ListQuery {
     tenant_id: Option<String>,
     status: Option<String>,
+    q: Option<String>,
+    sort: Option<String>,
+    order: Option<String>,
     page_size: Option<usize>,
     page_token: Option<String>,
+    /// Comma-separated projection.
+    fields: Option<String>,
+    count_by: Option<String>,
+    stats: Option<String>,
 }
 
+/// `GET /v1/orbs?q=...`: fleet search (see `model::query` for the language).
 async fn list_orbs(State(ctx): Ctx, headers: HeaderMap, Query(q): Query<ListQuery>) -> Result<Response, Problem> {
     let p = caller(&ctx, &headers)?;
-    let (orbs, next) = ctx
-        .api
-        .list_orbs(&p, q.tenant_id.as_deref(), q.status.as_deref(), q.page_size.unwrap_or(0), q.page_token.as_deref())
-        .await?;
-    let orbs: Vec<serde_json::Value> = orbs.iter().map(OrbState::to_json).collect();
-    Ok(Json(serde_json::json!({"orbs": orbs, "next_page_token": next})).into_response())
+    let params = crate::api::orbs::SearchParams {
+        query: q.q.unwrap_or_default(),
+        status: q.status,
+        sort: q.sort,
+        order: q.order,
+        page_size: q.page_size.unwrap_or(0),
+        page_token: q.page_token,
+        fields: q.fields.map(|f| f.split(',').filter(|x| !x.is_empty()).map(str::to_string).collect()),
+        count_by: q.count_by,
+        stats: q.stats,
+    };
+    let (tenant, res, fields) = ctx.api.search_orbs(&p, q.tenant_id.as_deref(), params)?;
+    let orbs: Vec<serde_json::Value> = res.rows.iter().map(|r| r.to_json(&tenant, fields.as_deref())).collect();
+    Ok(Json(serde_json::json!({
+        "orbs": orbs,
+        "total": res.total,
+        "next_page_token": res.next_page_token,
+        "aggregate": res.aggregate,
+    }))
+    .into_response())
 }
 
 async fn get_orb(
