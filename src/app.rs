@@ -147,17 +147,18 @@ impl Server {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
         };
+        let (closing_tx, closing) = tokio::sync::watch::channel(false);
         let mqtt_ctx = Arc::new(MqttCtx {
             ingest: ingest.clone(),
             dev: config.dev,
             keepalive_max_s: config.mqtt.keepalive_max_s,
             draining: draining.clone(),
+            shutdown: closing.clone(),
         });
         let mqtt = MqttListener::start(mqtt_l, mqtt_ctx, &config.mqtt, workers)
             .map_err(|e| AppError::Start { what: "mqtt listener", message: e.to_string() })?;
         readiness.mqtt.store(true, Ordering::Release);
 
-        let (closing_tx, closing) = tokio::sync::watch::channel(false);
         let api = Arc::new(Api::new(ingest, config.dev, config.auth.admin_token.clone(), closing));
         let (grpc_tx, grpc_rx) = oneshot::channel::<()>();
         let grpc_api = api.clone();

@@ -84,6 +84,9 @@ pub const HISTORY_PAGE_MAX: usize = 10_000;
 
 /// Time the drain on SIGTERM allows listeners to close connections, in ms.
 pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
+/// Time the MQTT workers wait for connections to finish after the drain closed them, in ms;
+/// what is still open then is dropped.
+pub const MQTT_STOP_TIMEOUT_MS: u32 = 2_000;
 
 /// Non-terminal commands one orb may have; creation beyond it is refused.
 pub const COMMANDS_PENDING_MAX: usize = 1_000;

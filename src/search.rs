@@ -82,12 +82,13 @@ impl Row {
         }
     }
 
-    /// The field as a grouping key (for `count_by`).
-    fn group(&self, f: &Field) -> String {
+    /// The field as a grouping key (for `count_by`), borrowed where it can be.
+    fn group(&self, f: &Field) -> std::borrow::Cow<'_, str> {
+        use std::borrow::Cow;
         match f {
-            Field::Online => self.online.to_string(),
-            f if f.is_numeric() => self.num(f).map_or("-".into(), |v| v.to_string()),
-            f => self.text(f).unwrap_or("-").to_string(),
+            Field::Online => Cow::Borrowed(if self.online { "true" } else { "false" }),
+            f if f.is_numeric() => self.num(f).map_or(Cow::Borrowed("-"), |v| Cow::Owned(v.to_string())),
+            f => Cow::Borrowed(self.text(f).unwrap_or("-")),
         }
     }
 
@@ -186,22 +187,16 @@ pub struct SearchResult {
     pub aggregate: Option<serde_json::Value>,
 }
 
-/// A sortable key: numbers first by value (missing last), then orb id.
+/// A sortable value: numbers or text, missing last.
 #[derive(Clone, Debug, PartialEq)]
-struct Key {
-    v: KeyVal,
-    orb: OrbId,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-enum KeyVal {
+enum KeyVal<'a> {
     Num(f64),
-    Text(String),
+    Text(&'a str),
     Missing,
 }
 
-impl KeyVal {
-    fn cmp(&self, other: &KeyVal) -> CmpOrdering {
+impl KeyVal<'_> {
+    fn cmp(&self, other: &KeyVal<'_>) -> CmpOrdering {
         match (self, other) {
             (KeyVal::Num(a), KeyVal::Num(b)) => a.total_cmp(b),
             (KeyVal::Text(a), KeyVal::Text(b)) => a.cmp(b),
@@ -214,67 +209,109 @@ impl KeyVal {
     }
 }
 
-/// Ordering of (key) under a sort direction; missing values last either way.
-fn order(a: &Key, b: &Key, desc: bool) -> CmpOrdering {
-    let by_value = match (&a.v, &b.v, desc) {
-        (KeyVal::Missing, _, _) | (_, KeyVal::Missing, _) => a.v.cmp(&b.v),
-        (_, _, true) => b.v.cmp(&a.v),
-        _ => a.v.cmp(&b.v),
+/// Ordering under a sort direction: missing values last either way, ties by orb id.
+fn order(a: (&KeyVal<'_>, &str), b: (&KeyVal<'_>, &str), desc: bool) -> CmpOrdering {
+    let by_value = match (a.0, b.0, desc) {
+        (KeyVal::Missing, _, _) | (_, KeyVal::Missing, _) => a.0.cmp(b.0),
+        (_, _, true) => b.0.cmp(a.0),
+        _ => a.0.cmp(b.0),
     };
-    by_value.then_with(|| a.orb.cmp(&b.orb))
+    by_value.then_with(|| a.1.cmp(b.1))
 }
 
-fn key_of(row: &Row, sort: &Option<Sort>) -> Key {
-    let v = match sort {
+fn key_of<'a>(row: &'a Row, sort: &Option<Sort>) -> KeyVal<'a> {
+    match sort {
         None => KeyVal::Missing,
         Some(s) if s.field.is_numeric() => row.num(&s.field).map_or(KeyVal::Missing, KeyVal::Num),
-        Some(s) if s.field == Field::Online => KeyVal::Text(row.online.to_string()),
-        Some(s) => row.text(&s.field).map_or(KeyVal::Missing, |t| KeyVal::Text(t.to_string())),
-    };
-    Key { v, orb: row.orb.clone() }
-}
-
-fn encode_cursor(k: &Key) -> String {
-    let v = match &k.v {
-        KeyVal::Num(n) => serde_json::json!(n),
-        KeyVal::Text(t) => serde_json::json!(t),
-        KeyVal::Missing => serde_json::Value::Null,
-    };
-    hex::encode(serde_json::json!([v, k.orb]).to_string())
-}
-
-fn decode_cursor(t: &str) -> Result<Key, ApiError> {
-    let bad = || ApiError::new(ErrorCode::InvalidArgument, "page_token is not one this server issued");
-    let bytes = hex::decode(t).map_err(|_| bad())?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| bad())?;
-    let orb = OrbId::parse(v[1].as_str().ok_or_else(bad)?).map_err(|_| bad())?;
-    let kv = match &v[0] {
-        serde_json::Value::Number(n) => KeyVal::Num(n.as_f64().ok_or_else(bad)?),
-        serde_json::Value::String(s) => KeyVal::Text(s.clone()),
-        serde_json::Value::Null => KeyVal::Missing,
-        _ => return Err(bad()),
-    };
-    Ok(Key { v: kv, orb })
-}
-
-struct HeapItem(Key, Row, bool);
-
-impl PartialEq for HeapItem {
-    fn eq(&self, o: &Self) -> bool {
-        order(&self.0, &o.0, self.2) == CmpOrdering::Equal
+        Some(s) if s.field == Field::Online => KeyVal::Text(if row.online { "true" } else { "false" }),
+        Some(s) => row.text(&s.field).map_or(KeyVal::Missing, KeyVal::Text),
     }
 }
-impl Eq for HeapItem {}
-impl PartialOrd for HeapItem {
+
+/// A cursor: the sort value and orb id of the last row of a page.
+#[derive(Clone, Debug)]
+struct Cursor {
+    v: OwnedVal,
+    orb: String,
+}
+
+#[derive(Clone, Debug)]
+enum OwnedVal {
+    Num(f64),
+    Text(String),
+    Missing,
+}
+
+impl Cursor {
+    fn val(&self) -> KeyVal<'_> {
+        match &self.v {
+            OwnedVal::Num(n) => KeyVal::Num(*n),
+            OwnedVal::Text(t) => KeyVal::Text(t),
+            OwnedVal::Missing => KeyVal::Missing,
+        }
+    }
+
+    fn of(k: &KeyVal<'_>, orb: &str) -> Cursor {
+        let v = match k {
+            KeyVal::Num(n) => OwnedVal::Num(*n),
+            KeyVal::Text(t) => OwnedVal::Text(t.to_string()),
+            KeyVal::Missing => OwnedVal::Missing,
+        };
+        Cursor { v, orb: orb.to_string() }
+    }
+
+    fn encode(&self) -> String {
+        let v = match &self.v {
+            OwnedVal::Num(n) => serde_json::json!(n),
+            OwnedVal::Text(t) => serde_json::json!(t),
+            OwnedVal::Missing => serde_json::Value::Null,
+        };
+        hex::encode(serde_json::json!([v, self.orb]).to_string())
+    }
+
+    fn decode(t: &str) -> Result<Cursor, ApiError> {
+        let bad = || ApiError::new(ErrorCode::InvalidArgument, "page_token is not one this server issued");
+        let bytes = hex::decode(t).map_err(|_| bad())?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+        let orb = OrbId::parse(v[1].as_str().ok_or_else(bad)?).map_err(|_| bad())?.to_string();
+        let val = match &v[0] {
+            serde_json::Value::Number(n) => OwnedVal::Num(n.as_f64().ok_or_else(bad)?),
+            serde_json::Value::String(s) => OwnedVal::Text(s.clone()),
+            serde_json::Value::Null => OwnedVal::Missing,
+            _ => return Err(bad()),
+        };
+        Ok(Cursor { v: val, orb })
+    }
+}
+
+/// A heap entry borrowing its row while the shard's lock is held.
+struct HeapItem<'a>(KeyVal<'a>, &'a Row, bool);
+
+impl PartialEq for HeapItem<'_> {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == CmpOrdering::Equal
+    }
+}
+impl Eq for HeapItem<'_> {}
+impl PartialOrd for HeapItem<'_> {
     fn partial_cmp(&self, o: &Self) -> Option<CmpOrdering> {
         Some(self.cmp(o))
     }
 }
-impl Ord for HeapItem {
+impl Ord for HeapItem<'_> {
     fn cmp(&self, o: &Self) -> CmpOrdering {
-        order(&self.0, &o.0, self.2)
+        order((&self.0, self.1.orb.as_str()), (&o.0, o.1.orb.as_str()), self.2)
     }
 }
+
+/// One tenant's rows in one shard: contiguous, for scanning.
+#[derive(Default)]
+struct TenantRows {
+    rows: Vec<Row>,
+    pos: HashMap<OrbId, usize>,
+}
+
+type Shard = RwLock<HashMap<TenantId, TenantRows>>;
 
 /// The index; cheap to clone.
 #[derive(Clone, Default)]
@@ -282,24 +319,46 @@ pub struct FleetIndex(Arc<Inner>);
 
 #[derive(Default)]
 struct Inner {
-    shards: [RwLock<HashMap<OrbKey, Row>>; SHARDS],
+    shards: [Shard; SHARDS],
     ready: AtomicBool,
     loaded: AtomicU64,
 }
 
+/// What one shard's scan found.
+#[derive(Default)]
+struct Partial {
+    page: Vec<(Cursor, Row)>,
+    total: u64,
+    groups: HashMap<String, u64>,
+    values: Vec<f64>,
+}
+
 impl FleetIndex {
-    fn shard(&self, key: &OrbKey) -> &RwLock<HashMap<OrbKey, Row>> {
+    fn shard(&self, key: &OrbKey) -> &Shard {
         &self.0.shards[(key.route_hash() % SHARDS as u64) as usize]
+    }
+
+    fn put(&self, key: OrbKey, row: Row, replace: bool) {
+        let mut shard = self.shard(&key).write().expect("index lock");
+        let t = shard.entry(key.tenant).or_default();
+        match t.pos.get(&key.orb) {
+            Some(&i) if replace => t.rows[i] = row,
+            Some(_) => {}
+            None => {
+                t.pos.insert(key.orb, t.rows.len());
+                t.rows.push(row);
+            }
+        }
     }
 
     /// Inserts or replaces an orb's row (orb actors, registration).
     pub fn upsert(&self, key: OrbKey, row: Row) {
-        self.shard(&key).write().expect("index lock").insert(key, row);
+        self.put(key, row, true);
     }
 
     /// Inserts a row unless one exists (the start-up load never overwrites fresher rows).
     pub fn insert_if_absent(&self, key: OrbKey, row: Row) {
-        self.shard(&key).write().expect("index lock").entry(key).or_insert(row);
+        self.put(key, row, false);
         self.0.loaded.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -312,14 +371,52 @@ impl FleetIndex {
     }
 
     pub fn len(&self) -> usize {
-        self.0.shards.iter().map(|s| s.read().expect("index lock").len()).sum()
+        self.0.shards.iter().map(|s| s.read().expect("index lock").values().map(|t| t.rows.len()).sum::<usize>()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Runs a search over one tenant's rows.
+    /// Scans one shard's rows of `tenant`.
+    fn scan(shard: &Shard, tenant: &TenantId, req: &SearchRequest, after: Option<&Cursor>) -> Partial {
+        let rows = shard.read().expect("index lock");
+        let Some(t) = rows.get(tenant) else { return Partial::default() };
+        let desc = req.sort.as_ref().is_some_and(|s| s.descending);
+        let k = req.page_size.max(1) + 1; // one extra tells whether a next page exists
+        let mut heap: BinaryHeap<HeapItem<'_>> = BinaryHeap::with_capacity(k + 1);
+        let mut p = Partial::default();
+        let mut groups: HashMap<std::borrow::Cow<'_, str>, u64> = HashMap::new();
+        for row in &t.rows {
+            if !row.matches(&req.query) {
+                continue;
+            }
+            p.total += 1;
+            match &req.aggregate {
+                Some(Aggregate::CountBy(f)) => *groups.entry(row.group(f)).or_default() += 1,
+                Some(Aggregate::Stats(f)) => p.values.extend(row.num(f)),
+                None => {}
+            }
+            let key = key_of(row, &req.sort);
+            if after.is_some_and(|a| order((&key, row.orb.as_str()), (&a.val(), &a.orb), desc) != CmpOrdering::Greater)
+            {
+                continue;
+            }
+            if heap.len() < k {
+                heap.push(HeapItem(key, row, desc));
+            } else if heap.peek().is_some_and(|top| {
+                order((&key, row.orb.as_str()), (&top.0, top.1.orb.as_str()), desc) == CmpOrdering::Less
+            }) {
+                heap.pop();
+                heap.push(HeapItem(key, row, desc));
+            }
+        }
+        p.page = heap.into_iter().map(|HeapItem(k, row, _)| (Cursor::of(&k, row.orb.as_str()), row.clone())).collect();
+        p.groups = groups.into_iter().map(|(g, n)| (g.into_owned(), n)).collect();
+        p
+    }
+
+    /// Runs a search over one tenant's rows, the shards scanned in parallel.
     pub fn search(&self, tenant: &TenantId, req: &SearchRequest) -> Result<SearchResult, ApiError> {
         if !self.is_ready() {
             return Err(ApiError::new(
@@ -330,52 +427,45 @@ impl FleetIndex {
                 ),
             ));
         }
-        let after = req.page_token.as_deref().map(decode_cursor).transpose()?;
+        let after = req.page_token.as_deref().map(Cursor::decode).transpose()?;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, SHARDS);
+        let per = SHARDS.div_ceil(threads);
+        let partials: Vec<Partial> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .0
+                .shards
+                .chunks(per)
+                .map(|chunk| {
+                    let after = after.as_ref();
+                    s.spawn(move || chunk.iter().map(|sh| Self::scan(sh, tenant, req, after)).collect::<Vec<_>>())
+                })
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().expect("search thread")).collect()
+        });
         let desc = req.sort.as_ref().is_some_and(|s| s.descending);
-        let k = req.page_size.max(1);
-        let mut heap: BinaryHeap<HeapItem> = BinaryHeap::with_capacity(k + 2);
-        let mut total = 0u64;
+        let mut total = 0;
         let mut groups: HashMap<String, u64> = HashMap::new();
-        let mut values: Vec<f64> = Vec::new();
-        for shard in &self.0.shards {
-            let rows = shard.read().expect("index lock");
-            for (key, row) in rows.iter() {
-                if &key.tenant != tenant || !row.matches(&req.query) {
-                    continue;
-                }
-                total += 1;
-                match &req.aggregate {
-                    Some(Aggregate::CountBy(f)) => *groups.entry(row.group(f)).or_default() += 1,
-                    Some(Aggregate::Stats(f)) => {
-                        if let Some(v) = row.num(f) {
-                            values.push(v);
-                        }
-                    }
-                    None => {}
-                }
-                let key = key_of(row, &req.sort);
-                if after.as_ref().is_some_and(|a| order(&key, a, desc) != CmpOrdering::Greater) {
-                    continue;
-                }
-                // Keep the k+1 smallest under the sort order (k+1 tells whether a next page exists).
-                if heap.len() <= k {
-                    heap.push(HeapItem(key, row.clone(), desc));
-                } else if heap.peek().is_some_and(|top| order(&key, &top.0, desc) == CmpOrdering::Less) {
-                    heap.pop();
-                    heap.push(HeapItem(key, row.clone(), desc));
-                }
+        let mut values = Vec::new();
+        let mut page: Vec<(Cursor, Row)> = Vec::new();
+        for p in partials {
+            total += p.total;
+            for (g, n) in p.groups {
+                *groups.entry(g).or_default() += n;
             }
+            values.extend(p.values);
+            page.extend(p.page);
         }
-        let mut page: Vec<HeapItem> = heap.into_sorted_vec();
+        page.sort_by(|a, b| order((&a.0.val(), &a.0.orb), (&b.0.val(), &b.0.orb), desc));
+        let k = req.page_size.max(1);
         let more = page.len() > k;
         page.truncate(k);
-        let next_page_token = if more { page.last().map(|i| encode_cursor(&i.0)) } else { None };
+        let next_page_token = if more { page.last().map(|(c, _)| c.encode()) } else { None };
         let aggregate = match &req.aggregate {
             None => None,
             Some(Aggregate::CountBy(_)) => Some(serde_json::json!({ "count_by": groups })),
             Some(Aggregate::Stats(_)) => Some(stats(&mut values)),
         };
-        Ok(SearchResult { rows: page.into_iter().map(|i| i.1).collect(), total, next_page_token, aggregate })
+        Ok(SearchResult { rows: page.into_iter().map(|(_, r)| r).collect(), total, next_page_token, aggregate })
     }
 }
 
@@ -383,13 +473,19 @@ fn stats(values: &mut [f64]) -> serde_json::Value {
     if values.is_empty() {
         return serde_json::json!({"stats": {"count": 0}});
     }
-    values.sort_by(f64::total_cmp);
     let n = values.len();
-    let q = |p: f64| values[((p * (n - 1) as f64).round() as usize).min(n - 1)];
     let sum: f64 = values.iter().sum();
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    // Selection, not a sort: O(n) per percentile.
+    let mut q = |p: f64| {
+        let i = ((p * (n - 1) as f64).round() as usize).min(n - 1);
+        *values.select_nth_unstable_by(i, f64::total_cmp).1
+    };
+    let (p50, p90, p99) = (q(0.5), q(0.9), q(0.99));
     serde_json::json!({"stats": {
-        "count": n, "min": values[0], "max": values[n - 1], "avg": sum / n as f64,
-        "p50": q(0.5), "p90": q(0.9), "p99": q(0.99),
+        "count": n, "min": min, "max": max, "avg": sum / n as f64,
+        "p50": p50, "p90": p90, "p99": p99,
     }})
 }
 

@@ -119,3 +119,40 @@ async fn a_second_connection_takes_over_and_the_first_is_told_why() {
     second.disconnect().await;
     ts.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_closes_every_connection_with_its_reason_and_releases_the_store() {
+    let ts = TestServer::start(false).await;
+    let t5 = ts.register("acme", "stay5").await;
+    let t3 = ts.register("acme", "stay3").await;
+    let addr = ts.mqtt.to_string();
+    // Two devices that would stay connected forever: the drain must not wait for them.
+    let (mut r5, _w5) = client::connect(&addr, 5, "stay5", Some("acme/stay5"), Some(t5.as_bytes()), 300)
+        .await
+        .unwrap()
+        .expect("v5 connects");
+    let (mut r3, _w3) = client::connect(&addr, 4, "stay3", Some("acme/stay3"), Some(t3.as_bytes()), 300)
+        .await
+        .unwrap()
+        .expect("v3 connects");
+    let stopping = tokio::spawn(ts.stop());
+    let mut buf = Vec::new();
+    let got = tokio::time::timeout(std::time::Duration::from_secs(5), client::read_packet(&mut r5, 5, &mut buf))
+        .await
+        .expect("the v5 client hears of the drain in time");
+    assert!(matches!(got, Ok(client::Incoming::Disconnect { reason: 0x8B })), "server shutting down: {got:?}");
+    let got = tokio::time::timeout(std::time::Duration::from_secs(5), client::read_packet(&mut r3, 4, &mut buf))
+        .await
+        .expect("the v3 connection is closed in time");
+    assert!(got.is_err(), "MQTT 3.1.1 has no server DISCONNECT: the connection just closes ({got:?})");
+    let dir = stopping.await.unwrap();
+
+    // Everything was released: the same data directory opens again in this process.
+    let ts = TestServer::start_in(dir, false, |_| {}).await;
+    for orb in ["stay5", "stay3"] {
+        let (_, view) = ts.get(&format!("/v1/orbs/{orb}?tenant_id=acme")).await;
+        assert_eq!(view["connectivity"]["online"], false, "{view}");
+        assert_eq!(view["connectivity"]["disconnect_reason"], "server_shutdown", "{view}");
+    }
+    ts.stop().await;
+}

@@ -31,6 +31,9 @@ pub struct MqttCtx {
     pub keepalive_max_s: u16,
     /// Set when the server starts draining; new connections are refused.
     pub draining: Arc<AtomicBool>,
+    /// Flips to `true` when the server starts draining: every connection is closed (v5 with
+    /// DISCONNECT 0x8B) instead of waiting for clients to leave.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// A running MQTT listener.
@@ -80,6 +83,9 @@ impl MqttListener {
                 let built = ntex::server::build()
                     .workers(workers)
                     .disable_signals()
+                    // Connections are closed by the drain signal (see `MqttCtx::shutdown`); this
+                    // bounds what is left, well inside the server's own grace period.
+                    .shutdown_timeout(ntex::time::Millis(crate::limits::MQTT_STOP_TIMEOUT_MS))
                     .maxconn(per_worker)
                     .listen("mqtt", listener, factory)
                     .map(|b| b.config("mqtt", SharedCfg::new("MQTT").add(svc_cfg)).run());

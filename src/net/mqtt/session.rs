@@ -46,6 +46,19 @@ pub struct ConnInner {
     /// Dev-tenant orbs this connection has published for and found registered.
     ensured: RefCell<HashSet<OrbKey>>,
     reported: Cell<bool>,
+    /// Dropped with the connection: ends its closer task.
+    _ended: oneshot::Sender<()>,
+}
+
+/// What may close an accepted connection from the server side; see [`spawn_closer`].
+pub struct Closer {
+    /// The orb's actor closing the connection (takeover, decommission); `None` for anonymous
+    /// dev connections.
+    kick: Option<oneshot::Receiver<DisconnectReason>>,
+    /// Fires when the connection ends on its own.
+    ended: oneshot::Receiver<()>,
+    /// Flips to `true` when the server starts draining.
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Most orbs one anonymous dev connection remembers as registered.
@@ -99,7 +112,7 @@ pub async fn authenticate(
     client_id: &str,
     username: Option<&str>,
     password: Option<&[u8]>,
-) -> Result<(Conn, Option<oneshot::Receiver<DisconnectReason>>), Refusal> {
+) -> Result<(Conn, Closer), Refusal> {
     check_client_id(client_id)?;
     if ctx.draining.load(Ordering::Acquire) {
         return Err(refusal(ErrorCode::Unavailable, "server is shutting down"));
@@ -140,6 +153,8 @@ pub async fn authenticate(
     let (identity, kick) = identity_and_kick;
     ctx.ingest.metrics.mqtt_connects.inc();
     ctx.ingest.metrics.mqtt_connections.inc();
+    let (ended_tx, ended) = oneshot::channel();
+    let closer = Closer { kick, ended, shutdown: ctx.shutdown.clone() };
     let conn = Conn(Rc::new(ConnInner {
         ctx: ctx.clone(),
         identity,
@@ -148,8 +163,40 @@ pub async fn authenticate(
         ensured: RefCell::new(HashSet::new()),
         reported: Cell::new(false),
         commands_started: Cell::new(false),
+        _ended: ended_tx,
     }));
-    Ok((conn, kick))
+    Ok((conn, closer))
+}
+
+/// Runs on the connection's worker until the connection ends: closes it when its orb's actor
+/// says so (takeover: v5 DISCONNECT 0x8E; decommission: 0x87) or when the server drains
+/// (0x8B), so a drain never waits on clients that would stay connected.
+pub fn spawn_closer(conn: &Conn, closer: Closer) {
+    let weak = Rc::downgrade(&conn.0);
+    let sink = conn.0.sink.clone();
+    let Closer { kick, mut ended, mut shutdown } = closer;
+    ntex::rt::spawn(async move {
+        let kicked = async {
+            match kick {
+                Some(kick) => kick.await.ok(),
+                None => None,
+            }
+        };
+        let reason = tokio::select! {
+            Some(reason) = kicked => reason,
+            Ok(_) = shutdown.wait_for(|draining| *draining) => DisconnectReason::ServerShutdown,
+            _ = &mut ended => return,
+        };
+        if let Some(inner) = weak.upgrade() {
+            Conn(inner).set_end_reason(reason);
+        }
+        match sink {
+            Sink::V3(s) => s.close(),
+            Sink::V5(s) => {
+                s.close_with_reason(ntex_mqtt::v5::codec::Disconnect::new(super::v5::disconnect_code(reason)))
+            }
+        }
+    });
 }
 
 impl Conn {

@@ -1,6 +1,5 @@
 //! MQTT 3.1.1 adapter: CONNECT return codes, PUBACK-or-disconnect, control and stop events.
 
-use std::rc::Rc;
 use std::sync::Arc;
 
 use ntex::time::Seconds;
@@ -33,19 +32,8 @@ pub async fn handshake(ctx: Arc<MqttCtx>, h: v3::Handshake) -> Result<v3::Handsh
     )
     .await
     {
-        Ok((conn, kick)) => {
-            if let Some(kick) = kick {
-                let sink = h.sink();
-                let weak = Rc::downgrade(&conn.0);
-                ntex::rt::spawn(async move {
-                    if let Ok(reason) = kick.await {
-                        if let Some(inner) = weak.upgrade() {
-                            Conn(inner).set_end_reason(reason);
-                        }
-                        sink.close();
-                    }
-                });
-            }
+        Ok((conn, closer)) => {
+            session::spawn_closer(&conn, closer);
             Ok(h.ack(conn, false).idle_timeout(Seconds(keepalive)))
         }
         Err(refusal) => {

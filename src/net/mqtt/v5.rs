@@ -1,7 +1,6 @@
 //! MQTT 5 adapter: CONNACK and PUBACK reason codes (with reason strings), server keep-alive,
 //! assigned client ids, DISCONNECT reasons for takeover and decommission.
 
-use std::rc::Rc;
 use std::sync::Arc;
 
 use ntex::util::ByteString;
@@ -40,7 +39,7 @@ fn puback_reason(code: ErrorCode) -> codec::PublishAckReason {
     }
 }
 
-fn disconnect_code(reason: DisconnectReason) -> codec::DisconnectReasonCode {
+pub(super) fn disconnect_code(reason: DisconnectReason) -> codec::DisconnectReasonCode {
     match reason {
         DisconnectReason::Takeover => codec::DisconnectReasonCode::SessionTakenOver,
         DisconnectReason::Decommissioned | DisconnectReason::NotAuthorized => {
@@ -68,19 +67,8 @@ pub async fn handshake(ctx: Arc<MqttCtx>, h: v5::Handshake) -> Result<v5::Handsh
     )
     .await
     {
-        Ok((conn, kick)) => {
-            if let Some(kick) = kick {
-                let sink = h.sink();
-                let weak = Rc::downgrade(&conn.0);
-                ntex::rt::spawn(async move {
-                    if let Ok(reason) = kick.await {
-                        if let Some(inner) = weak.upgrade() {
-                            Conn(inner).set_end_reason(reason);
-                        }
-                        sink.close_with_reason(codec::Disconnect::new(disconnect_code(reason)));
-                    }
-                });
-            }
+        Ok((conn, closer)) => {
+            session::spawn_closer(&conn, closer);
             let cap = ctx.keepalive_max_s;
             let mut ack = h.ack(conn).with(|a| {
                 a.assigned_client_id = assigned.map(ByteString::from);
