@@ -134,6 +134,24 @@ pub enum OrbsCmd {
     Decommission {
         orb_id: String,
     },
+    /// Set (`key=value`) and remove (`--remove key`) operator attributes; all or nothing.
+    Tag {
+        orb_id: String,
+        #[arg(value_parser = parse_attr)]
+        set: Vec<(String, String)>,
+        #[arg(long)]
+        remove: Vec<String>,
+    },
+    /// History of reported component versions, oldest first.
+    Versions {
+        orb_id: String,
+        #[arg(long)]
+        component: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+        #[arg(long)]
+        page_token: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Subcommand)]

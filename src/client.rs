@@ -275,6 +275,50 @@ pub async fn orbs(args: &ClientArgs, cmd: &OrbsCmd) -> Result<String, ClientErro
                 .into_inner();
             Ok(if args.json { json(&o) } else { orb_text(&o) })
         }
+        OrbsCmd::Tag { orb_id, set, remove } => {
+            let o = svc
+                .update_attributes(c.req(pb::UpdateAttributesRequest {
+                    tenant_id: c.tenant(),
+                    orb_id: orb_id.clone(),
+                    set: set.iter().cloned().collect(),
+                    remove: remove.clone(),
+                }))
+                .await?
+                .into_inner();
+            Ok(if args.json { json(&o) } else { orb_text(&o) })
+        }
+        OrbsCmd::Versions { orb_id, component, page_size, page_token } => {
+            let r = svc
+                .list_version_changes(c.req(pb::ListVersionChangesRequest {
+                    tenant_id: c.tenant(),
+                    orb_id: orb_id.clone(),
+                    component: component.clone().unwrap_or_default(),
+                    page_size: *page_size,
+                    page_token: page_token.clone().unwrap_or_default(),
+                }))
+                .await?
+                .into_inner();
+            if args.json {
+                return Ok(json(&r));
+            }
+            let rows: Vec<Vec<String>> = r
+                .changes
+                .iter()
+                .map(|ch| {
+                    vec![
+                        ch.at_ms.to_string(),
+                        ch.component.clone(),
+                        ch.from.clone().unwrap_or_else(|| "-".into()),
+                        ch.to.clone(),
+                    ]
+                })
+                .collect();
+            let mut out = table(&["AT_MS", "COMPONENT", "FROM", "TO"], &rows);
+            if !r.next_page_token.is_empty() {
+                out.push_str(&format!("next page: --page-token {}\n", r.next_page_token));
+            }
+            Ok(out)
+        }
     }
 }
 

@@ -21,6 +21,8 @@ pub enum ChangeKind {
     Presence,
     Reported,
     Status,
+    /// Operator attributes changed.
+    Attributes,
     /// Part of a resynchronisation snapshot.
     Snapshot,
 }

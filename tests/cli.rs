@@ -48,6 +48,14 @@ async fn operators_drive_the_fleet_from_the_command_line() {
     let o = cli(&ts, &op, &["orbs", "get", "c1", "--json"]).await;
     let orb: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
     assert_eq!((orb["status"].as_str(), orb["attributes"]["depot"].as_str()), (Some("provisioned"), Some("sf")));
+    let o = cli(&ts, &op, &["orbs", "tag", "c1", "team=a", "shift=night", "--remove", "depot", "--json"]).await;
+    assert!(o.ok, "{}", o.stderr);
+    let orb: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(orb["attributes"], serde_json::json!({"team": "a", "shift": "night"}));
+    let o = cli(&ts, &op, &["orbs", "tag", "c1", "team=b", "--remove", "team"]).await;
+    assert!(!o.ok && o.stderr.contains("both set and removed"), "{}", o.stderr);
+    let o = cli(&ts, &op, &["orbs", "versions", "c1"]).await;
+    assert!(o.ok && o.stdout.starts_with("AT_MS") && o.stdout.lines().count() == 1, "{} {}", o.stdout, o.stderr);
     let o = cli(&ts, &op, &["orbs", "list"]).await;
     assert!(o.ok);
     let lines: Vec<&str> = o.stdout.lines().collect();

@@ -9,6 +9,7 @@ mod commands;
 pub mod orb;
 pub mod shard;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -237,6 +238,23 @@ impl Fleet {
             Ok(CallResult::Success(r)) => r,
             // The actor failed while handling it (unknown orbs are answered by the shard).
             Ok(CallResult::SenderError) | Ok(CallResult::Timeout) | Err(_) => Err(call_failed("decommission")),
+        }
+    }
+
+    /// Updates an orb's operator attributes through its actor (activating it).
+    pub async fn set_attributes(
+        &self,
+        key: &OrbKey,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+    ) -> Result<(), ApiError> {
+        match self
+            .shard(key)
+            .call(|reply| ShardMsg::Route(key.clone(), OrbMsg::SetAttributes { set, remove, reply }), timeout())
+            .await
+        {
+            Ok(CallResult::Success(r)) => r,
+            Ok(CallResult::SenderError) | Ok(CallResult::Timeout) | Err(_) => Err(call_failed("attribute update")),
         }
     }
 

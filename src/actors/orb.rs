@@ -8,6 +8,7 @@
 //! effects. Everything the actor shows is restored from the store on activation, so a restart
 //! loses nothing that was acknowledged. The actor never touches fjall; it uses `storage::Store`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -17,7 +18,9 @@ use super::shard::ShardMsg;
 use super::{OrbCtx, commands};
 use crate::error::{ApiError, ErrorCode};
 use crate::model::command::{Command, DeviceAck, Queue, ValidCreate};
-use crate::model::orb::{Admission, ConnectRequest, DisconnectReason, Effect, Event, OrbRecord, OrbState, OrbStatus};
+use crate::model::orb::{
+    Admission, AttributeError, ConnectRequest, DisconnectReason, Effect, Event, OrbRecord, OrbState, OrbStatus,
+};
 use crate::model::state_report::StateReport;
 use crate::model::{OrbKey, TelemetryPoint};
 use crate::storage::{Batch, Store};
@@ -42,6 +45,8 @@ pub enum OrbMsg {
     Touch { reply: RpcReplyPort<Result<OrbStatus, ErrorCode>> },
     /// Retire the orb and close its connection.
     Decommission { reply: RpcReplyPort<Result<(), ApiError>> },
+    /// Operator attribute update; replies with the new record state when durable.
+    SetAttributes { set: BTreeMap<String, String>, remove: Vec<String>, reply: RpcReplyPort<Result<(), ApiError>> },
     /// The registry record and live state.
     View { reply: RpcReplyPort<Box<OrbState>> },
     /// Create a command (idempotently); replies when it is durable, with `true` when created
@@ -218,6 +223,25 @@ impl Actor for OrbActor {
                 publish(state, ChangeKind::Status, now);
                 let _ = reply.send(result);
             }
+            OrbMsg::SetAttributes { set, remove, reply } => {
+                let result = match state.orb.prepare_attributes(&set, &remove) {
+                    Ok(next) => {
+                        let effects = state.orb.apply(Event::Attributes(&next), now);
+                        let wrote = !effects.is_empty();
+                        // A failed write fails the actor: it restarts from what is durable.
+                        perform(state, effects).await?;
+                        if wrote {
+                            publish(state, ChangeKind::Attributes, now);
+                        }
+                        Ok(())
+                    }
+                    Err(AttributeError::Decommissioned) => {
+                        Err(ApiError::new(ErrorCode::Decommissioned, format!("orb {} is decommissioned", state.key)))
+                    }
+                    Err(AttributeError::Invalid(m)) => Err(ApiError::new(ErrorCode::InvalidArgument, m)),
+                };
+                let _ = reply.send(result);
+            }
             OrbMsg::View { reply } => {
                 let _ = reply.send(Box::new(state.orb.clone()));
             }
@@ -268,9 +292,14 @@ fn publish(state: &OrbActorState, kind: ChangeKind, now: u64) {
 }
 
 async fn report_state(state: &mut OrbActorState, report: &StateReport, now: u64) -> Result<(), ApiError> {
-    let next = state.orb.prepare_report(report, now).map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+    // Version history keys are per millisecond: keep report times strictly increasing.
+    let at = state.orb.reported.updated_ms.map_or(now, |last| now.max(last + 1));
+    let next = state.orb.prepare_report(report, at).map_err(|e| ApiError::new(e.code(), e.to_string()))?;
     let mut batch = Batch::new();
     Store::add_reported(&mut batch, &state.key, &next);
+    for change in state.orb.reported.changes_to(&next, at) {
+        Store::add_version_change(&mut batch, &state.key, &change);
+    }
     state.ctx.store.commit(batch).await.map_err(ApiError::internal)?;
     let effects = state.orb.apply(Event::Reported(&next), now);
     perform(state, effects).await.map_err(ApiError::internal)

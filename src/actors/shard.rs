@@ -164,7 +164,10 @@ fn reject(msg: OrbMsg, code: ErrorCode, why: &str) {
         OrbMsg::Connect { reply, .. } => {
             let _ = reply.send(Err(if code == ErrorCode::NotFound { ErrorCode::Unauthenticated } else { code }));
         }
-        OrbMsg::Report { reply, .. } | OrbMsg::Decommission { reply } | OrbMsg::CommandAck { reply, .. } => {
+        OrbMsg::Report { reply, .. }
+        | OrbMsg::Decommission { reply }
+        | OrbMsg::CommandAck { reply, .. }
+        | OrbMsg::SetAttributes { reply, .. } => {
             let _ = reply.send(Err(ApiError::new(code, why)));
         }
         OrbMsg::CreateCommand { reply, .. } => {

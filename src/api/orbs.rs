@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 
 use super::{Access, Api, Principal, given, internal, invalid};
 use crate::error::{ApiError, ErrorCode};
-use crate::limits::{HISTORY_PAGE_DEFAULT, HISTORY_PAGE_MAX, ORB_ATTRIBUTE_LEN_MAX, ORB_ATTRIBUTES_MAX};
+use crate::limits::{HISTORY_PAGE_DEFAULT, HISTORY_PAGE_MAX, ORB_ATTRIBUTES_MAX};
 use crate::model::orb::{OrbRecord, OrbState, OrbStatus};
+use crate::model::state_report::VersionChange;
 use crate::model::{OrbId, OrbKey, TenantId};
 use crate::storage::StoredPoint;
 
@@ -43,20 +44,7 @@ pub struct HistoryPage {
 }
 
 fn check_attributes(attrs: &BTreeMap<String, String>) -> Result<(), ApiError> {
-    if attrs.len() > ORB_ATTRIBUTES_MAX {
-        return Err(invalid(format!("at most {ORB_ATTRIBUTES_MAX} attributes")));
-    }
-    for (k, v) in attrs {
-        if k.is_empty() || k.len() > ORB_ATTRIBUTE_LEN_MAX || v.len() > ORB_ATTRIBUTE_LEN_MAX {
-            return Err(invalid(format!(
-                "attribute {k:?}: keys must be 1..{ORB_ATTRIBUTE_LEN_MAX} bytes and values at most {ORB_ATTRIBUTE_LEN_MAX}"
-            )));
-        }
-        if k.chars().chain(v.chars()).any(char::is_control) {
-            return Err(invalid(format!("attribute {k:?} contains control characters")));
-        }
-    }
-    Ok(())
+    crate::model::orb::check_attributes(attrs).map_err(invalid)
 }
 
 pub(crate) fn not_found(key: &OrbKey) -> ApiError {
@@ -196,6 +184,64 @@ impl Api {
         self.fleet().view(&key).await?.ok_or_else(|| not_found(&key))
     }
 
+    /// Sets and removes operator attributes (tags) of an orb; the answer is the orb after the
+    /// change, durable. Refused whole (nothing changes) when any part is invalid.
+    pub async fn update_attributes(
+        &self,
+        p: &Principal,
+        tenant_id: Option<&str>,
+        orb_id: &str,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+    ) -> Result<OrbState, ApiError> {
+        let key = self.orb_key(p, tenant_id, orb_id, Access::Operate)?;
+        if set.len() + remove.len() > 2 * ORB_ATTRIBUTES_MAX {
+            return Err(invalid(format!("an update names at most {} attributes", 2 * ORB_ATTRIBUTES_MAX)));
+        }
+        check_attributes(&set)?;
+        if self.store().orb(&key).map_err(internal)?.is_none() {
+            return Err(not_found(&key));
+        }
+        self.fleet().set_attributes(&key, set, remove).await?;
+        self.fleet().view(&key).await?.ok_or_else(|| not_found(&key))
+    }
+
+    /// The history of an orb's reported component versions, oldest first, optionally of one
+    /// component.
+    pub fn version_history(
+        &self,
+        p: &Principal,
+        tenant_id: Option<&str>,
+        orb_id: &str,
+        component: Option<&str>,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<VersionPage, ApiError> {
+        let key = self.orb_key(p, tenant_id, orb_id, Access::Read)?;
+        let limit = if page_size == 0 { HISTORY_PAGE_DEFAULT } else { page_size };
+        if limit > HISTORY_PAGE_MAX {
+            return Err(invalid(format!("page_size must be 1..{HISTORY_PAGE_MAX}")));
+        }
+        let after = given(page_token).map(decode_version_token).transpose()?;
+        if self.store().orb(&key).map_err(internal)?.is_none() {
+            return Err(not_found(&key));
+        }
+        let (changes, more) = self
+            .store()
+            .version_changes(&key, after.as_ref().map(|(at, c)| (*at, c.as_str())), given(component), limit)
+            .map_err(internal)?;
+        let next_page_token = if more {
+            changes.last().map(|c| {
+                let mut b = c.at_ms.to_be_bytes().to_vec();
+                b.extend_from_slice(c.component.as_bytes());
+                hex::encode(b)
+            })
+        } else {
+            None
+        };
+        Ok(VersionPage { changes, next_page_token })
+    }
+
     /// Telemetry history, ordered by device time; cursor pages never split points that share
     /// a millisecond.
     pub fn history(
@@ -233,6 +279,23 @@ impl Api {
         };
         Ok(HistoryPage { key, points: rows.into_iter().map(|(_, p)| p).collect(), next_page_token })
     }
+}
+
+/// One page of an orb's version history.
+pub struct VersionPage {
+    pub changes: Vec<VersionChange>,
+    pub next_page_token: Option<String>,
+}
+
+fn decode_version_token(t: &str) -> Result<(u64, String), ApiError> {
+    let bad = || invalid("page_token is not one this server issued");
+    let bytes = hex::decode(t).map_err(|_| bad())?;
+    if bytes.len() < 9 {
+        return Err(bad());
+    }
+    let at = u64::from_be_bytes(bytes[..8].try_into().map_err(|_| bad())?);
+    let component = String::from_utf8(bytes[8..].to_vec()).map_err(|_| bad())?;
+    Ok((at, component))
 }
 
 fn decode_page_token(t: &str) -> Result<(u64, u64), ApiError> {

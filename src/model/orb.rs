@@ -9,6 +9,7 @@ use super::ids::{OrbId, OrbKey, TenantId};
 use super::state_report::{Reported, StateReport};
 use super::telemetry::{PayloadError, TelemetryPoint};
 use crate::error::ErrorCode;
+use crate::limits::{ORB_ATTRIBUTE_LEN_MAX, ORB_ATTRIBUTES_MAX};
 
 /// Lifecycle of a registered orb.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,6 +183,33 @@ pub enum Event<'a> {
         reason: &'a str,
     },
     Decommission,
+    /// Operator attributes, merged and validated by [`OrbState::prepare_attributes`].
+    Attributes(&'a BTreeMap<String, String>),
+}
+
+/// Why an attribute update was refused.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttributeError {
+    Decommissioned,
+    Invalid(String),
+}
+
+/// Validates a full attribute map against the registry limits.
+pub fn check_attributes(attrs: &BTreeMap<String, String>) -> Result<(), String> {
+    if attrs.len() > ORB_ATTRIBUTES_MAX {
+        return Err(format!("an orb has at most {ORB_ATTRIBUTES_MAX} attributes"));
+    }
+    for (k, v) in attrs {
+        if k.is_empty() || k.len() > ORB_ATTRIBUTE_LEN_MAX || v.len() > ORB_ATTRIBUTE_LEN_MAX {
+            return Err(format!(
+                "attribute {k:?}: keys must be 1..{ORB_ATTRIBUTE_LEN_MAX} bytes and values at most {ORB_ATTRIBUTE_LEN_MAX}"
+            ));
+        }
+        if k.chars().chain(v.chars()).any(char::is_control) {
+            return Err(format!("attribute {k:?} contains control characters"));
+        }
+    }
+    Ok(())
 }
 
 /// What the actor must do after an event.
@@ -268,6 +296,28 @@ impl OrbState {
         Ok(next)
     }
 
+    /// Merges an operator attribute update into a copy of the attributes: `set` adds or
+    /// replaces, `remove` deletes (removing an absent key is fine; naming a key in both is not).
+    pub fn prepare_attributes(
+        &self,
+        set: &BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<BTreeMap<String, String>, AttributeError> {
+        if self.record.status == OrbStatus::Decommissioned {
+            return Err(AttributeError::Decommissioned);
+        }
+        if let Some(k) = remove.iter().find(|k| set.contains_key(*k)) {
+            return Err(AttributeError::Invalid(format!("attribute {k:?} is both set and removed")));
+        }
+        let mut next = self.record.attributes.clone();
+        for k in remove {
+            next.remove(k);
+        }
+        next.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+        check_attributes(&next).map_err(AttributeError::Invalid)?;
+        Ok(next)
+    }
+
     /// Applies an event; returns the effects to perform, in order.
     pub fn apply(&mut self, event: Event<'_>, now_ms: u64) -> Vec<Effect> {
         let mut effects = Vec::new();
@@ -298,6 +348,13 @@ impl OrbState {
                 self.refusals.last_code = Some(code);
                 self.refusals.last_reason = Some(reason.to_string());
                 self.refusals.last_at_ms = Some(now_ms);
+            }
+            Event::Attributes(attrs) => {
+                if &self.record.attributes != attrs {
+                    self.record.attributes = attrs.clone();
+                    self.record.updated_ms = now_ms;
+                    effects.push(Effect::SaveRecord);
+                }
             }
             Event::Decommission => {
                 if self.record.status != OrbStatus::Decommissioned {
@@ -399,6 +456,35 @@ mod tests {
             mode: None,
             metrics: vec![],
         }
+    }
+
+    #[test]
+    fn attribute_updates_merge_validate_and_stop_at_decommission() {
+        let mut s = OrbState::new(record("acme", Some("secret")));
+        let set = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let next = s.prepare_attributes(&set(&[("depot", "sf"), ("team", "a")]), &[]).unwrap();
+        assert_eq!(s.apply(Event::Attributes(&next), 5), vec![Effect::SaveRecord]);
+        assert_eq!(s.record.updated_ms, 5);
+        let next = s.prepare_attributes(&set(&[("depot", "oak")]), &["team".into(), "absent".into()]).unwrap();
+        assert_eq!(next, set(&[("depot", "oak")]));
+        s.apply(Event::Attributes(&next), 6);
+        let same = s.prepare_attributes(&set(&[("depot", "oak")]), &[]).unwrap();
+        assert!(s.apply(Event::Attributes(&same), 7).is_empty(), "no change, no write");
+        assert_eq!(s.record.updated_ms, 6);
+
+        assert!(matches!(
+            s.prepare_attributes(&set(&[("depot", "x")]), &["depot".into()]),
+            Err(AttributeError::Invalid(m)) if m.contains("both set and removed")
+        ));
+        assert!(matches!(s.prepare_attributes(&set(&[("", "x")]), &[]), Err(AttributeError::Invalid(_))));
+        let many: BTreeMap<String, String> = (0..=ORB_ATTRIBUTES_MAX).map(|i| (format!("k{i}"), "v".into())).collect();
+        assert!(matches!(s.prepare_attributes(&many, &[]), Err(AttributeError::Invalid(m)) if m.contains("at most")));
+        assert_eq!(s.record.attributes, set(&[("depot", "oak")]), "refusals change nothing");
+
+        s.apply(Event::Decommission, 8);
+        assert_eq!(s.prepare_attributes(&set(&[("a", "b")]), &[]), Err(AttributeError::Decommissioned));
     }
 
     #[test]

@@ -28,6 +28,23 @@ pub struct Reported {
     pub updated_ms: Option<u64>,
 }
 
+/// One change of a reported component version, kept in the orb's inventory history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VersionChange {
+    pub component: String,
+    /// `None` the first time the component is reported.
+    pub from: Option<String>,
+    pub to: String,
+    /// When the report that carried it was applied (server time, strictly increasing per orb).
+    pub at_ms: u64,
+}
+
+impl VersionChange {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({"component": self.component, "from": self.from, "to": self.to, "at_ms": self.at_ms})
+    }
+}
+
 impl Reported {
     /// Merges a report received at `at_ms`; returns whether anything changed.
     pub fn merge(&mut self, report: &StateReport, at_ms: u64) -> Result<bool, PayloadError> {
@@ -47,6 +64,20 @@ impl Reported {
         self.config = config;
         self.updated_ms = Some(at_ms);
         Ok(changed)
+    }
+
+    /// The component versions that differ in `next`, as history entries at `at_ms`.
+    pub fn changes_to(&self, next: &Reported, at_ms: u64) -> Vec<VersionChange> {
+        next.versions
+            .iter()
+            .filter(|(k, v)| self.versions.get(*k) != Some(*v))
+            .map(|(k, v)| VersionChange {
+                component: k.clone(),
+                from: self.versions.get(k).cloned(),
+                to: v.clone(),
+                at_ms,
+            })
+            .collect()
     }
 
     pub fn to_json(&self) -> serde_json::Value {
@@ -131,6 +162,23 @@ pub fn parse(payload: &[u8]) -> Result<StateReport, PayloadError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changes_name_only_components_that_differ_with_their_old_version() {
+        let mut old = Reported::default();
+        old.merge(&parse(br#"{"firmware":"1","model":"a"}"#).unwrap(), 10).unwrap();
+        let mut next = old.clone();
+        next.merge(&parse(br#"{"firmware":"2","model":"a","components":{"lidar":"7"}}"#).unwrap(), 20).unwrap();
+        let changes = old.changes_to(&next, 20);
+        assert_eq!(
+            changes,
+            vec![
+                VersionChange { component: "firmware".into(), from: Some("1".into()), to: "2".into(), at_ms: 20 },
+                VersionChange { component: "lidar".into(), from: None, to: "7".into(), at_ms: 20 },
+            ]
+        );
+        assert!(next.changes_to(&next, 30).is_empty(), "a report that repeats itself changes nothing");
+    }
 
     #[test]
     fn top_level_strings_and_components_are_versions() {

@@ -17,6 +17,7 @@
 //! | `api_tokens` | `t 0 sha256(secret)`                      | `ApiToken`       |
 //! | `cas`       | `t` (or `0`: the platform server CA)       | `StoredCa`       |
 //! | `revoked`   | `t 0 serial`                               | (orb, at_ms)     |
+//! | `versions`  | `t 0 o 0 at_ms:u64 component`              | `VersionChange`  |
 //! | `meta`      | ascii name                                 | per name         |
 
 use crate::model::OrbKey;
@@ -64,6 +65,14 @@ pub fn telemetry_cursor(k: &[u8]) -> Option<(u64, u64)> {
     let ts = k[n - 16..n - 8].try_into().ok().map(u64::from_be_bytes)?;
     let suffix = k[n - 8..].try_into().ok().map(u64::from_be_bytes)?;
     Some((ts, suffix))
+}
+
+/// The key of one entry of an orb's version history.
+pub fn version_change(key: &OrbKey, at_ms: u64, component: &str) -> Vec<u8> {
+    let mut k = telemetry_prefix(key);
+    k.extend_from_slice(&at_ms.to_be_bytes());
+    k.extend_from_slice(component.as_bytes());
+    k
 }
 
 /// `t 0 o 0`: the prefix of one orb's commands (and pending entries).

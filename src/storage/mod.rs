@@ -23,7 +23,7 @@ use crate::model::broadcast::Broadcast;
 use crate::model::command::Command;
 use crate::model::ids::hash64;
 use crate::model::orb::{OrbRecord, Presence};
-use crate::model::state_report::Reported;
+use crate::model::state_report::{Reported, VersionChange};
 use crate::model::tenant::ApiToken;
 use crate::model::{OrbId, OrbKey, TelemetryPoint, TenantId};
 use crate::pki::StoredCa;
@@ -63,10 +63,11 @@ pub enum Ks {
     ApiTokens,
     Cas,
     Revoked,
+    Versions,
 }
 
 impl Ks {
-    const ALL: [Ks; 15] = [
+    const ALL: [Ks; 16] = [
         Ks::Meta,
         Ks::Tenants,
         Ks::Orbs,
@@ -82,6 +83,7 @@ impl Ks {
         Ks::ApiTokens,
         Ks::Cas,
         Ks::Revoked,
+        Ks::Versions,
     ];
 
     fn name(self) -> &'static str {
@@ -101,6 +103,7 @@ impl Ks {
             Ks::ApiTokens => "api_tokens",
             Ks::Cas => "cas",
             Ks::Revoked => "revoked",
+            Ks::Versions => "versions",
         }
     }
 }
@@ -257,6 +260,45 @@ impl Store {
 
     pub fn add_reported(batch: &mut Batch, key: &OrbKey, reported: &Reported) {
         batch.put(Ks::Reported, keys::orb(key), encode(reported));
+    }
+
+    /// Adds one entry of an orb's component version history.
+    pub fn add_version_change(batch: &mut Batch, key: &OrbKey, change: &VersionChange) {
+        batch.put(Ks::Versions, keys::version_change(key, change.at_ms, &change.component), encode(change));
+    }
+
+    /// An orb's version history, oldest first, strictly after the entry `after` (its time and
+    /// component), only `component` when given; at most `limit` entries and whether more follow.
+    pub fn version_changes(
+        &self,
+        key: &OrbKey,
+        after: Option<(u64, &str)>,
+        component: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<VersionChange>, bool), Error> {
+        let prefix = keys::telemetry_prefix(key);
+        let lo = match after {
+            Some((at, c)) => {
+                let mut k = keys::version_change(key, at, c);
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut hi = prefix;
+        hi.extend_from_slice(&[0xff; 9]);
+        let mut out = Vec::new();
+        for guard in self.ks.get(Ks::Versions).range(lo..hi) {
+            let change: VersionChange = decode("version change", &guard.value()?)?;
+            if component.is_some_and(|c| c != change.component) {
+                continue;
+            }
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push(change);
+        }
+        Ok((out, false))
     }
 
     /// Writes a command; keeps the pending index (value: the command's deadline, 0 for none)

@@ -154,8 +154,14 @@ pub async fn http_raw(method: &str, url: &str, authorization: Option<&str>, body
                 }
                 r.call()
             }
-            (_, body) => {
-                let mut r = a.post(&url).header("Content-Type", "application/json");
+            (m, body) => {
+                let mut r = match m {
+                    "POST" => a.post(&url),
+                    "PATCH" => a.patch(&url),
+                    "PUT" => a.put(&url),
+                    other => panic!("the test helper does not send {other}"),
+                }
+                .header("Content-Type", "application/json");
                 if let Some(h) = &auth {
                     r = r.header("Authorization", h);
                 }

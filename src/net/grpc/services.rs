@@ -295,6 +295,44 @@ impl pb::registry_service_server::RegistryService for Services {
         let s = self.api.decommission_orb(&p, opt(&r.tenant_id), &r.orb_id).await.map_err(status)?;
         Ok(Response::new(orb_to_pb(&s)))
     }
+
+    async fn update_attributes(&self, req: Request<pb::UpdateAttributesRequest>) -> R<pb::Orb> {
+        let p = self.principal(&req)?;
+        let r = req.into_inner();
+        let s = self
+            .api
+            .update_attributes(&p, opt(&r.tenant_id), &r.orb_id, r.set.into_iter().collect(), r.remove)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(orb_to_pb(&s)))
+    }
+
+    async fn list_version_changes(
+        &self,
+        req: Request<pb::ListVersionChangesRequest>,
+    ) -> R<pb::ListVersionChangesResponse> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let page = self
+            .api
+            .version_history(
+                &p,
+                opt(&r.tenant_id),
+                &r.orb_id,
+                opt(&r.component),
+                r.page_size as usize,
+                opt(&r.page_token),
+            )
+            .map_err(status)?;
+        Ok(Response::new(pb::ListVersionChangesResponse {
+            changes: page
+                .changes
+                .into_iter()
+                .map(|c| pb::VersionChange { component: c.component, from: c.from, to: c.to, at_ms: c.at_ms })
+                .collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
 }
 
 fn event_to_pb(e: StreamEvent) -> pb::OrbEvent {

@@ -15,7 +15,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
@@ -92,6 +92,8 @@ pub fn router(ctx: Arc<HttpCtx>) -> Router {
         .route("/v1/orbs/register", post(register))
         .route("/v1/orbs/{id}", get(get_orb))
         .route("/v1/orbs/{id}/decommission", post(decommission))
+        .route("/v1/orbs/{id}/attributes", patch(update_attributes))
+        .route("/v1/orbs/{id}/versions", get(version_history))
         .route("/v1/orbs/{id}/telemetry", get(history).post(ingest))
         .route("/v1/orbs/{id}/commands", get(commands::list).post(commands::create))
         .route("/v1/orbs/{id}/commands/{command_id}", get(commands::get))
@@ -281,6 +283,63 @@ async fn decommission(
 ) -> Result<Response, Problem> {
     let p = caller(&ctx, &headers)?;
     Ok(Json(ctx.api.decommission_orb(&p, q.tenant_id.as_deref(), &id).await?.to_json()).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttributesBody {
+    tenant_id: Option<String>,
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+/// `PATCH /v1/orbs/{id}/attributes`: `{"set": {"depot": "sf"}, "remove": ["team"]}` -> the orb.
+async fn update_attributes(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<TenantQuery>,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let p = caller(&ctx, &headers)?;
+    let b: AttributesBody = parse_json(&body)?;
+    let tenant = b.tenant_id.as_deref().or(q.tenant_id.as_deref());
+    Ok(Json(ctx.api.update_attributes(&p, tenant, &id, b.set, b.remove).await?.to_json()).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VersionsQuery {
+    tenant_id: Option<String>,
+    component: Option<String>,
+    page_size: Option<usize>,
+    page_token: Option<String>,
+}
+
+/// `GET /v1/orbs/{id}/versions?component=&page_size=&page_token=`: reported version changes,
+/// oldest first.
+async fn version_history(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<VersionsQuery>,
+) -> Result<Response, Problem> {
+    let p = caller(&ctx, &headers)?;
+    if q.page_size == Some(0) {
+        return Err(bad(ErrorCode::InvalidArgument, "page_size must be at least 1"));
+    }
+    let page = ctx.api.version_history(
+        &p,
+        q.tenant_id.as_deref(),
+        &id,
+        q.component.as_deref(),
+        q.page_size.unwrap_or(0),
+        q.page_token.as_deref(),
+    )?;
+    let changes: Vec<serde_json::Value> = page.changes.iter().map(|c| c.to_json()).collect();
+    Ok(Json(serde_json::json!({"changes": changes, "next_page_token": page.next_page_token})).into_response())
 }
 
 #[derive(Deserialize)]
