@@ -23,3 +23,4 @@ pub mod search;
 pub mod sim;
 pub mod storage;
 pub mod stream;
+pub mod webhooks;

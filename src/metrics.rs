@@ -102,6 +102,13 @@ pub struct Metrics {
     pub commands_terminal: [Counter; CommandStatus::ALL.len()],
     /// How late expiries and timeouts fire after their deadline.
     pub deadline_lateness: Histogram,
+    pub alerts_triggered: Counter,
+    pub alerts_resolved: Counter,
+    pub webhook_delivered: Counter,
+    pub webhook_failed_attempts: Counter,
+    pub webhook_dead: Counter,
+    /// Event time (alert opened) to a receiver's 2xx.
+    pub webhook_latency: Histogram,
 }
 
 impl Metrics {
@@ -115,6 +122,14 @@ impl Metrics {
 
     pub fn connect_refused(&self, code: ErrorCode) {
         self.mqtt_connect_refused[code.metric_index()].inc();
+    }
+
+    pub fn alert_event(&self, kind: &str) {
+        match kind {
+            "orb.alert.triggered" => self.alerts_triggered.inc(),
+            "orb.alert.resolved" => self.alerts_resolved.inc(),
+            _ => {}
+        }
     }
 
     pub fn command_terminal(&self, status: CommandStatus) {
@@ -180,6 +195,26 @@ impl Metrics {
         );
         simple("http_requests_total", "counter", "HTTP requests served.", self.http_requests.get().to_string());
         simple("commands_created_total", "counter", "Commands created.", self.commands_created.get().to_string());
+        simple("alerts_triggered_total", "counter", "Alerts opened by rules.", self.alerts_triggered.get().to_string());
+        simple("alerts_resolved_total", "counter", "Alerts resolved.", self.alerts_resolved.get().to_string());
+        simple(
+            "webhook_delivered_total",
+            "counter",
+            "Webhook deliveries answered 2xx.",
+            self.webhook_delivered.get().to_string(),
+        );
+        simple(
+            "webhook_failed_attempts_total",
+            "counter",
+            "Webhook attempts that failed (retried or dead-lettered).",
+            self.webhook_failed_attempts.get().to_string(),
+        );
+        simple(
+            "webhook_dead_total",
+            "counter",
+            "Webhook deliveries dead-lettered.",
+            self.webhook_dead.get().to_string(),
+        );
 
         let _ = writeln!(
             out,
@@ -235,6 +270,12 @@ impl Metrics {
             "deadline_lateness_seconds",
             "How late command expiries and timeouts fire.",
             &self.deadline_lateness,
+        );
+        histogram(
+            &mut out,
+            "webhook_latency_seconds",
+            "From the event (alert opened or changed) to the receiver's 2xx.",
+            &self.webhook_latency,
         );
         out
     }

@@ -19,7 +19,7 @@ use crate::model::orb::{OrbState, OrbStatus};
 use crate::model::query::{Expr, Field, Op, Value, distance_m};
 use crate::model::{OrbId, OrbKey, TenantId};
 
-const SHARDS: usize = 16;
+pub const SHARDS: usize = 16;
 
 /// The searchable fields of one orb.
 #[derive(Clone, Debug, PartialEq)]
@@ -92,7 +92,7 @@ impl Row {
         }
     }
 
-    fn matches(&self, e: &Expr) -> bool {
+    pub fn matches(&self, e: &Expr) -> bool {
         match e {
             Expr::True => true,
             Expr::And(a, b) => self.matches(a) && self.matches(b),
@@ -360,6 +360,35 @@ impl FleetIndex {
     pub fn insert_if_absent(&self, key: OrbKey, row: Row) {
         self.put(key, row, false);
         self.0.loaded.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An orb's row.
+    pub fn get(&self, key: &OrbKey) -> Option<Row> {
+        let shard = self.shard(key).read().expect("index lock");
+        let t = shard.get(&key.tenant)?;
+        t.pos.get(&key.orb).map(|&i| t.rows[i].clone())
+    }
+
+    /// Calls `f` with each row of `tenant` matching `expr` among the orbs whose routing hash is
+    /// `part` modulo `parts` (`parts` divides the shard count, so whole shards are skipped).
+    pub fn for_each_in_partition(
+        &self,
+        tenant: &TenantId,
+        expr: &Expr,
+        part: usize,
+        parts: usize,
+        mut f: impl FnMut(&Row),
+    ) {
+        debug_assert!(SHARDS.is_multiple_of(parts), "partitions divide the shards");
+        for (i, shard) in self.0.shards.iter().enumerate() {
+            if i % parts != part {
+                continue;
+            }
+            let rows = shard.read().expect("index lock");
+            if let Some(t) = rows.get(tenant) {
+                t.rows.iter().filter(|r| r.matches(expr)).for_each(&mut f);
+            }
+        }
     }
 
     pub fn set_ready(&self) {

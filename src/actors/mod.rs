@@ -7,6 +7,7 @@
 pub mod broadcast;
 mod commands;
 pub mod orb;
+pub mod rules;
 pub mod shard;
 
 use std::collections::BTreeMap;
@@ -47,6 +48,8 @@ pub struct OrbCtx {
     pub hub: crate::stream::Hub,
     /// The in-memory search index (a row per registered orb).
     pub index: crate::search::FleetIndex,
+    /// The rule engine, set once the fleet has started.
+    pub alerting: std::sync::OnceLock<rules::Alerting>,
 }
 
 impl OrbCtx {
@@ -68,6 +71,7 @@ impl OrbCtx {
             broadcasts: std::sync::OnceLock::new(),
             hub: crate::stream::Hub::new(crate::limits::STREAM_BUFFER_DEFAULT),
             index: crate::search::FleetIndex::default(),
+            alerting: std::sync::OnceLock::new(),
         }
     }
 
@@ -141,6 +145,21 @@ impl Fleet {
         });
         let (manager, _join) = Actor::spawn(None, BroadcastManager, ManagerArgs { fleet: fleet.clone() }).await?;
         let _ = fleet.ctx.broadcasts.set(manager);
+        let ctx = &fleet.ctx;
+        let webhooks = crate::webhooks::Webhooks::start(ctx.store.clone(), ctx.clock.clone(), ctx.metrics.clone())
+            .map_err(|e| ractor::SpawnErr::StartupFailed(format!("webhooks: {e}").into()))?;
+        let alerting = rules::Alerting::start(rules::RuleCtx {
+            store: ctx.store.clone(),
+            clock: ctx.clock.clone(),
+            metrics: ctx.metrics.clone(),
+            index: ctx.index.clone(),
+            book: Default::default(),
+            webhooks,
+            started_ms: ctx.clock.now_ms(),
+        })
+        .await
+        .map_err(|e| ractor::SpawnErr::StartupFailed(format!("rule engine: {e}").into()))?;
+        let _ = fleet.ctx.alerting.set(alerting);
         // Deadlines survive restarts: the pending index carries each command's deadline.
         match fleet.ctx.store.pending_deadlines() {
             Ok(deadlines) => {
@@ -364,6 +383,9 @@ impl Fleet {
 
     /// Stops every shard and, with them, every orb actor; waits until they are gone.
     pub async fn stop(&self) {
+        if let Some(a) = self.ctx.alerting.get() {
+            a.stop();
+        }
         if let Some(m) = self.ctx.broadcasts.get() {
             let _ = m.stop_and_wait(Some("fleet stopping".into()), Some(Duration::from_secs(10))).await;
         }

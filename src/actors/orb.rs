@@ -203,6 +203,9 @@ impl Actor for OrbActor {
                 let effects = state.orb.apply(Event::Telemetry(&point), now);
                 perform(state, effects).await?;
                 publish(state, ChangeKind::Telemetry, now);
+                if let Some(alerting) = state.ctx.alerting.get() {
+                    alerting.observe(&state.key, crate::search::Row::of(&state.orb), point.metrics.clone()).await;
+                }
             }
             OrbMsg::Report { report, reply } => {
                 let result = report_state(state, &report, now).await;

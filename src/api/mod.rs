@@ -3,6 +3,7 @@
 //! cannot drift apart in what they allow or answer. Operations return model types and
 //! [`ApiError`]s; only `net` turns them into JSON or protobuf.
 
+pub mod alerts;
 pub mod auth;
 pub mod commands;
 pub mod orbs;

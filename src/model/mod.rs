@@ -3,11 +3,13 @@
 //! Everything here takes the current time as an argument, so it can be tested exhaustively
 //! without a runtime.
 
+pub mod alert;
 pub mod broadcast;
 pub mod command;
 pub mod ids;
 pub mod orb;
 pub mod query;
+pub mod rule;
 pub mod state_report;
 pub mod telemetry;
 pub mod tenant;

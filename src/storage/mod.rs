@@ -3,6 +3,7 @@
 //! Reads go straight to fjall (it is internally synchronized); every write goes through the
 //! group committer (`commit.rs`) and is durable when its future resolves.
 
+mod alerts;
 mod codec;
 mod commit;
 mod dedupe;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::{Deserialize, Serialize};
 
+pub use alerts::WindowRecord;
 pub use codec::{FORMAT_VERSION, decode, encode};
 pub use commit::{Batch, Outcome};
 use commit::{Committer, DedupeProbe};
@@ -64,10 +66,17 @@ pub enum Ks {
     Cas,
     Revoked,
     Versions,
+    Rules,
+    RuleWindows,
+    Alerts,
+    OpenAlerts,
+    Webhooks,
+    Outbox,
+    Deliveries,
 }
 
 impl Ks {
-    const ALL: [Ks; 16] = [
+    const ALL: [Ks; 23] = [
         Ks::Meta,
         Ks::Tenants,
         Ks::Orbs,
@@ -84,6 +93,13 @@ impl Ks {
         Ks::Cas,
         Ks::Revoked,
         Ks::Versions,
+        Ks::Rules,
+        Ks::RuleWindows,
+        Ks::Alerts,
+        Ks::OpenAlerts,
+        Ks::Webhooks,
+        Ks::Outbox,
+        Ks::Deliveries,
     ];
 
     fn name(self) -> &'static str {
@@ -104,6 +120,13 @@ impl Ks {
             Ks::Cas => "cas",
             Ks::Revoked => "revoked",
             Ks::Versions => "versions",
+            Ks::Rules => "rules",
+            Ks::RuleWindows => "rule_windows",
+            Ks::Alerts => "alerts",
+            Ks::OpenAlerts => "open_alerts",
+            Ks::Webhooks => "webhooks",
+            Ks::Outbox => "outbox",
+            Ks::Deliveries => "deliveries",
         }
     }
 }

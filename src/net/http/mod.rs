@@ -5,6 +5,7 @@
 //! Errors are problem documents (`application/problem+json`) carrying the stable code of
 //! `error::ErrorCode`. Every body is bounded (`HTTP_BODY_MAX_BYTES`).
 
+mod alerts;
 mod commands;
 
 use std::collections::BTreeMap;
@@ -15,7 +16,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, patch, post};
+use axum::routing::{delete, get, patch, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
@@ -99,6 +100,15 @@ pub fn router(ctx: Arc<HttpCtx>) -> Router {
         .route("/v1/orbs/{id}/commands/{command_id}", get(commands::get))
         .route("/v1/orbs/{id}/commands/{command_id}/cancel", post(commands::cancel))
         .route("/v1/orbs/{id}/commands/{command_id}/ack", post(commands::ack))
+        .route("/v1/alerts", get(alerts::list_alerts))
+        .route("/v1/alerts/rules", get(alerts::list_rules).post(alerts::create_rule))
+        .route("/v1/alerts/rules/{id}", delete(alerts::delete_rule))
+        .route("/v1/alerts/{id}/ack", post(alerts::ack_alert))
+        .route("/v1/alerts/{id}/resolve", post(alerts::resolve_alert))
+        .route("/v1/webhooks", get(alerts::list_webhooks).post(alerts::create_webhook))
+        .route("/v1/webhooks/{id}", delete(alerts::delete_webhook))
+        .route("/v1/webhooks/{id}/deliveries", get(alerts::list_deliveries))
+        .route("/v1/webhooks/{id}/deliveries/{seq}/redeliver", post(alerts::redeliver))
         .route("/v1/commands/broadcasts", post(commands::start_broadcast))
         .route("/v1/commands/broadcasts/{id}", get(commands::get_broadcast))
         .route("/v1/commands/broadcasts/{id}/cancel", post(commands::cancel_broadcast))

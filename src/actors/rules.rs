@@ -1,0 +1,503 @@
+//! Rule actors: every orb's observations evaluated against its tenant's rules.
+//!
+//! `PARTITIONS` actors, each owning the orbs whose routing hash falls in it (the same hash the
+//! orb shards and the search index use), so evaluation spreads over the runtime's threads and
+//! every (rule, orb) window and alert has exactly one writer. Orb actors send an observation
+//! after each applied telemetry point; a one-second tick fires duration windows whose time has
+//! come and heartbeat-absence rules for orbs that went quiet. Windows are checkpointed in the
+//! same batch as the alert they cause, so a restart in the middle of a window resumes it.
+//! Operator changes to alerts (acknowledge, resolve) go through the owning partition too.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use cel_interpreter::{Context, Program, Value};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::clock::Clock;
+use crate::error::{ApiError, ErrorCode};
+use crate::metrics::Metrics;
+use crate::model::alert::{Alert, AlertState};
+use crate::model::rule::{Compiled, Rule, Transition, Window};
+use crate::model::{OrbId, OrbKey, TenantId};
+use crate::search::{FleetIndex, Row};
+use crate::storage::{Batch, Store, WindowRecord};
+use crate::webhooks::Webhooks;
+
+/// Rule partitions (divides the index's shard count).
+pub const PARTITIONS: usize = 4;
+/// Observations queued for one partition before orb actors wait.
+pub const PARTITION_QUEUE_MAX: usize = 8_192;
+const TICK_MS: u64 = 1_000;
+
+/// The compiled rules of every tenant, shared by the partitions and updated by the API.
+#[derive(Default)]
+pub struct RuleBook(RwLock<HashMap<TenantId, Arc<Vec<Arc<Compiled>>>>>);
+
+impl RuleBook {
+    pub fn of(&self, tenant: &TenantId) -> Option<Arc<Vec<Arc<Compiled>>>> {
+        self.0.read().expect("rule book lock").get(tenant).cloned()
+    }
+
+    pub fn has(&self, tenant: &TenantId) -> bool {
+        self.0.read().expect("rule book lock").contains_key(tenant)
+    }
+
+    fn tenants(&self) -> Vec<(TenantId, Arc<Vec<Arc<Compiled>>>)> {
+        self.0.read().expect("rule book lock").iter().map(|(t, r)| (t.clone(), r.clone())).collect()
+    }
+
+    pub fn insert(&self, c: Compiled) {
+        let mut m = self.0.write().expect("rule book lock");
+        let tenant = c.rule.tenant.clone();
+        let mut rules: Vec<Arc<Compiled>> = m.get(&tenant).map(|r| r.to_vec()).unwrap_or_default();
+        rules.retain(|r| r.rule.rule_id != c.rule.rule_id);
+        rules.push(Arc::new(c));
+        m.insert(tenant, Arc::new(rules));
+    }
+
+    pub fn remove(&self, tenant: &TenantId, rule_id: &str) {
+        let mut m = self.0.write().expect("rule book lock");
+        if let Some(rules) = m.get(tenant) {
+            let rest: Vec<Arc<Compiled>> = rules.iter().filter(|r| r.rule.rule_id != rule_id).cloned().collect();
+            if rest.is_empty() {
+                m.remove(tenant);
+            } else {
+                m.insert(tenant.clone(), Arc::new(rest));
+            }
+        }
+    }
+}
+
+/// What an operator does to an alert.
+#[derive(Clone, Copy, Debug)]
+pub enum AlertOp {
+    Acknowledge,
+    Resolve,
+}
+
+pub enum RuleMsg {
+    /// An orb's values after a telemetry point was applied.
+    Observe {
+        key: OrbKey,
+        row: Box<Row>,
+        metrics: Vec<(String, f64)>,
+    },
+    Tick,
+    Alert {
+        alert: Box<Alert>,
+        op: AlertOp,
+        reply: RpcReplyPort<Result<Alert, ApiError>>,
+    },
+    /// A rule was deleted: forget its windows.
+    RuleRemoved {
+        tenant: TenantId,
+        rule_id: String,
+    },
+}
+
+/// Everything a partition needs.
+pub struct RuleCtx {
+    pub store: Store,
+    pub clock: Clock,
+    pub metrics: Arc<Metrics>,
+    pub index: FleetIndex,
+    pub book: Arc<RuleBook>,
+    pub webhooks: Webhooks,
+    /// When this process started: the reference of absence rules for orbs never heard from.
+    pub started_ms: u64,
+}
+
+/// The handle the orb actors and the API use.
+#[derive(Clone)]
+pub struct Alerting {
+    pub ctx: Arc<RuleCtx>,
+    partitions: Arc<Vec<(ActorRef<RuleMsg>, Arc<AtomicUsize>)>>,
+}
+
+fn partition_of(key: &OrbKey) -> usize {
+    (key.route_hash() % PARTITIONS as u64) as usize
+}
+
+impl Alerting {
+    /// Loads the rules, starts the partitions (with their windows) and the webhook workers.
+    pub async fn start(ctx: RuleCtx) -> Result<Alerting, ActorProcessingErr> {
+        for rule in ctx.store.all_rules()? {
+            match Compiled::new(rule.clone()) {
+                Ok(c) => ctx.book.insert(c),
+                Err(e) => tracing::error!(rule = %rule.rule_id, error = %e, "a stored rule does not compile; skipped"),
+            }
+        }
+        let mut windows: Vec<HashMap<WinKey, Window>> = (0..PARTITIONS).map(|_| HashMap::new()).collect();
+        for w in ctx.store.all_windows()? {
+            let key = OrbKey::new(w.tenant.clone(), w.orb.clone());
+            windows[partition_of(&key)].insert((w.tenant, w.rule_id, w.orb), w.window);
+        }
+        let ctx = Arc::new(ctx);
+        let mut partitions = Vec::with_capacity(PARTITIONS);
+        for (part, windows) in windows.into_iter().enumerate() {
+            let queued = Arc::new(AtomicUsize::new(0));
+            let args = PartitionArgs { ctx: ctx.clone(), part, windows, queued: queued.clone() };
+            let (actor, _) = Actor::spawn(None, RulePartition, args).await?;
+            partitions.push((actor, queued));
+        }
+        Ok(Alerting { ctx, partitions: Arc::new(partitions) })
+    }
+
+    /// Hands an observation to the orb's partition; waits while the partition is full, so
+    /// orb actors slow down instead of memory growing.
+    pub async fn observe(&self, key: &OrbKey, row: Row, metrics: Vec<(String, f64)>) {
+        if !self.ctx.book.has(&key.tenant) {
+            return;
+        }
+        let (actor, queued) = &self.partitions[partition_of(key)];
+        while queued.load(Ordering::Acquire) >= PARTITION_QUEUE_MAX {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        queued.fetch_add(1, Ordering::AcqRel);
+        if actor.cast(RuleMsg::Observe { key: key.clone(), row: Box::new(row), metrics }).is_err() {
+            queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Acknowledges or resolves an alert through the partition that owns it.
+    pub async fn alert_op(&self, alert: Alert, op: AlertOp) -> Result<Alert, ApiError> {
+        let key = OrbKey::new(alert.tenant.clone(), alert.orb.clone());
+        let (actor, _) = &self.partitions[partition_of(&key)];
+        match actor
+            .call(|reply| RuleMsg::Alert { alert: Box::new(alert), op, reply }, Some(Duration::from_secs(10)))
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(r)) => r,
+            _ => Err(ApiError::new(ErrorCode::Unavailable, "the rule engine did not answer; retry")),
+        }
+    }
+
+    pub fn rule_removed(&self, tenant: &TenantId, rule_id: &str) {
+        for (actor, _) in self.partitions.iter() {
+            let _ = actor.cast(RuleMsg::RuleRemoved { tenant: tenant.clone(), rule_id: rule_id.to_string() });
+        }
+    }
+
+    pub fn stop(&self) {
+        for (actor, _) in self.partitions.iter() {
+            actor.stop(None);
+        }
+        self.ctx.webhooks.stop();
+    }
+}
+
+type WinKey = (TenantId, String, OrbId);
+
+pub struct RulePartition;
+
+pub struct PartitionArgs {
+    ctx: Arc<RuleCtx>,
+    part: usize,
+    windows: HashMap<WinKey, Window>,
+    queued: Arc<AtomicUsize>,
+}
+
+pub struct PartitionState {
+    ctx: Arc<RuleCtx>,
+    part: usize,
+    /// Non-idle windows only.
+    windows: HashMap<WinKey, Window>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// One decision to carry out.
+struct Fired<'a> {
+    rule: &'a Rule,
+    orb: &'a OrbId,
+    transition: Transition,
+    values: String,
+}
+
+impl Actor for RulePartition {
+    type Msg = RuleMsg;
+    type State = PartitionState;
+    type Arguments = PartitionArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RuleMsg>,
+        a: PartitionArgs,
+    ) -> Result<PartitionState, ActorProcessingErr> {
+        myself.send_interval(Duration::from_millis(TICK_MS), || RuleMsg::Tick);
+        Ok(PartitionState { ctx: a.ctx, part: a.part, windows: a.windows, queued: a.queued })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<RuleMsg>,
+        msg: RuleMsg,
+        st: &mut PartitionState,
+    ) -> Result<(), ActorProcessingErr> {
+        let now = st.ctx.clock.now_ms();
+        match msg {
+            RuleMsg::Observe { key, row, metrics } => {
+                st.queued.fetch_sub(1, Ordering::AcqRel);
+                observe(st, &key, &row, &metrics, now).await?;
+            }
+            RuleMsg::Tick => tick(st, now).await?,
+            RuleMsg::Alert { alert, op, reply } => {
+                let _ = reply.send(operator(st, *alert, op, now).await);
+            }
+            RuleMsg::RuleRemoved { tenant, rule_id } => {
+                st.windows.retain(|(t, r, _), _| !(t == &tenant && r == &rule_id));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The CEL variables of one observation.
+fn context(row: &Row, metrics: &[(String, f64)]) -> Context<'static> {
+    let mut c = Context::default();
+    for (name, v) in [("battery", row.battery), ("speed", row.speed), ("lat", row.lat), ("lon", row.lon)] {
+        if let Some(v) = v {
+            c.add_variable_from_value(name, v);
+        }
+    }
+    if let Some(m) = &row.mode {
+        c.add_variable_from_value("mode", m.to_string());
+    }
+    c.add_variable_from_value("orb_id", row.orb.as_str().to_string());
+    c.add_variable_from_value("status", row.status.as_str().to_string());
+    c.add_variable_from_value("online", row.online);
+    let m: HashMap<String, f64> = metrics.iter().cloned().collect();
+    c.add_variable_from_value("metrics", m);
+    let pairs = |p: &[(Box<str>, Box<str>)]| -> HashMap<String, String> {
+        p.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    };
+    c.add_variable_from_value("attr", pairs(&row.attrs));
+    c.add_variable_from_value("version", pairs(&row.versions));
+    c
+}
+
+/// A condition that does not evaluate to `true` (including one naming a value the orb has not
+/// reported) does not hold.
+fn holds(p: &Program, c: &Context<'_>) -> bool {
+    matches!(p.execute(c), Ok(Value::Bool(true)))
+}
+
+fn values_json(row: &Row, metrics: &[(String, f64)]) -> String {
+    let m: serde_json::Map<String, serde_json::Value> = metrics.iter().map(|(k, v)| (k.clone(), (*v).into())).collect();
+    serde_json::json!({
+        "battery": row.battery, "speed": row.speed, "lat": row.lat, "lon": row.lon,
+        "mode": row.mode.as_deref(), "online": row.online, "last_seen_ms": row.last_seen_ms, "metrics": m,
+    })
+    .to_string()
+}
+
+async fn observe(
+    st: &mut PartitionState,
+    key: &OrbKey,
+    row: &Row,
+    metrics: &[(String, f64)],
+    now: u64,
+) -> Result<(), ActorProcessingErr> {
+    let Some(rules) = st.ctx.book.of(&key.tenant) else { return Ok(()) };
+    let cel = context(row, metrics);
+    let mut decisions = Vec::new();
+    let mut windows = Vec::new();
+    for c in rules.iter() {
+        if !row.matches(&c.scope) {
+            continue;
+        }
+        let wkey = (key.tenant.clone(), c.rule.rule_id.clone(), key.orb.clone());
+        let mut w = st.windows.get(&wkey).copied().unwrap_or_default();
+        let (t, changed) = match &c.condition {
+            // Absence rules: any telemetry ends the absence.
+            None if w.firing => (Transition::Clear, true),
+            None => (Transition::None, false),
+            Some(cond) => {
+                let h = holds(cond, &cel);
+                let clears = c.clear.as_ref().map_or(!h, |p| holds(p, &cel));
+                w.observe(h, clears, c.rule.for_s * 1000, now)
+            }
+        };
+        if t == Transition::Clear && c.condition.is_none() {
+            w = Window::default();
+        }
+        if changed {
+            windows.push((wkey, w));
+        }
+        if t != Transition::None {
+            decisions.push((c.clone(), t));
+        }
+    }
+    if windows.is_empty() && decisions.is_empty() {
+        return Ok(());
+    }
+    let values = values_json(row, metrics);
+    let fired: Vec<Fired<'_>> = decisions
+        .iter()
+        .map(|(c, t)| Fired { rule: &c.rule, orb: &key.orb, transition: *t, values: values.clone() })
+        .collect();
+    commit(st, &key.tenant, &fired, windows, now).await
+}
+
+/// Writes the alerts, windows and webhook deliveries of some decisions in one batch, then
+/// updates memory and wakes the webhook workers.
+async fn commit(
+    st: &mut PartitionState,
+    tenant: &TenantId,
+    fired: &[Fired<'_>],
+    windows: Vec<(WinKey, Window)>,
+    now: u64,
+) -> Result<(), ActorProcessingErr> {
+    let mut batch = Batch::new();
+    let mut events = Vec::new();
+    for f in fired {
+        let open = st.ctx.store.open_alert(tenant, &f.rule.rule_id, f.orb)?;
+        match (f.transition, open) {
+            (Transition::Fire, None) => {
+                let alert = Alert {
+                    tenant: tenant.clone(),
+                    alert_id: format!("{now:012x}{:08x}", fastrand::u32(..)),
+                    rule_id: f.rule.rule_id.clone(),
+                    rule_name: f.rule.name.clone(),
+                    orb: f.orb.clone(),
+                    severity: f.rule.severity,
+                    state: AlertState::Open,
+                    opened_ms: now,
+                    updated_ms: now,
+                    resolved_ms: None,
+                    resolved_by: None,
+                    repeats: 0,
+                    values: f.values.clone(),
+                };
+                Store::add_alert(&mut batch, &alert);
+                Store::set_open_alert(&mut batch, &alert, true);
+                events.push(("orb.alert.triggered", alert));
+            }
+            // Fired again while the previous alert is still open (after a restart that lost
+            // nothing): it counts as a repeat.
+            (Transition::Fire | Transition::Repeat, Some(mut alert)) => {
+                alert.repeats += 1;
+                alert.updated_ms = now;
+                Store::add_alert(&mut batch, &alert);
+            }
+            (Transition::Clear, Some(mut alert)) => {
+                if alert.resolve("rule", now).is_ok() {
+                    Store::add_alert(&mut batch, &alert);
+                    events.push(("orb.alert.resolved", alert.clone()));
+                }
+                Store::set_open_alert(&mut batch, &alert, false);
+            }
+            _ => {}
+        }
+    }
+    for ((t, rule_id, orb), w) in &windows {
+        Store::add_window(
+            &mut batch,
+            &WindowRecord { tenant: t.clone(), rule_id: rule_id.clone(), orb: orb.clone(), window: *w },
+        );
+    }
+    let woken = st.ctx.webhooks.enqueue(&mut batch, tenant, &events, now)?;
+    if !batch.is_empty() {
+        st.ctx.store.commit(batch).await?;
+    }
+    for (k, w) in windows {
+        if w == Window::default() {
+            st.windows.remove(&k);
+        } else {
+            st.windows.insert(k, w);
+        }
+    }
+    for (kind, _) in &events {
+        st.ctx.metrics.alert_event(kind);
+    }
+    st.ctx.webhooks.wake(&woken);
+    Ok(())
+}
+
+async fn tick(st: &mut PartitionState, now: u64) -> Result<(), ActorProcessingErr> {
+    for (tenant, rules) in st.ctx.book.tenants() {
+        let mut due: Vec<(Arc<Compiled>, OrbId, String)> = Vec::new();
+        for c in rules.iter() {
+            match c.rule.absent_s {
+                Some(absent_s) => {
+                    let reference = c.rule.created_ms.max(st.ctx.started_ms);
+                    st.ctx.index.for_each_in_partition(&tenant, &c.scope, st.part, PARTITIONS, |row| {
+                        let last = row.last_seen_ms.unwrap_or(reference);
+                        let wkey = (tenant.clone(), c.rule.rule_id.clone(), row.orb.clone());
+                        let firing = st.windows.get(&wkey).is_some_and(|w| w.firing);
+                        if !firing && now.saturating_sub(last.max(reference)) >= absent_s * 1000 {
+                            let values = serde_json::json!({"last_seen_ms": row.last_seen_ms, "online": row.online});
+                            due.push((c.clone(), row.orb.clone(), values.to_string()));
+                        }
+                    });
+                }
+                None if c.rule.for_s > 0 => {
+                    for ((t, rule_id, orb), w) in &st.windows {
+                        if t == &tenant && rule_id == &c.rule.rule_id && { *w }.tick(c.rule.for_s * 1000, now)
+                            == Transition::Fire
+                        {
+                            let row = st.ctx.index.get(&OrbKey::new(t.clone(), orb.clone()));
+                            let values = row.map_or_else(|| "{}".to_string(), |r| values_json(&r, &[]));
+                            due.push((c.clone(), orb.clone(), values));
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+        if due.is_empty() {
+            continue;
+        }
+        let windows: Vec<(WinKey, Window)> = due
+            .iter()
+            .map(|(c, orb, _)| {
+                ((tenant.clone(), c.rule.rule_id.clone(), orb.clone()), Window { since_ms: None, firing: true })
+            })
+            .collect();
+        let fired: Vec<Fired<'_>> = due
+            .iter()
+            .map(|(c, orb, values)| Fired { rule: &c.rule, orb, transition: Transition::Fire, values: values.clone() })
+            .collect();
+        commit(st, &tenant, &fired, windows, now).await?;
+    }
+    Ok(())
+}
+
+async fn operator(st: &mut PartitionState, alert: Alert, op: AlertOp, now: u64) -> Result<Alert, ApiError> {
+    // Re-read under the partition: the rule may have changed it since the API read it.
+    let mut current = st
+        .ctx
+        .store
+        .alert(&alert.tenant, &alert.alert_id)
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no alert {}", alert.alert_id)))?;
+    let mut batch = Batch::new();
+    let event = match op {
+        AlertOp::Acknowledge => {
+            current.acknowledge(now).map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m))?;
+            "orb.alert.acknowledged"
+        }
+        AlertOp::Resolve => {
+            current.resolve("operator", now).map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m))?;
+            Store::set_open_alert(&mut batch, &current, false);
+            // The window starts over: the rule fires again if its condition holds again.
+            let wkey = (current.tenant.clone(), current.rule_id.clone(), current.orb.clone());
+            if st.windows.remove(&wkey).is_some() {
+                Store::add_window(
+                    &mut batch,
+                    &WindowRecord { tenant: wkey.0, rule_id: wkey.1, orb: wkey.2, window: Window::default() },
+                );
+            }
+            "orb.alert.resolved"
+        }
+    };
+    Store::add_alert(&mut batch, &current);
+    let events = [(event, current.clone())];
+    let woken = st.ctx.webhooks.enqueue(&mut batch, &current.tenant, &events, now).map_err(ApiError::internal)?;
+    st.ctx.store.commit(batch).await.map_err(ApiError::internal)?;
+    st.ctx.metrics.alert_event(event);
+    st.ctx.webhooks.wake(&woken);
+    Ok(current)
+}

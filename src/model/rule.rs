@@ -1,0 +1,316 @@
+//! Alert rules: what an operator writes (`RuleSpec`), its validated form (`Rule`), and the pure
+//! per-(rule, orb) state machine that decides when an alert fires and clears (`Window`).
+//!
+//! Conditions are CEL expressions (the `cel-interpreter` crate) over one orb's latest values:
+//! `battery`, `speed`, `lat`, `lon` (doubles), `mode`, `orb_id`, `status` (strings), `online`
+//! (bool), `metrics`, `attr`, `version` (maps). A variable that the orb has not reported makes
+//! the condition false, never an error. `for_s` makes a duration rule ("battery < 15 for 60 s");
+//! `clear_condition` gives hysteresis (default: the condition no longer holds); `absent_s` makes
+//! a heartbeat-absence rule that fires when an orb in scope sent nothing for that long.
+
+use serde::{Deserialize, Serialize};
+
+use super::TenantId;
+use super::query::{self, Expr};
+
+/// Variables a condition may use.
+pub const VARIABLES: [&str; 11] =
+    ["battery", "speed", "lat", "lon", "mode", "orb_id", "status", "online", "metrics", "attr", "version"];
+
+/// Longest condition source, in bytes.
+pub const CONDITION_LEN_MAX: usize = 4_096;
+/// Longest duration window or absence period, in seconds (one week).
+pub const WINDOW_S_MAX: u64 = 7 * 24 * 3600;
+/// Rules one tenant may have.
+pub const RULES_PER_TENANT_MAX: usize = 1_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Critical,
+    Major,
+    Minor,
+    Warning,
+}
+
+impl Severity {
+    pub fn parse(s: &str) -> Option<Severity> {
+        match s {
+            "critical" => Some(Severity::Critical),
+            "major" => Some(Severity::Major),
+            "minor" => Some(Severity::Minor),
+            "warning" => Some(Severity::Warning),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Critical => "critical",
+            Severity::Major => "major",
+            Severity::Minor => "minor",
+            Severity::Warning => "warning",
+        }
+    }
+}
+
+/// A rule as an operator writes it (`POST /v1/alerts/rules`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    pub name: String,
+    /// CEL; required unless `absent_s` is given.
+    #[serde(default)]
+    pub condition: String,
+    #[serde(default)]
+    pub clear_condition: Option<String>,
+    pub severity: String,
+    #[serde(default)]
+    pub for_s: u64,
+    #[serde(default)]
+    pub absent_s: Option<u64>,
+    /// A fleet query (the search language); empty: every orb of the tenant.
+    #[serde(default)]
+    pub scope: String,
+}
+
+/// A stored rule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rule {
+    pub tenant: TenantId,
+    pub rule_id: String,
+    pub name: String,
+    pub condition: String,
+    pub clear_condition: Option<String>,
+    pub severity: Severity,
+    pub for_s: u64,
+    pub absent_s: Option<u64>,
+    pub scope: String,
+    pub created_ms: u64,
+}
+
+impl Rule {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "tenant_id": self.tenant,
+            "rule_id": self.rule_id,
+            "name": self.name,
+            "condition": self.condition,
+            "clear_condition": self.clear_condition,
+            "severity": self.severity.as_str(),
+            "for_s": self.for_s,
+            "absent_s": self.absent_s,
+            "scope": self.scope,
+            "created_ms": self.created_ms,
+        })
+    }
+}
+
+/// Compiles a CEL condition and checks that it only names known variables.
+pub fn compile(what: &str, src: &str) -> Result<cel_interpreter::Program, String> {
+    if src.len() > CONDITION_LEN_MAX {
+        return Err(format!("{what} is longer than {CONDITION_LEN_MAX} bytes"));
+    }
+    let program = cel_interpreter::Program::compile(src).map_err(|e| format!("{what}: {e}"))?;
+    let refs = program.references();
+    let mut unknown: Vec<&str> = refs.variables().into_iter().filter(|v| !VARIABLES.contains(v)).collect();
+    unknown.sort_unstable();
+    if let Some(v) = unknown.first() {
+        return Err(format!("{what}: unknown variable {v:?}; variables: {}", VARIABLES.join(" ")));
+    }
+    Ok(program)
+}
+
+/// Validates a spec into a rule (nothing is stored on error).
+pub fn validate(spec: RuleSpec, tenant: TenantId, rule_id: String, now_ms: u64) -> Result<Rule, String> {
+    let name = spec.name.trim().to_string();
+    if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+        return Err("name must be 1..128 characters without control characters".into());
+    }
+    let severity = Severity::parse(&spec.severity)
+        .ok_or_else(|| format!("severity {:?}: critical, major, minor or warning", spec.severity))?;
+    if spec.for_s > WINDOW_S_MAX {
+        return Err(format!("for_s must be at most {WINDOW_S_MAX}"));
+    }
+    match spec.absent_s {
+        Some(a) if a == 0 || a > WINDOW_S_MAX => return Err(format!("absent_s must be 1..{WINDOW_S_MAX}")),
+        Some(_) if !spec.condition.is_empty() || spec.clear_condition.is_some() || spec.for_s > 0 => {
+            return Err("an absence rule (absent_s) takes no condition, clear_condition or for_s".into());
+        }
+        Some(_) => {}
+        None if spec.condition.trim().is_empty() => return Err("condition is required".into()),
+        None => {
+            compile("condition", &spec.condition)?;
+        }
+    }
+    if let Some(c) = &spec.clear_condition {
+        compile("clear_condition", c)?;
+    }
+    query::parse(&spec.scope).map_err(|e| format!("scope: {e}"))?;
+    Ok(Rule {
+        tenant,
+        rule_id,
+        name,
+        condition: spec.condition,
+        clear_condition: spec.clear_condition,
+        severity,
+        for_s: spec.for_s,
+        absent_s: spec.absent_s,
+        scope: spec.scope,
+        created_ms: now_ms,
+    })
+}
+
+/// A rule ready to evaluate.
+pub struct Compiled {
+    pub rule: Rule,
+    pub condition: Option<cel_interpreter::Program>,
+    pub clear: Option<cel_interpreter::Program>,
+    pub scope: Expr,
+}
+
+impl Compiled {
+    /// Compiles a stored rule (validated when it was created).
+    pub fn new(rule: Rule) -> Result<Compiled, String> {
+        let condition = if rule.absent_s.is_some() { None } else { Some(compile("condition", &rule.condition)?) };
+        let clear = rule.clear_condition.as_deref().map(|c| compile("clear_condition", c)).transpose()?;
+        let scope = query::parse(&rule.scope).map_err(|e| e.to_string())?;
+        Ok(Compiled { rule, condition, clear, scope })
+    }
+}
+
+/// The durable per-(rule, orb) evaluation state: checkpointed whenever it changes, so a
+/// duration window survives a restart.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Window {
+    /// Since when the condition has held (duration rules), while not firing.
+    pub since_ms: Option<u64>,
+    pub firing: bool,
+}
+
+/// What one evaluation decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transition {
+    /// Nothing visible changed (the window may have started or reset).
+    None,
+    Fire,
+    /// Still firing and the condition held again: the open alert counts a repeat.
+    Repeat,
+    Clear,
+}
+
+impl Window {
+    /// One observation: `holds` is the condition, `clears` the clear condition (the default
+    /// clear condition is `!holds`). Returns the transition and whether the state changed.
+    pub fn observe(&mut self, holds: bool, clears: bool, for_ms: u64, now_ms: u64) -> (Transition, bool) {
+        let before = *self;
+        let t = if self.firing {
+            if clears {
+                *self = Window::default();
+                Transition::Clear
+            } else if holds {
+                Transition::Repeat
+            } else {
+                Transition::None
+            }
+        } else if holds {
+            let since = *self.since_ms.get_or_insert(now_ms);
+            if now_ms.saturating_sub(since) >= for_ms {
+                *self = Window { since_ms: None, firing: true };
+                Transition::Fire
+            } else {
+                Transition::None
+            }
+        } else {
+            self.since_ms = None;
+            Transition::None
+        };
+        (t, *self != before)
+    }
+
+    /// A clock tick without a new observation: a duration window whose time has come fires
+    /// (the condition held at the last observation and nothing since said otherwise).
+    pub fn tick(&mut self, for_ms: u64, now_ms: u64) -> Transition {
+        match self.since_ms {
+            Some(since) if !self.firing && now_ms.saturating_sub(since) >= for_ms => {
+                *self = Window { since_ms: None, firing: true };
+                Transition::Fire
+            }
+            _ => Transition::None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(condition: &str) -> RuleSpec {
+        RuleSpec {
+            name: "low".into(),
+            condition: condition.into(),
+            clear_condition: None,
+            severity: "major".into(),
+            for_s: 0,
+            absent_s: None,
+            scope: String::new(),
+        }
+    }
+
+    fn t() -> TenantId {
+        TenantId::parse("acme").unwrap()
+    }
+
+    #[test]
+    fn specs_are_validated_with_precise_errors() {
+        assert!(validate(spec("battery < 15.0"), t(), "r".into(), 1).is_ok());
+        let e = validate(spec("battery <"), t(), "r".into(), 1).unwrap_err();
+        assert!(e.starts_with("condition:"), "{e}");
+        let e = validate(spec("batery < 15.0"), t(), "r".into(), 1).unwrap_err();
+        assert!(e.contains("unknown variable \"batery\""), "{e}");
+        let e = validate(RuleSpec { severity: "loud".into(), ..spec("online") }, t(), "r".into(), 1).unwrap_err();
+        assert!(e.contains("severity"), "{e}");
+        let e = validate(RuleSpec { scope: "battery <".into(), ..spec("online") }, t(), "r".into(), 1).unwrap_err();
+        assert!(e.starts_with("scope:"), "{e}");
+        let e = validate(RuleSpec { absent_s: Some(30), ..spec("online") }, t(), "r".into(), 1).unwrap_err();
+        assert!(e.contains("absence rule"), "{e}");
+        assert!(validate(RuleSpec { absent_s: Some(30), ..spec("") }, t(), "r".into(), 1).is_ok());
+        let e = validate(spec(""), t(), "r".into(), 1).unwrap_err();
+        assert_eq!(e, "condition is required");
+    }
+
+    #[test]
+    fn a_duration_window_fires_only_after_holding_for_its_length() {
+        let mut w = Window::default();
+        assert_eq!(w.observe(true, false, 60_000, 0), (Transition::None, true));
+        assert_eq!(w.observe(true, false, 60_000, 30_000).0, Transition::None);
+        // A false observation resets the window.
+        assert_eq!(w.observe(false, true, 60_000, 40_000), (Transition::None, true));
+        assert_eq!(w.observe(true, false, 60_000, 50_000).0, Transition::None);
+        assert_eq!(w.tick(60_000, 100_000), Transition::None);
+        assert_eq!(w.tick(60_000, 110_000), Transition::Fire);
+        assert!(w.firing);
+        assert_eq!(w.observe(true, false, 60_000, 111_000), (Transition::Repeat, false));
+        assert_eq!(w.observe(false, true, 60_000, 112_000), (Transition::Clear, true));
+        assert_eq!(w, Window::default());
+    }
+
+    #[test]
+    fn hysteresis_keeps_firing_until_the_clear_condition() {
+        // condition battery < 15, clear battery > 25: 20 neither repeats nor clears.
+        let mut w = Window::default();
+        assert_eq!(w.observe(true, false, 0, 1).0, Transition::Fire);
+        assert_eq!(w.observe(false, false, 0, 2), (Transition::None, false));
+        assert!(w.firing);
+        assert_eq!(w.observe(false, true, 0, 3).0, Transition::Clear);
+    }
+
+    #[test]
+    fn cel_compares_doubles_with_integer_literals() {
+        let p = compile("c", "battery < 15 && mode == 'mission'").unwrap();
+        let mut ctx = cel_interpreter::Context::default();
+        ctx.add_variable_from_value("battery", 10.0);
+        ctx.add_variable_from_value("mode", "mission");
+        assert_eq!(p.execute(&ctx).unwrap(), cel_interpreter::Value::Bool(true));
+    }
+}

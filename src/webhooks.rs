@@ -1,0 +1,283 @@
+//! Webhook delivery: a durable outbox per webhook, one worker per webhook delivering in
+//! sequence order (so events of one orb arrive in order), signed, retried with exponential
+//! backoff and jitter, dead-lettered after `max_attempts` and redeliverable.
+//!
+//! Events enter the outbox in the same batch as the alert change that caused them, so an event
+//! exists exactly when its cause is durable. A delivery leaves the outbox (into the delivery
+//! log) only after the receiver answered 2xx or the attempts ran out: a crash re-sends the
+//! head, so receivers see each event at least once and dedupe by `event_id`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::clock::Clock;
+use crate::metrics::Metrics;
+use crate::model::TenantId;
+use crate::model::alert::{Alert, Delivery, DeliveryState, Webhook, backoff_ms, signature};
+use crate::storage::{self, Batch, Store};
+
+/// Pending deliveries one webhook may have; beyond it new events go straight to the dead
+/// letter log (from where they can be redelivered) instead of growing the outbox.
+pub const OUTBOX_MAX: usize = 100_000;
+/// Time one delivery attempt may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Hook {
+    w: Webhook,
+    last_seq: AtomicU64,
+    pending: AtomicUsize,
+    wake: Notify,
+    stop: AtomicBool,
+}
+
+struct Inner {
+    store: Store,
+    clock: Clock,
+    metrics: Arc<Metrics>,
+    hooks: RwLock<HashMap<TenantId, Vec<Arc<Hook>>>>,
+    agent: ureq::Agent,
+}
+
+/// The dispatcher; cheap to clone.
+#[derive(Clone)]
+pub struct Webhooks(Arc<Inner>);
+
+/// Workers to wake after a batch with their deliveries is durable.
+pub struct Woken(Vec<Arc<Hook>>);
+
+impl Webhooks {
+    /// Loads every webhook and starts its worker.
+    pub fn start(store: Store, clock: Clock, metrics: Arc<Metrics>) -> Result<Webhooks, storage::Error> {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(ATTEMPT_TIMEOUT))
+            .user_agent("orbmanager-webhooks")
+            .build()
+            .into();
+        let w = Webhooks(Arc::new(Inner { store, clock, metrics, hooks: RwLock::new(HashMap::new()), agent }));
+        for hook in w.0.store.all_webhooks()? {
+            w.add(hook)?;
+        }
+        Ok(w)
+    }
+
+    /// Starts delivering for a (durable) webhook.
+    pub fn add(&self, w: Webhook) -> Result<(), storage::Error> {
+        let last_seq = self.0.store.last_delivery_seq(&w.tenant, &w.webhook_id)?;
+        let pending = self.0.store.outbox_len(&w.tenant, &w.webhook_id)?;
+        let hook = Arc::new(Hook {
+            w,
+            last_seq: AtomicU64::new(last_seq),
+            pending: AtomicUsize::new(pending),
+            wake: Notify::new(),
+            stop: AtomicBool::new(false),
+        });
+        self.0.hooks.write().expect("webhooks lock").entry(hook.w.tenant.clone()).or_default().push(hook.clone());
+        tokio::spawn(run(self.0.clone(), hook));
+        Ok(())
+    }
+
+    /// Stops a deleted webhook's worker.
+    pub fn remove(&self, tenant: &TenantId, webhook_id: &str) {
+        let mut m = self.0.hooks.write().expect("webhooks lock");
+        if let Some(v) = m.get_mut(tenant) {
+            v.retain(|h| {
+                let keep = h.w.webhook_id != webhook_id;
+                if !keep {
+                    h.stop.store(true, Ordering::Release);
+                    h.wake.notify_one();
+                }
+                keep
+            });
+        }
+    }
+
+    fn hook(&self, tenant: &TenantId, webhook_id: &str) -> Option<Arc<Hook>> {
+        let m = self.0.hooks.read().expect("webhooks lock");
+        m.get(tenant)?.iter().find(|h| h.w.webhook_id == webhook_id).cloned()
+    }
+
+    /// Reserves the next sequence number of a webhook for a delivery queued again.
+    pub fn reserve(&self, tenant: &TenantId, webhook_id: &str) -> Option<u64> {
+        let h = self.hook(tenant, webhook_id)?;
+        h.pending.fetch_add(1, Ordering::AcqRel);
+        Some(h.last_seq.fetch_add(1, Ordering::AcqRel) + 1)
+    }
+
+    /// Wakes a webhook's worker.
+    pub fn poke(&self, tenant: &TenantId, webhook_id: &str) {
+        if let Some(h) = self.hook(tenant, webhook_id) {
+            h.wake.notify_one();
+        }
+    }
+
+    /// Adds a delivery per subscribed webhook for each event to `batch`.
+    pub fn enqueue(
+        &self,
+        batch: &mut Batch,
+        tenant: &TenantId,
+        events: &[(&str, Alert)],
+        now_ms: u64,
+    ) -> Result<Woken, storage::Error> {
+        let mut woken = Vec::new();
+        if events.is_empty() {
+            return Ok(Woken(woken));
+        }
+        let hooks = self.0.hooks.read().expect("webhooks lock").get(tenant).cloned().unwrap_or_default();
+        for (kind, alert) in events {
+            let body = serde_json::json!({
+                "event_id": format!("{}:{}:{}", alert.alert_id, kind, alert.updated_ms),
+                "type": kind,
+                "tenant_id": tenant,
+                "orb_id": alert.orb,
+                "occurred_ms": now_ms,
+                "data": alert.to_json(),
+            })
+            .to_string();
+            for h in hooks.iter().filter(|h| h.w.events.iter().any(|e| e == kind)) {
+                let seq = h.last_seq.fetch_add(1, Ordering::AcqRel) + 1;
+                let mut d = Delivery {
+                    tenant: tenant.clone(),
+                    webhook_id: h.w.webhook_id.clone(),
+                    seq,
+                    event_type: kind.to_string(),
+                    body: body.clone(),
+                    state: DeliveryState::Pending,
+                    attempts: 0,
+                    next_attempt_ms: now_ms,
+                    last_error: None,
+                    created_ms: now_ms,
+                    finished_ms: None,
+                };
+                if h.pending.load(Ordering::Acquire) >= OUTBOX_MAX {
+                    d.state = DeliveryState::Dead;
+                    d.last_error = Some(format!("outbox full ({OUTBOX_MAX} pending); redeliver when it drains"));
+                    d.finished_ms = Some(now_ms);
+                    Store::finish_delivery(batch, &d);
+                    self.0.metrics.webhook_dead.inc();
+                    continue;
+                }
+                h.pending.fetch_add(1, Ordering::AcqRel);
+                Store::add_outbox(batch, &d);
+                woken.push(h.clone());
+            }
+        }
+        Ok(Woken(woken))
+    }
+
+    pub fn wake(&self, woken: &Woken) {
+        for h in &woken.0 {
+            h.wake.notify_one();
+        }
+    }
+
+    pub fn stop(&self) {
+        for v in self.0.hooks.read().expect("webhooks lock").values() {
+            for h in v {
+                h.stop.store(true, Ordering::Release);
+                h.wake.notify_one();
+            }
+        }
+    }
+}
+
+/// One webhook's worker: the outbox head, in order, until stopped.
+async fn run(inner: Arc<Inner>, hook: Arc<Hook>) {
+    let (tenant, id) = (hook.w.tenant.clone(), hook.w.webhook_id.clone());
+    while !hook.stop.load(Ordering::Acquire) {
+        let head = match inner.store.outbox(&tenant, &id, 1) {
+            Ok(mut v) => v.pop(),
+            Err(e) => {
+                tracing::error!(webhook = %id, error = %e, "reading the outbox failed");
+                None
+            }
+        };
+        let now = inner.clock.now_ms();
+        let Some(mut d) = head else {
+            let _ = tokio::time::timeout(Duration::from_secs(5), hook.wake.notified()).await;
+            continue;
+        };
+        if d.next_attempt_ms > now {
+            let wait = Duration::from_millis(d.next_attempt_ms - now);
+            let _ = tokio::time::timeout(wait, hook.wake.notified()).await;
+            continue;
+        }
+        let result = attempt(&inner, &hook.w, &d, now).await;
+        d.attempts += 1;
+        let now = inner.clock.now_ms();
+        let mut batch = Batch::new();
+        match result {
+            Ok(()) => {
+                d.state = DeliveryState::Delivered;
+                d.finished_ms = Some(now);
+                d.last_error = None;
+                Store::finish_delivery(&mut batch, &d);
+            }
+            Err(e) if d.attempts >= hook.w.max_attempts => {
+                tracing::warn!(webhook = %id, seq = d.seq, error = %e, "delivery dead-lettered");
+                d.state = DeliveryState::Dead;
+                d.finished_ms = Some(now);
+                d.last_error = Some(e);
+                Store::finish_delivery(&mut batch, &d);
+            }
+            Err(e) => {
+                tracing::debug!(webhook = %id, seq = d.seq, attempt = d.attempts, error = %e, "delivery failed; retrying");
+                d.next_attempt_ms = now + backoff_ms(d.attempts, fastrand::f64());
+                d.last_error = Some(e);
+                Store::add_outbox(&mut batch, &d);
+            }
+        }
+        if let Err(e) = inner.store.commit(batch).await {
+            tracing::error!(webhook = %id, error = %e, "recording a delivery failed");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        match d.state {
+            DeliveryState::Delivered => {
+                hook.pending.fetch_sub(1, Ordering::AcqRel);
+                inner.metrics.webhook_delivered.inc();
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&d.body)
+                    && let Some(at) = v["data"]["updated_ms"].as_u64()
+                {
+                    inner.metrics.webhook_latency.observe(Duration::from_millis(now.saturating_sub(at)));
+                }
+            }
+            DeliveryState::Dead => {
+                hook.pending.fetch_sub(1, Ordering::AcqRel);
+                inner.metrics.webhook_failed_attempts.inc();
+                inner.metrics.webhook_dead.inc();
+            }
+            DeliveryState::Pending => inner.metrics.webhook_failed_attempts.inc(),
+        }
+    }
+}
+
+/// One signed POST; `Ok` on 2xx.
+async fn attempt(inner: &Arc<Inner>, w: &Webhook, d: &Delivery, now_ms: u64) -> Result<(), String> {
+    let ts = now_ms / 1000;
+    let sig = signature(&w.secret, ts, &d.body);
+    let (agent, url, body) = (inner.agent.clone(), w.url.clone(), d.body.clone());
+    let (event, delivery) = (d.event_type.clone(), format!("{}/{}", d.webhook_id, d.seq));
+    let r = tokio::task::spawn_blocking(move || {
+        agent
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .header("X-Orbmanager-Timestamp", ts.to_string())
+            .header("X-Orbmanager-Signature", sig)
+            .header("X-Orbmanager-Event", event)
+            .header("X-Orbmanager-Delivery", delivery)
+            .send(body.as_bytes())
+            .map(|resp| resp.status().as_u16())
+    })
+    .await
+    .map_err(|e| format!("delivery task failed: {e}"))?;
+    match r {
+        Ok(s) if (200..300).contains(&s) => Ok(()),
+        Ok(s) => Err(format!("HTTP {s}")),
+        Err(e) => Err(e.to_string()),
+    }
+}

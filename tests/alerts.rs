@@ -1,0 +1,325 @@
+//! Rules, alerts and webhooks end to end: telemetry -> rule actor -> alert -> signed webhook
+//! received by a real local HTTP receiver that checks the signature itself; hysteresis and the
+//! alert lifecycle; a receiver that is down loses nothing and gets everything in order; dead
+//! letters and redelivery; a duration window that survives a restart; heartbeat absence;
+//! invalid rules and tenant isolation.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use common::{ADMIN, TestServer, http, now_ms, wait_until};
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+
+const SECRET: &str = "whsec-0123456789abcdef";
+
+/// A webhook receiver: records every request whose signature verifies; answers 503 while
+/// `down` is set (for the path `/down`-prefixed, too).
+#[derive(Clone, Default)]
+struct Receiver {
+    got: Arc<Mutex<Vec<(String, Value)>>>,
+    bad_signatures: Arc<Mutex<u32>>,
+    down: Arc<AtomicBool>,
+    addr: String,
+}
+
+async fn handle(State(r): State<Receiver>, Path(path): Path<String>, headers: HeaderMap, body: String) -> StatusCode {
+    if r.down.load(Ordering::Acquire) {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let ts = headers.get("x-orbmanager-timestamp").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let sig = headers.get("x-orbmanager-signature").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(format!("{ts}.{body}").as_bytes());
+    let want = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    let fresh = ts.parse::<u64>().is_ok_and(|t| now_ms() / 1000 - t < 300);
+    if sig != want || !fresh {
+        *r.bad_signatures.lock().unwrap() += 1;
+        return StatusCode::UNAUTHORIZED;
+    }
+    r.got.lock().unwrap().push((path, serde_json::from_str(&body).unwrap()));
+    StatusCode::NO_CONTENT
+}
+
+async fn receiver() -> Receiver {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut r = Receiver { addr: format!("http://{}", l.local_addr().unwrap()), ..Default::default() };
+    let app = axum::Router::new().route("/{*path}", axum::routing::post(handle)).with_state(r.clone());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    r.addr = r.addr.clone();
+    r
+}
+
+impl Receiver {
+    fn events(&self) -> Vec<(String, Value)> {
+        self.got.lock().unwrap().clone()
+    }
+
+    fn types(&self, path: &str) -> Vec<(String, String)> {
+        self.events()
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, v)| (v["type"].as_str().unwrap().to_string(), v["orb_id"].as_str().unwrap().to_string()))
+            .collect()
+    }
+}
+
+async fn point(ts: &TestServer, tenant: &str, orb: &str, battery: f64) {
+    let url = ts.url(&format!("/v1/orbs/{orb}/telemetry?tenant_id={tenant}"));
+    let (s, body) = http("POST", &url, Some(ADMIN), Some(json!({"ts": now_ms(), "battery": battery}))).await;
+    assert_eq!(s, 200, "{body}");
+}
+
+async fn rule(ts: &TestServer, body: Value) -> Value {
+    let (s, r) = http("POST", &ts.url("/v1/alerts/rules"), Some(ADMIN), Some(body)).await;
+    assert_eq!(s, 201, "{r}");
+    r
+}
+
+async fn webhook(ts: &TestServer, url: String, tenant: &str, max_attempts: u32) -> Value {
+    let body = json!({
+        "tenant_id": tenant, "url": url, "secret": SECRET, "max_attempts": max_attempts,
+        "events": ["orb.alert.triggered", "orb.alert.acknowledged", "orb.alert.resolved"],
+    });
+    let (s, w) = http("POST", &ts.url("/v1/webhooks"), Some(ADMIN), Some(body)).await;
+    assert_eq!(s, 201, "{w}");
+    w
+}
+
+async fn alerts(ts: &TestServer, query: &str) -> Vec<Value> {
+    let (s, body) = ts.get(&format!("/v1/alerts?{query}")).await;
+    assert_eq!(s, 200, "{body}");
+    body["alerts"].as_array().unwrap().clone()
+}
+
+fn s(a: &str, b: &str) -> (String, String) {
+    (a.to_string(), b.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_raises_an_alert_that_reaches_a_signed_webhook_and_follows_its_lifecycle() {
+    let ts = TestServer::start(false).await;
+    let rx = receiver().await;
+    ts.register("acme", "r1").await;
+    let r = rule(
+        &ts,
+        json!({"tenant_id": "acme", "name": "low battery", "condition": "battery < 15",
+               "clear_condition": "battery > 25", "severity": "critical"}),
+    )
+    .await;
+    webhook(&ts, format!("{}/hooks/a", rx.addr), "acme", 12).await;
+
+    point(&ts, "acme", "r1", 10.0).await;
+    wait_until("the triggered webhook", 10, || async { rx.types("hooks/a").len() == 1 }).await;
+    let (_, ev) = rx.events()[0].clone();
+    assert_eq!(ev["type"], "orb.alert.triggered");
+    assert_eq!(ev["data"]["rule_id"], r["rule_id"]);
+    assert_eq!(ev["data"]["severity"], "critical");
+    assert_eq!(ev["data"]["values"]["battery"], 10.0);
+    let open = alerts(&ts, "tenant_id=acme&state=open").await;
+    assert_eq!(open.len(), 1);
+    let id = open[0]["alert_id"].as_str().unwrap().to_string();
+
+    // Repeats update the open alert; between the thresholds nothing changes (hysteresis).
+    point(&ts, "acme", "r1", 12.0).await;
+    point(&ts, "acme", "r1", 20.0).await;
+    wait_until("the repeat is counted", 10, || async { alerts(&ts, "tenant_id=acme").await[0]["repeats"] == 1 }).await;
+    assert_eq!(alerts(&ts, "tenant_id=acme&state=open").await.len(), 1, "20 is not above the clear threshold");
+    point(&ts, "acme", "r1", 30.0).await;
+    wait_until("the resolved webhook", 10, || async { rx.types("hooks/a").len() == 2 }).await;
+    let a = &alerts(&ts, "tenant_id=acme").await[0];
+    assert_eq!(
+        (a["alert_id"].as_str(), a["state"].as_str(), a["resolved_by"].as_str()),
+        (Some(&*id), Some("resolved"), Some("rule"))
+    );
+
+    // A new episode: an operator acknowledges, then resolves.
+    point(&ts, "acme", "r1", 5.0).await;
+    wait_until("the second alert", 10, || async { alerts(&ts, "tenant_id=acme&state=open").await.len() == 1 }).await;
+    let second = alerts(&ts, "tenant_id=acme&state=open").await[0]["alert_id"].as_str().unwrap().to_string();
+    assert_ne!(second, id);
+    let (st, body) = http("POST", &ts.url(&format!("/v1/alerts/{second}/ack?tenant_id=acme")), Some(ADMIN), None).await;
+    assert_eq!((st, body["state"].as_str()), (200, Some("acknowledged")), "{body}");
+    let (st, body) = http("POST", &ts.url(&format!("/v1/alerts/{second}/ack?tenant_id=acme")), Some(ADMIN), None).await;
+    assert_eq!(st, 400, "acknowledged twice: {body}");
+    let (st, body) =
+        http("POST", &ts.url(&format!("/v1/alerts/{second}/resolve?tenant_id=acme")), Some(ADMIN), None).await;
+    assert_eq!((st, body["resolved_by"].as_str()), (200, Some("operator")), "{body}");
+    let (st, _) = http("POST", &ts.url("/v1/alerts/000000000000deadbeef/ack?tenant_id=acme"), Some(ADMIN), None).await;
+    assert_eq!(st, 404);
+
+    wait_until("all five events", 10, || async { rx.types("hooks/a").len() == 5 }).await;
+    assert_eq!(
+        rx.types("hooks/a"),
+        vec![
+            s("orb.alert.triggered", "r1"),
+            s("orb.alert.resolved", "r1"),
+            s("orb.alert.triggered", "r1"),
+            s("orb.alert.acknowledged", "r1"),
+            s("orb.alert.resolved", "r1"),
+        ]
+    );
+    assert_eq!(*rx.bad_signatures.lock().unwrap(), 0);
+    assert_eq!(ts.metric("orbmanager_webhook_delivered_total").await, 5.0);
+    ts.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_is_down_gets_everything_in_order_and_dead_letters_can_be_redelivered() {
+    let ts = TestServer::start(false).await;
+    let rx = receiver().await;
+    for orb in ["d1", "d2"] {
+        ts.register("acme", orb).await;
+    }
+    rule(&ts, json!({"tenant_id": "acme", "name": "low", "condition": "battery < 15", "severity": "major"})).await;
+    webhook(&ts, format!("{}/hooks/patient", rx.addr), "acme", 30).await;
+    let impatient = webhook(&ts, format!("{}/hooks/impatient", rx.addr), "acme", 1).await;
+
+    rx.down.store(true, Ordering::Release);
+    for round in 0..3 {
+        for orb in ["d1", "d2"] {
+            point(&ts, "acme", orb, 5.0).await;
+            point(&ts, "acme", orb, 50.0 + round as f64).await;
+        }
+    }
+    // While down: every event waits in the outbox (patient) or is dead-lettered (impatient).
+    let url = ts.url(&format!("/v1/webhooks/{}/deliveries?tenant_id=acme", impatient["webhook_id"].as_str().unwrap()));
+    wait_until("impatient deliveries are dead", 10, || async {
+        let (_, d) = http("GET", &url, Some(ADMIN), None).await;
+        let d = d["deliveries"].as_array().unwrap().clone();
+        d.len() == 12 && d.iter().all(|x| x["state"] == "dead")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(rx.events().is_empty());
+    rx.down.store(false, Ordering::Release);
+
+    wait_until("all twelve events after the receiver returns", 30, || async { rx.types("hooks/patient").len() == 12 })
+        .await;
+    for orb in ["d1", "d2"] {
+        let per_orb: Vec<String> =
+            rx.types("hooks/patient").into_iter().filter(|(_, o)| o == orb).map(|(t, _)| t).collect();
+        let want: Vec<String> =
+            (0..3).flat_map(|_| ["orb.alert.triggered", "orb.alert.resolved"]).map(String::from).collect();
+        assert_eq!(per_orb, want, "in order for {orb}");
+    }
+    assert!(ts.metric("orbmanager_webhook_failed_attempts_total").await >= 13.0);
+
+    // Redeliver one dead letter of the impatient webhook: it arrives now.
+    let (_, d) = http("GET", &url, Some(ADMIN), None).await;
+    let seq = d["deliveries"][11]["seq"].as_u64().unwrap();
+    let id = impatient["webhook_id"].as_str().unwrap();
+    let redeliver = ts.url(&format!("/v1/webhooks/{id}/deliveries/{seq}/redeliver?tenant_id=acme"));
+    let (st, body) = http("POST", &redeliver, Some(ADMIN), None).await;
+    assert_eq!((st, body["state"].as_str()), (202, Some("pending")), "{body}");
+    wait_until("the redelivered event", 10, || async { rx.types("hooks/impatient").len() == 1 }).await;
+    let (st, _) = http("POST", &redeliver, Some(ADMIN), None).await;
+    assert_eq!(st, 404, "it left the dead letters");
+    ts.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duration_window_survives_a_restart_and_silence_raises_an_absence_alert() {
+    let ts = TestServer::start(false).await;
+    ts.register("acme", "slow").await;
+    rule(
+        &ts,
+        json!({"tenant_id": "acme", "name": "low for 3s", "condition": "battery < 15", "for_s": 3,
+                     "severity": "minor", "scope": "orb_id = \"slow\""}),
+    )
+    .await;
+    let started = now_ms();
+    point(&ts, "acme", "slow", 10.0).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(alerts(&ts, "tenant_id=acme").await.is_empty(), "not before its window");
+    let dir = ts.stop().await;
+
+    let ts = TestServer::start_in(dir, false, |_| {}).await;
+    wait_until("the window fires after the restart", 15, || async { !alerts(&ts, "tenant_id=acme").await.is_empty() })
+        .await;
+    let a = &alerts(&ts, "tenant_id=acme").await[0];
+    assert!(a["opened_ms"].as_u64().unwrap() >= started + 3000, "{a}");
+    assert_eq!(a["orb_id"], "slow");
+
+    // Heartbeat absence: an orb in scope that says nothing.
+    let (s, _) = http(
+        "POST",
+        &ts.url("/v1/orbs/register"),
+        Some(ADMIN),
+        Some(json!({"tenant_id": "acme", "orb_id": "quiet", "attributes": {"kind": "watched"}})),
+    )
+    .await;
+    assert_eq!(s, 201);
+    rule(
+        &ts,
+        json!({"tenant_id": "acme", "name": "silent", "absent_s": 2, "severity": "warning",
+                     "scope": "attr.kind = \"watched\""}),
+    )
+    .await;
+    wait_until("the absence alert", 15, || async {
+        alerts(&ts, "tenant_id=acme&orb_id=quiet&state=open").await.len() == 1
+    })
+    .await;
+    point(&ts, "acme", "quiet", 80.0).await;
+    wait_until("telemetry ends the absence", 10, || async {
+        alerts(&ts, "tenant_id=acme&orb_id=quiet&state=resolved").await.len() == 1
+    })
+    .await;
+    ts.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_rules_are_refused_and_rules_never_cross_tenants() {
+    let ts = TestServer::start(false).await;
+    ts.register("acme", "x1").await;
+    common::ensure_tenant(&ts.http, "globex").await;
+    let bad = [
+        (json!({"tenant_id": "acme", "name": "n", "condition": "battery <", "severity": "major"}), "condition:"),
+        (json!({"tenant_id": "acme", "name": "n", "condition": "batery < 1", "severity": "major"}), "unknown variable"),
+        (json!({"tenant_id": "acme", "name": "n", "condition": "online", "severity": "loud"}), "severity"),
+        (
+            json!({"tenant_id": "acme", "name": "n", "condition": "online", "severity": "major", "scope": "x ="}),
+            "scope",
+        ),
+        (
+            json!({"tenant_id": "acme", "name": "n", "condition": "online", "severity": "major", "extra": 1}),
+            "unknown field",
+        ),
+    ];
+    for (body, why) in bad {
+        let (s, err) = http("POST", &ts.url("/v1/alerts/rules"), Some(ADMIN), Some(body.clone())).await;
+        assert_eq!(s, 400, "{body}: {err}");
+        assert!(err["detail"].as_str().unwrap().contains(why), "{body}: {err}");
+    }
+    let (_, list) = ts.get("/v1/alerts/rules?tenant_id=acme").await;
+    assert_eq!(list["rules"].as_array().unwrap().len(), 0, "nothing stored");
+    let (s, err) = http(
+        "POST",
+        &ts.url("/v1/webhooks"),
+        Some(ADMIN),
+        Some(json!({"tenant_id": "acme", "url": "http://127.0.0.1:1/x", "events": ["orb.exploded"], "secret": SECRET})),
+    )
+    .await;
+    assert_eq!(s, 400, "{err}");
+
+    // A globex rule that matches everything never sees acme's orbs.
+    rule(&ts, json!({"tenant_id": "globex", "name": "all", "condition": "battery >= 0", "severity": "major"})).await;
+    point(&ts, "acme", "x1", 50.0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(alerts(&ts, "tenant_id=globex").await.is_empty());
+    assert!(alerts(&ts, "tenant_id=acme").await.is_empty());
+
+    let url = ts.url("/v1/tenants/globex/tokens");
+    let (_, tok) = http("POST", &url, Some(ADMIN), Some(json!({"role": "admin", "name": "g"}))).await;
+    let globex = tok["secret"].as_str().unwrap();
+    let (s, _) = http("GET", &ts.url("/v1/alerts?tenant_id=acme"), Some(globex), None).await;
+    assert_eq!(s, 403);
+    let (s, body) = http("GET", &ts.url("/v1/alerts/rules"), Some(globex), None).await;
+    assert_eq!((s, body["rules"].as_array().unwrap().len()), (200, 1), "only its own rule");
+    ts.stop().await;
+}
