@@ -144,6 +144,7 @@ impl Webhooks {
                     tenant: tenant.clone(),
                     webhook_id: h.w.webhook_id.clone(),
                     seq,
+                    orb: alert.orb.to_string(),
                     event_type: kind.to_string(),
                     body: body.clone(),
                     state: DeliveryState::Pending,
@@ -185,73 +186,106 @@ impl Webhooks {
     }
 }
 
-/// One webhook's worker: the outbox head, in order, until stopped.
+/// Outbox entries a worker looks at per round.
+const WINDOW: usize = 512;
+
+/// One webhook's worker, until stopped: each round takes the first pending delivery of each
+/// orb among the outbox head (so one orb's events stay in order and a failing one holds back
+/// only its own orb), sends up to `concurrency` of those that are due at once, and records the
+/// outcomes in one batch.
 async fn run(inner: Arc<Inner>, hook: Arc<Hook>) {
     let (tenant, id) = (hook.w.tenant.clone(), hook.w.webhook_id.clone());
     while !hook.stop.load(Ordering::Acquire) {
-        let head = match inner.store.outbox(&tenant, &id, 1) {
-            Ok(mut v) => v.pop(),
+        let head = match inner.store.outbox(&tenant, &id, WINDOW) {
+            Ok(v) => v,
             Err(e) => {
                 tracing::error!(webhook = %id, error = %e, "reading the outbox failed");
-                None
+                Vec::new()
             }
         };
         let now = inner.clock.now_ms();
-        let Some(mut d) = head else {
-            let _ = tokio::time::timeout(Duration::from_secs(5), hook.wake.notified()).await;
-            continue;
-        };
-        if d.next_attempt_ms > now {
-            let wait = Duration::from_millis(d.next_attempt_ms - now);
+        let mut orbs = std::collections::HashSet::new();
+        let mut due = Vec::new();
+        let mut next_wake = now + 5_000;
+        for d in head {
+            if !orbs.insert(d.orb.clone()) {
+                continue;
+            }
+            if d.next_attempt_ms <= now {
+                due.push(d);
+                if due.len() == hook.w.concurrency as usize {
+                    break;
+                }
+            } else {
+                next_wake = next_wake.min(d.next_attempt_ms);
+            }
+        }
+        if due.is_empty() {
+            let wait = Duration::from_millis(next_wake.saturating_sub(now).max(1));
             let _ = tokio::time::timeout(wait, hook.wake.notified()).await;
             continue;
         }
-        let result = attempt(&inner, &hook.w, &d, now).await;
-        d.attempts += 1;
-        let now = inner.clock.now_ms();
+        let mut set = tokio::task::JoinSet::new();
+        for d in due {
+            let (inner, w) = (inner.clone(), hook.w.clone());
+            set.spawn(async move {
+                let r = attempt(&inner, &w, &d, now).await;
+                (d, r)
+            });
+        }
         let mut batch = Batch::new();
-        match result {
-            Ok(()) => {
-                d.state = DeliveryState::Delivered;
-                d.finished_ms = Some(now);
-                d.last_error = None;
-                Store::finish_delivery(&mut batch, &d);
+        let mut done = Vec::new();
+        while let Some(joined) = set.join_next().await {
+            let Ok((mut d, result)) = joined else { continue };
+            d.attempts += 1;
+            let now = inner.clock.now_ms();
+            match result {
+                Ok(()) => {
+                    d.state = DeliveryState::Delivered;
+                    d.finished_ms = Some(now);
+                    d.last_error = None;
+                    Store::finish_delivery(&mut batch, &d);
+                }
+                Err(e) if d.attempts >= hook.w.max_attempts => {
+                    tracing::warn!(webhook = %id, seq = d.seq, error = %e, "delivery dead-lettered");
+                    d.state = DeliveryState::Dead;
+                    d.finished_ms = Some(now);
+                    d.last_error = Some(e);
+                    Store::finish_delivery(&mut batch, &d);
+                }
+                Err(e) => {
+                    tracing::debug!(webhook = %id, seq = d.seq, attempt = d.attempts, error = %e, "delivery failed");
+                    d.next_attempt_ms = now + backoff_ms(d.attempts, fastrand::f64());
+                    d.last_error = Some(e);
+                    Store::add_outbox(&mut batch, &d);
+                }
             }
-            Err(e) if d.attempts >= hook.w.max_attempts => {
-                tracing::warn!(webhook = %id, seq = d.seq, error = %e, "delivery dead-lettered");
-                d.state = DeliveryState::Dead;
-                d.finished_ms = Some(now);
-                d.last_error = Some(e);
-                Store::finish_delivery(&mut batch, &d);
-            }
-            Err(e) => {
-                tracing::debug!(webhook = %id, seq = d.seq, attempt = d.attempts, error = %e, "delivery failed; retrying");
-                d.next_attempt_ms = now + backoff_ms(d.attempts, fastrand::f64());
-                d.last_error = Some(e);
-                Store::add_outbox(&mut batch, &d);
-            }
+            done.push(d);
         }
         if let Err(e) = inner.store.commit(batch).await {
-            tracing::error!(webhook = %id, error = %e, "recording a delivery failed");
+            tracing::error!(webhook = %id, error = %e, "recording deliveries failed");
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
-        match d.state {
-            DeliveryState::Delivered => {
-                hook.pending.fetch_sub(1, Ordering::AcqRel);
-                inner.metrics.webhook_delivered.inc();
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&d.body)
-                    && let Some(at) = v["data"]["updated_ms"].as_u64()
-                {
-                    inner.metrics.webhook_latency.observe(Duration::from_millis(now.saturating_sub(at)));
+        let now = inner.clock.now_ms();
+        for d in done {
+            match d.state {
+                DeliveryState::Delivered => {
+                    hook.pending.fetch_sub(1, Ordering::AcqRel);
+                    inner.metrics.webhook_delivered.inc();
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&d.body)
+                        && let Some(at) = v["data"]["updated_ms"].as_u64()
+                    {
+                        inner.metrics.webhook_latency.observe(Duration::from_millis(now.saturating_sub(at)));
+                    }
                 }
+                DeliveryState::Dead => {
+                    hook.pending.fetch_sub(1, Ordering::AcqRel);
+                    inner.metrics.webhook_failed_attempts.inc();
+                    inner.metrics.webhook_dead.inc();
+                }
+                DeliveryState::Pending => inner.metrics.webhook_failed_attempts.inc(),
             }
-            DeliveryState::Dead => {
-                hook.pending.fetch_sub(1, Ordering::AcqRel);
-                inner.metrics.webhook_failed_attempts.inc();
-                inner.metrics.webhook_dead.inc();
-            }
-            DeliveryState::Pending => inner.metrics.webhook_failed_attempts.inc(),
         }
     }
 }

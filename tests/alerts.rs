@@ -323,3 +323,120 @@ async fn invalid_rules_are_refused_and_rules_never_cross_tenants() {
     assert_eq!((s, body["rules"].as_array().unwrap().len()), (200, 1), "only its own rule");
     ts.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn geofences_rates_and_anomalies_raise_alerts() {
+    let ts = TestServer::start(false).await;
+    for orb in ["geo", "drain", "hot"] {
+        ts.register("acme", orb).await;
+    }
+    // Leaving a square around (37.75, -122.45) fires; coming back clears.
+    rule(
+        &ts,
+        json!({"tenant_id": "acme", "name": "left depot", "severity": "major", "scope": "orb_id = \"geo\"",
+        "condition": "!in_polygon(lat, lon, [37.7, -122.5, 37.8, -122.5, 37.8, -122.4, 37.7, -122.4])"}),
+    )
+    .await;
+    // Draining faster than 5 % per second.
+    rule(
+        &ts,
+        json!({"tenant_id": "acme", "name": "fast drain", "severity": "minor", "scope": "orb_id = \"drain\"",
+        "condition": "rate.battery < -5.0"}),
+    )
+    .await;
+    // A motor temperature far outside the orb's own normal.
+    rule(
+        &ts,
+        json!({"tenant_id": "acme", "name": "motor anomaly", "severity": "warning", "scope": "orb_id = \"hot\"",
+        "condition": "zscore.motor_temp_c > 4.0"}),
+    )
+    .await;
+    let post = |orb: &'static str, body: Value| {
+        let url = ts.url(&format!("/v1/orbs/{orb}/telemetry?tenant_id=acme"));
+        async move {
+            let (s, b) = http("POST", &url, Some(ADMIN), Some(body)).await;
+            assert_eq!(s, 200, "{b}");
+        }
+    };
+    post("geo", json!({"ts": now_ms(), "lat": 37.75, "lon": -122.45})).await;
+    post("drain", json!({"ts": now_ms(), "battery": 90})).await;
+    for i in 0..25 {
+        post("hot", json!({"ts": now_ms(), "metrics": {"motor_temp_c": 40.0 + (i % 3) as f64}})).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(alerts(&ts, "tenant_id=acme").await.is_empty(), "nothing unusual yet");
+
+    post("geo", json!({"ts": now_ms(), "lat": 37.9, "lon": -122.45})).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    post("drain", json!({"ts": now_ms(), "battery": 70})).await;
+    post("hot", json!({"ts": now_ms(), "metrics": {"motor_temp_c": 95.0}})).await;
+    wait_until("three alerts", 10, || async { alerts(&ts, "tenant_id=acme&state=open").await.len() == 3 }).await;
+    let names: std::collections::BTreeSet<String> = alerts(&ts, "tenant_id=acme&state=open")
+        .await
+        .iter()
+        .map(|a| a["rule_name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["fast drain", "left depot", "motor anomaly"].map(String::from).into());
+
+    post("geo", json!({"ts": now_ms(), "lat": 37.76, "lon": -122.44})).await;
+    wait_until("back inside clears", 10, || async {
+        alerts(&ts, "tenant_id=acme&orb_id=geo&state=resolved").await.len() == 1
+    })
+    .await;
+    ts.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_and_alerts_over_grpc() {
+    use orbmanager::net::grpc::pb;
+    use pb::alert_service_client::AlertServiceClient;
+    let ts = TestServer::start(false).await;
+    ts.register("acme", "g1").await;
+    let mut svc = AlertServiceClient::connect(format!("http://{}", ts.grpc)).await.unwrap();
+    fn authed<T>(m: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(m);
+        r.metadata_mut().insert("authorization", format!("Bearer {ADMIN}").parse().unwrap());
+        r
+    }
+    let bad = pb::CreateRuleRequest {
+        tenant_id: "acme".into(),
+        name: "n".into(),
+        condition: "battery <".into(),
+        severity: "major".into(),
+        ..Default::default()
+    };
+    let err = svc.create_rule(authed(bad)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    let ok = pb::CreateRuleRequest {
+        tenant_id: "acme".into(),
+        name: "hot".into(),
+        condition: "metrics.temp_c > 70.0".into(),
+        severity: "critical".into(),
+        ..Default::default()
+    };
+    let rule = svc.create_rule(authed(ok)).await.unwrap().into_inner();
+    assert_eq!(rule.severity, "critical");
+    let url = ts.url("/v1/orbs/g1/telemetry?tenant_id=acme");
+    let (s, _) = http("POST", &url, Some(ADMIN), Some(json!({"ts": now_ms(), "metrics": {"temp_c": 90}}))).await;
+    assert_eq!(s, 200);
+    let mut open = Vec::new();
+    for _ in 0..100 {
+        let req = pb::ListAlertsRequest { tenant_id: "acme".into(), state: "open".into(), ..Default::default() };
+        open = svc.list_alerts(authed(req)).await.unwrap().into_inner().alerts;
+        if !open.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(open.len(), 1);
+    let values: Value = serde_json::from_str(&open[0].values_json).unwrap();
+    assert_eq!(values["metrics"]["temp_c"], 90.0);
+    let req = pb::AlertRequest { tenant_id: "acme".into(), alert_id: open[0].alert_id.clone() };
+    let acked = svc.acknowledge_alert(authed(req)).await.unwrap().into_inner();
+    assert_eq!(acked.state, "acknowledged");
+    let req = pb::DeleteRuleRequest { tenant_id: "acme".into(), rule_id: rule.rule_id.clone() };
+    svc.delete_rule(authed(req)).await.unwrap();
+    let rules = svc.list_rules(authed(pb::ListRulesRequest { tenant_id: "acme".into() })).await.unwrap().into_inner();
+    assert!(rules.rules.is_empty());
+    ts.stop().await;
+}

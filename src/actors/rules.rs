@@ -20,7 +20,7 @@ use crate::clock::Clock;
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Metrics;
 use crate::model::alert::{Alert, AlertState};
-use crate::model::rule::{Compiled, Rule, Transition, Window};
+use crate::model::rule::{Compiled, Ewma, Rule, Transition, Window, in_polygon};
 use crate::model::{OrbId, OrbKey, TenantId};
 use crate::search::{FleetIndex, Row};
 use crate::storage::{Batch, Store, WindowRecord};
@@ -31,6 +31,47 @@ pub const PARTITIONS: usize = 4;
 /// Observations queued for one partition before orb actors wait.
 pub const PARTITION_QUEUE_MAX: usize = 8_192;
 const TICK_MS: u64 = 1_000;
+/// Orbs whose recent values a partition keeps for `rate` and `zscore`.
+pub const HISTORY_ORBS_MAX: usize = 1_000_000;
+/// Recent values untouched this long are forgotten.
+const HISTORY_IDLE_MS: u64 = 3_600_000;
+
+/// An orb's previous observation and per-field statistics (`rate`, `zscore`).
+#[derive(Default)]
+struct Recent {
+    at_ms: u64,
+    values: Vec<(Box<str>, f64)>,
+    stats: Vec<(Box<str>, Ewma)>,
+}
+
+impl Recent {
+    /// Derived maps for this observation, then remembers it.
+    fn step(&mut self, now_ms: u64, fields: &[(&str, f64)]) -> (HashMap<String, f64>, HashMap<String, f64>) {
+        let dt_s = now_ms.saturating_sub(self.at_ms) as f64 / 1000.0;
+        let mut rate = HashMap::new();
+        let mut z = HashMap::new();
+        for (name, x) in fields {
+            if dt_s > 0.0
+                && let Some((_, prev)) = self.values.iter().find(|(n, _)| &**n == *name)
+            {
+                rate.insert(name.to_string(), (x - prev) / dt_s);
+            }
+            let stat = match self.stats.iter_mut().find(|(n, _)| &**n == *name) {
+                Some((_, e)) => e,
+                None => {
+                    self.stats.push(((*name).into(), Ewma::default()));
+                    &mut self.stats.last_mut().expect("just pushed").1
+                }
+            };
+            if let Some(v) = stat.observe(*x) {
+                z.insert(name.to_string(), v);
+            }
+        }
+        self.at_ms = now_ms;
+        self.values = fields.iter().map(|(n, x)| ((*n).into(), *x)).collect();
+        (rate, z)
+    }
+}
 
 /// The compiled rules of every tenant, shared by the partitions and updated by the API.
 #[derive(Default)]
@@ -206,6 +247,9 @@ pub struct PartitionState {
     /// Non-idle windows only.
     windows: HashMap<WinKey, Window>,
     queued: Arc<AtomicUsize>,
+    /// Recent values of orbs whose tenant has rules reading `rate` or `zscore` (not
+    /// checkpointed: rates and warm-ups start over after a restart).
+    history: HashMap<OrbKey, Recent>,
 }
 
 /// One decision to carry out.
@@ -227,7 +271,7 @@ impl Actor for RulePartition {
         a: PartitionArgs,
     ) -> Result<PartitionState, ActorProcessingErr> {
         myself.send_interval(Duration::from_millis(TICK_MS), || RuleMsg::Tick);
-        Ok(PartitionState { ctx: a.ctx, part: a.part, windows: a.windows, queued: a.queued })
+        Ok(PartitionState { ctx: a.ctx, part: a.part, windows: a.windows, queued: a.queued, history: HashMap::new() })
     }
 
     async fn handle(
@@ -257,6 +301,21 @@ impl Actor for RulePartition {
 /// The CEL variables of one observation.
 fn context(row: &Row, metrics: &[(String, f64)]) -> Context<'static> {
     let mut c = Context::default();
+    c.add_function("in_polygon", |lat: f64, lon: f64, poly: Arc<Vec<Value>>| -> bool {
+        let flat: Vec<f64> = poly
+            .iter()
+            .filter_map(|v| match v {
+                Value::Float(f) => Some(*f),
+                Value::Int(i) => Some(*i as f64),
+                Value::UInt(u) => Some(*u as f64),
+                _ => None,
+            })
+            .collect();
+        flat.len() == poly.len() && in_polygon(lat, lon, &flat)
+    });
+    c.add_function("distance_km", |a: f64, b: f64, x: f64, y: f64| -> f64 {
+        crate::model::query::distance_m(a, b, x, y) / 1000.0
+    });
     for (name, v) in [("battery", row.battery), ("speed", row.speed), ("lat", row.lat), ("lon", row.lon)] {
         if let Some(v) = v {
             c.add_variable_from_value(name, v);
@@ -301,7 +360,17 @@ async fn observe(
     now: u64,
 ) -> Result<(), ActorProcessingErr> {
     let Some(rules) = st.ctx.book.of(&key.tenant) else { return Ok(()) };
-    let cel = context(row, metrics);
+    let mut cel = context(row, metrics);
+    if rules.iter().any(|c| c.needs_history) {
+        let mut fields: Vec<(&str, f64)> = metrics.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        fields.extend(row.battery.map(|v| ("battery", v)));
+        fields.extend(row.speed.map(|v| ("speed", v)));
+        if st.history.len() < HISTORY_ORBS_MAX || st.history.contains_key(key) {
+            let (rate, z) = st.history.entry(key.clone()).or_default().step(now, &fields);
+            cel.add_variable_from_value("rate", rate);
+            cel.add_variable_from_value("zscore", z);
+        }
+    }
     let mut decisions = Vec::new();
     let mut windows = Vec::new();
     for c in rules.iter() {
@@ -417,6 +486,7 @@ async fn commit(
 }
 
 async fn tick(st: &mut PartitionState, now: u64) -> Result<(), ActorProcessingErr> {
+    st.history.retain(|_, r| now.saturating_sub(r.at_ms) < HISTORY_IDLE_MS);
     for (tenant, rules) in st.ctx.book.tenants() {
         let mut due: Vec<(Arc<Compiled>, OrbId, String)> = Vec::new();
         for c in rules.iter() {

@@ -23,6 +23,9 @@ pub struct WebhookSpec {
     pub secret: String,
     #[serde(default)]
     pub max_attempts: Option<u32>,
+    /// Deliveries in flight at once, each for a different orb (1..=64, default 8).
+    #[serde(default)]
+    pub concurrency: Option<u32>,
 }
 
 fn new_id(prefix: &str) -> String {
@@ -163,6 +166,10 @@ impl Api {
         if !(1..=50).contains(&max_attempts) {
             return Err(invalid("max_attempts must be 1..50"));
         }
+        let concurrency = spec.concurrency.unwrap_or(8);
+        if !(1..=64).contains(&concurrency) {
+            return Err(invalid("concurrency must be 1..64"));
+        }
         if self.store().webhooks(&tenant).map_err(internal)?.len() >= WEBHOOKS_PER_TENANT_MAX {
             return Err(ApiError::new(
                 ErrorCode::Overloaded,
@@ -179,6 +186,7 @@ impl Api {
             events,
             secret: spec.secret,
             max_attempts,
+            concurrency,
             created_ms: self.now_ms(),
         };
         let mut batch = Batch::new();

@@ -114,6 +114,8 @@ pub struct Webhook {
     pub secret: String,
     /// Attempts before a delivery is dead-lettered.
     pub max_attempts: u32,
+    /// Deliveries in flight at once (each for a different orb).
+    pub concurrency: u32,
     pub created_ms: u64,
 }
 
@@ -125,6 +127,7 @@ impl Webhook {
             "url": self.url,
             "events": self.events,
             "max_attempts": self.max_attempts,
+            "concurrency": self.concurrency,
             "created_ms": self.created_ms,
         })
     }
@@ -145,6 +148,8 @@ pub struct Delivery {
     pub tenant: TenantId,
     pub webhook_id: String,
     pub seq: u64,
+    /// The orb the event is about: deliveries of one orb are sent one at a time, in order.
+    pub orb: String,
     pub event_type: String,
     pub body: String,
     pub state: DeliveryState,
@@ -164,6 +169,7 @@ impl Delivery {
         };
         serde_json::json!({
             "seq": self.seq,
+            "orb_id": self.orb,
             "event_type": self.event_type,
             "state": state,
             "attempts": self.attempts,

@@ -3,7 +3,13 @@
 //!
 //! Conditions are CEL expressions (the `cel-interpreter` crate) over one orb's latest values:
 //! `battery`, `speed`, `lat`, `lon` (doubles), `mode`, `orb_id`, `status` (strings), `online`
-//! (bool), `metrics`, `attr`, `version` (maps). A variable that the orb has not reported makes
+//! (bool), `metrics`, `attr`, `version` (maps), `rate` (per-second change of each numeric field
+//! since the orb's previous observation) and `zscore` (each numeric field against its per-orb
+//! exponentially weighted mean and variance, present after a warm-up: the anomaly detector,
+//! whose sensitivity is the threshold the condition compares with). Functions beyond CEL's:
+//! `in_polygon(lat, lon, [lat1, lon1, lat2, lon2, ...])` (geofences: the condition
+//! `!in_polygon(...)` fires on exit and clears on entry) and `distance_km(lat, lon, lat2, lon2)`.
+//! A variable that the orb has not reported makes
 //! the condition false, never an error. `for_s` makes a duration rule ("battery < 15 for 60 s");
 //! `clear_condition` gives hysteresis (default: the condition no longer holds); `absent_s` makes
 //! a heartbeat-absence rule that fires when an orb in scope sent nothing for that long.
@@ -14,8 +20,14 @@ use super::TenantId;
 use super::query::{self, Expr};
 
 /// Variables a condition may use.
-pub const VARIABLES: [&str; 11] =
-    ["battery", "speed", "lat", "lon", "mode", "orb_id", "status", "online", "metrics", "attr", "version"];
+pub const VARIABLES: [&str; 13] = [
+    "battery", "speed", "lat", "lon", "mode", "orb_id", "status", "online", "metrics", "attr", "version", "rate",
+    "zscore",
+];
+/// Observations before `zscore` has a value for a field.
+pub const ZSCORE_WARMUP: u32 = 20;
+/// Weight of the newest observation in the exponentially weighted statistics.
+pub const EWMA_ALPHA: f64 = 0.1;
 
 /// Longest condition source, in bytes.
 pub const CONDITION_LEN_MAX: usize = 4_096;
@@ -167,6 +179,8 @@ pub struct Compiled {
     pub condition: Option<cel_interpreter::Program>,
     pub clear: Option<cel_interpreter::Program>,
     pub scope: Expr,
+    /// Whether it reads `rate` or `zscore` (which need the orb's previous observations).
+    pub needs_history: bool,
 }
 
 impl Compiled {
@@ -175,8 +189,55 @@ impl Compiled {
         let condition = if rule.absent_s.is_some() { None } else { Some(compile("condition", &rule.condition)?) };
         let clear = rule.clear_condition.as_deref().map(|c| compile("clear_condition", c)).transpose()?;
         let scope = query::parse(&rule.scope).map_err(|e| e.to_string())?;
-        Ok(Compiled { rule, condition, clear, scope })
+        let needs_history = [&condition, &clear].iter().any(|p| {
+            p.as_ref().is_some_and(|p| {
+                let r = p.references();
+                r.has_variable("rate") || r.has_variable("zscore")
+            })
+        });
+        Ok(Compiled { rule, condition, clear, scope, needs_history })
     }
+}
+
+/// Exponentially weighted mean and variance of one field of one orb.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Ewma {
+    pub n: u32,
+    pub mean: f64,
+    pub var: f64,
+}
+
+impl Ewma {
+    /// The z-score of `x` against what was seen before it (after the warm-up), then `x` is
+    /// folded in.
+    pub fn observe(&mut self, x: f64) -> Option<f64> {
+        let z = (self.n >= ZSCORE_WARMUP && self.var > 0.0).then(|| (x - self.mean) / self.var.sqrt());
+        if self.n == 0 {
+            self.mean = x;
+        } else {
+            let d = x - self.mean;
+            self.mean += EWMA_ALPHA * d;
+            self.var = (1.0 - EWMA_ALPHA) * (self.var + EWMA_ALPHA * d * d);
+        }
+        self.n = self.n.saturating_add(1);
+        z
+    }
+}
+
+/// Whether (lat, lon) is inside the polygon given as a flat list of vertex coordinates
+/// (ray casting; the polygon closes itself).
+pub fn in_polygon(lat: f64, lon: f64, flat: &[f64]) -> bool {
+    let n = flat.len() / 2;
+    let mut inside = false;
+    let mut j = n.wrapping_sub(1);
+    for i in 0..n {
+        let (yi, xi, yj, xj) = (flat[2 * i], flat[2 * i + 1], flat[2 * j], flat[2 * j + 1]);
+        if (yi > lat) != (yj > lat) && lon < (xj - xi) * (lat - yi) / (yj - yi) + xi {
+            inside = !inside;
+        }
+        j = i;
+    }
+    inside
 }
 
 /// The durable per-(rule, orb) evaluation state: checkpointed whenever it changes, so a
@@ -303,6 +364,28 @@ mod tests {
         assert_eq!(w.observe(false, false, 0, 2), (Transition::None, false));
         assert!(w.firing);
         assert_eq!(w.observe(false, true, 0, 3).0, Transition::Clear);
+    }
+
+    #[test]
+    fn polygons_contain_what_is_inside_them() {
+        // A square around (37.75, -122.45).
+        let sq = [37.7, -122.5, 37.8, -122.5, 37.8, -122.4, 37.7, -122.4];
+        assert!(in_polygon(37.75, -122.45, &sq));
+        assert!(!in_polygon(37.85, -122.45, &sq));
+        assert!(!in_polygon(37.75, -122.35, &sq));
+        assert!(!in_polygon(37.75, -122.45, &sq[..4]), "two points enclose nothing");
+    }
+
+    #[test]
+    fn zscores_appear_after_the_warm_up_and_flag_outliers() {
+        let mut e = Ewma::default();
+        for i in 0..ZSCORE_WARMUP {
+            assert_eq!(e.observe(50.0 + (i % 3) as f64), None, "warming up");
+        }
+        let normal = e.observe(51.0).unwrap();
+        assert!(normal.abs() < 2.0, "{normal}");
+        let outlier = e.observe(80.0).unwrap();
+        assert!(outlier > 5.0, "{outlier}");
     }
 
     #[test]

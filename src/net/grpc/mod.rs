@@ -47,7 +47,8 @@ pub async fn serve(
         .add_service(bounded!(pb::tenant_service_server::TenantServiceServer::new(s.clone())))
         .add_service(bounded!(pb::registry_service_server::RegistryServiceServer::new(s.clone())))
         .add_service(bounded!(pb::telemetry_service_server::TelemetryServiceServer::new(s.clone())))
-        .add_service(bounded!(pb::command_service_server::CommandServiceServer::new(s)))
+        .add_service(bounded!(pb::command_service_server::CommandServiceServer::new(s.clone())))
+        .add_service(bounded!(pb::alert_service_server::AlertServiceServer::new(s)))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await
 }

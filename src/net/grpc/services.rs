@@ -471,3 +471,97 @@ impl pb::command_service_server::CommandService for Services {
         Ok(Response::new(broadcast_to_pb(&v)))
     }
 }
+
+fn rule_to_pb(r: &crate::model::rule::Rule) -> pb::AlertRule {
+    pb::AlertRule {
+        tenant_id: r.tenant.to_string(),
+        rule_id: r.rule_id.clone(),
+        name: r.name.clone(),
+        condition: r.condition.clone(),
+        clear_condition: r.clear_condition.clone(),
+        severity: r.severity.as_str().into(),
+        for_s: r.for_s,
+        absent_s: r.absent_s,
+        scope: r.scope.clone(),
+        created_ms: r.created_ms,
+    }
+}
+
+fn alert_to_pb(a: &crate::model::alert::Alert) -> pb::Alert {
+    pb::Alert {
+        tenant_id: a.tenant.to_string(),
+        alert_id: a.alert_id.clone(),
+        rule_id: a.rule_id.clone(),
+        rule_name: a.rule_name.clone(),
+        orb_id: a.orb.to_string(),
+        severity: a.severity.as_str().into(),
+        state: a.state.as_str().into(),
+        opened_ms: a.opened_ms,
+        updated_ms: a.updated_ms,
+        resolved_ms: a.resolved_ms,
+        resolved_by: a.resolved_by.clone().unwrap_or_default(),
+        repeats: a.repeats,
+        values_json: a.values.clone(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::alert_service_server::AlertService for Services {
+    async fn create_rule(&self, req: Request<pb::CreateRuleRequest>) -> R<pb::AlertRule> {
+        let p = self.principal(&req)?;
+        let r = req.into_inner();
+        let spec = crate::model::rule::RuleSpec {
+            name: r.name,
+            condition: r.condition,
+            clear_condition: r.clear_condition,
+            severity: r.severity,
+            for_s: r.for_s,
+            absent_s: r.absent_s,
+            scope: r.scope,
+        };
+        let rule = self.api.create_rule(&p, opt(&r.tenant_id), spec).await.map_err(status)?;
+        Ok(Response::new(rule_to_pb(&rule)))
+    }
+
+    async fn list_rules(&self, req: Request<pb::ListRulesRequest>) -> R<pb::ListRulesResponse> {
+        let p = self.principal(&req)?;
+        let rules = self.api.list_rules(&p, opt(&req.get_ref().tenant_id)).map_err(status)?;
+        Ok(Response::new(pb::ListRulesResponse { rules: rules.iter().map(rule_to_pb).collect() }))
+    }
+
+    async fn delete_rule(&self, req: Request<pb::DeleteRuleRequest>) -> R<pb::AlertRule> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let rule = self.api.delete_rule(&p, opt(&r.tenant_id), &r.rule_id).await.map_err(status)?;
+        Ok(Response::new(rule_to_pb(&rule)))
+    }
+
+    async fn list_alerts(&self, req: Request<pb::ListAlertsRequest>) -> R<pb::ListAlertsResponse> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let (alerts, next) = self
+            .api
+            .list_alerts(&p, opt(&r.tenant_id), opt(&r.state), opt(&r.orb_id), r.page_size as usize, opt(&r.page_token))
+            .map_err(status)?;
+        Ok(Response::new(pb::ListAlertsResponse {
+            alerts: alerts.iter().map(alert_to_pb).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn acknowledge_alert(&self, req: Request<pb::AlertRequest>) -> R<pb::Alert> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let op = crate::actors::rules::AlertOp::Acknowledge;
+        let a = self.api.alert_op(&p, opt(&r.tenant_id), &r.alert_id, op).await.map_err(status)?;
+        Ok(Response::new(alert_to_pb(&a)))
+    }
+
+    async fn resolve_alert(&self, req: Request<pb::AlertRequest>) -> R<pb::Alert> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let op = crate::actors::rules::AlertOp::Resolve;
+        let a = self.api.alert_op(&p, opt(&r.tenant_id), &r.alert_id, op).await.map_err(status)?;
+        Ok(Response::new(alert_to_pb(&a)))
+    }
+}
