@@ -384,7 +384,7 @@ impl Fleet {
     /// Stops every shard and, with them, every orb actor; waits until they are gone.
     pub async fn stop(&self) {
         if let Some(a) = self.ctx.alerting.get() {
-            a.stop();
+            a.stop().await;
         }
         if let Some(m) = self.ctx.broadcasts.get() {
             let _ = m.stop_and_wait(Some("fleet stopping".into()), Some(Duration::from_secs(10))).await;

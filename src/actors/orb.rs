@@ -203,8 +203,13 @@ impl Actor for OrbActor {
                 let effects = state.orb.apply(Event::Telemetry(&point), now);
                 perform(state, effects).await?;
                 publish(state, ChangeKind::Telemetry, now);
-                if let Some(alerting) = state.ctx.alerting.get() {
-                    alerting.observe(&state.key, crate::search::Row::of(&state.orb), point.metrics.clone()).await;
+                if let Some(alerting) = state.ctx.alerting.get()
+                    && let Some(vars) = alerting.interest(&state.key.tenant)
+                {
+                    use crate::model::rule::var_bit;
+                    let wants_metrics = vars & (var_bit("metrics") | var_bit("rate") | var_bit("zscore")) != 0;
+                    let metrics = if wants_metrics { point.metrics.clone() } else { Vec::new() };
+                    alerting.observe(&state.key, crate::search::Row::of(&state.orb), metrics).await;
                 }
             }
             OrbMsg::Report { report, reply } => {

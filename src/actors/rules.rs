@@ -20,7 +20,7 @@ use crate::clock::Clock;
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Metrics;
 use crate::model::alert::{Alert, AlertState};
-use crate::model::rule::{Compiled, Ewma, Rule, Transition, Window, in_polygon};
+use crate::model::rule::{Compiled, Ewma, Rule, Transition, Window, in_polygon, var_bit};
 use crate::model::{OrbId, OrbKey, TenantId};
 use crate::search::{FleetIndex, Row};
 use crate::storage::{Batch, Store, WindowRecord};
@@ -31,6 +31,10 @@ pub const PARTITIONS: usize = 4;
 /// Observations queued for one partition before orb actors wait.
 pub const PARTITION_QUEUE_MAX: usize = 8_192;
 const TICK_MS: u64 = 1_000;
+/// Staged writes are committed when the partition's queue is empty, when this many operations
+/// are staged, or when the oldest is this old: one fsync for many decisions under load.
+const FLUSH_OPS: usize = 512;
+const FLUSH_AGE_MS: u64 = 20;
 /// Orbs whose recent values a partition keeps for `rate` and `zscore`.
 pub const HISTORY_ORBS_MAX: usize = 1_000_000;
 /// Recent values untouched this long are forgotten.
@@ -78,6 +82,12 @@ impl Recent {
 pub struct RuleBook(RwLock<HashMap<TenantId, Arc<Vec<Arc<Compiled>>>>>);
 
 impl RuleBook {
+    /// The variables any rule of `tenant` reads (see [`crate::model::rule::var_bit`]), or
+    /// `None` when the tenant has no rules.
+    pub fn interest(&self, tenant: &TenantId) -> Option<u16> {
+        self.0.read().expect("rule book lock").get(tenant).map(|r| r.iter().fold(0, |m, c| m | c.vars))
+    }
+
     pub fn of(&self, tenant: &TenantId) -> Option<Arc<Vec<Arc<Compiled>>>> {
         self.0.read().expect("rule book lock").get(tenant).cloned()
     }
@@ -176,23 +186,31 @@ impl Alerting {
             let key = OrbKey::new(w.tenant.clone(), w.orb.clone());
             windows[partition_of(&key)].insert((w.tenant, w.rule_id, w.orb), w.window);
         }
+        let mut open: Vec<HashMap<WinKey, Alert>> = (0..PARTITIONS).map(|_| HashMap::new()).collect();
+        for a in ctx.store.all_open_alerts()? {
+            let key = OrbKey::new(a.tenant.clone(), a.orb.clone());
+            open[partition_of(&key)].insert((a.tenant.clone(), a.rule_id.clone(), a.orb.clone()), a);
+        }
         let ctx = Arc::new(ctx);
         let mut partitions = Vec::with_capacity(PARTITIONS);
-        for (part, windows) in windows.into_iter().enumerate() {
+        for (part, (windows, open)) in windows.into_iter().zip(open).enumerate() {
             let queued = Arc::new(AtomicUsize::new(0));
-            let args = PartitionArgs { ctx: ctx.clone(), part, windows, queued: queued.clone() };
+            let args = PartitionArgs { ctx: ctx.clone(), part, windows, open, queued: queued.clone() };
             let (actor, _) = Actor::spawn(None, RulePartition, args).await?;
             partitions.push((actor, queued));
         }
         Ok(Alerting { ctx, partitions: Arc::new(partitions) })
     }
 
+    /// The variables the rules of `tenant` read, `None` when it has no rules: orb actors
+    /// skip the observation entirely then, and copy metrics only when some rule reads them.
+    pub fn interest(&self, tenant: &TenantId) -> Option<u16> {
+        self.ctx.book.interest(tenant)
+    }
+
     /// Hands an observation to the orb's partition; waits while the partition is full, so
     /// orb actors slow down instead of memory growing.
     pub async fn observe(&self, key: &OrbKey, row: Row, metrics: Vec<(String, f64)>) {
-        if !self.ctx.book.has(&key.tenant) {
-            return;
-        }
         let (actor, queued) = &self.partitions[partition_of(key)];
         while queued.load(Ordering::Acquire) >= PARTITION_QUEUE_MAX {
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -222,9 +240,10 @@ impl Alerting {
         }
     }
 
-    pub fn stop(&self) {
+    /// Stops the partitions (each commits what it has staged) and the webhook workers.
+    pub async fn stop(&self) {
         for (actor, _) in self.partitions.iter() {
-            actor.stop(None);
+            let _ = actor.stop_and_wait(Some("fleet stopping".into()), Some(Duration::from_secs(10))).await;
         }
         self.ctx.webhooks.stop();
     }
@@ -238,6 +257,7 @@ pub struct PartitionArgs {
     ctx: Arc<RuleCtx>,
     part: usize,
     windows: HashMap<WinKey, Window>,
+    open: HashMap<WinKey, Alert>,
     queued: Arc<AtomicUsize>,
 }
 
@@ -250,6 +270,17 @@ pub struct PartitionState {
     /// Recent values of orbs whose tenant has rules reading `rate` or `zscore` (not
     /// checkpointed: rates and warm-ups start over after a restart).
     history: HashMap<OrbKey, Recent>,
+    /// CEL's functions and ours, built once; each observation is a child scope of it.
+    root: Context<'static>,
+    /// The open (or acknowledged) alert of each (rule, orb): the partition is their only
+    /// writer, so memory is the truth and the store its durable copy.
+    open: HashMap<WinKey, Alert>,
+    /// Writes staged for the next flush, with the events' webhook workers to wake after it.
+    pending: Batch,
+    pending_ops: usize,
+    pending_since: u64,
+    pending_woken: Vec<crate::webhooks::Woken>,
+    pending_events: Vec<&'static str>,
 }
 
 /// One decision to carry out.
@@ -271,7 +302,20 @@ impl Actor for RulePartition {
         a: PartitionArgs,
     ) -> Result<PartitionState, ActorProcessingErr> {
         myself.send_interval(Duration::from_millis(TICK_MS), || RuleMsg::Tick);
-        Ok(PartitionState { ctx: a.ctx, part: a.part, windows: a.windows, queued: a.queued, history: HashMap::new() })
+        Ok(PartitionState {
+            ctx: a.ctx,
+            part: a.part,
+            windows: a.windows,
+            queued: a.queued,
+            history: HashMap::new(),
+            root: root_context(),
+            open: a.open,
+            pending: Batch::new(),
+            pending_ops: 0,
+            pending_since: 0,
+            pending_woken: Vec::new(),
+            pending_events: Vec::new(),
+        })
     }
 
     async fn handle(
@@ -292,14 +336,26 @@ impl Actor for RulePartition {
             }
             RuleMsg::RuleRemoved { tenant, rule_id } => {
                 st.windows.retain(|(t, r, _), _| !(t == &tenant && r == &rule_id));
+                st.open.retain(|(t, r, _), _| !(t == &tenant && r == &rule_id));
             }
+        }
+        if st.pending_ops > 0
+            && (st.queued.load(Ordering::Acquire) == 0
+                || st.pending_ops >= FLUSH_OPS
+                || now.saturating_sub(st.pending_since) >= FLUSH_AGE_MS)
+        {
+            flush(st).await?;
         }
         Ok(())
     }
+
+    async fn post_stop(&self, _myself: ActorRef<RuleMsg>, st: &mut PartitionState) -> Result<(), ActorProcessingErr> {
+        flush(st).await
+    }
 }
 
-/// The CEL variables of one observation.
-fn context(row: &Row, metrics: &[(String, f64)]) -> Context<'static> {
+/// The functions every condition may call.
+fn root_context() -> Context<'static> {
     let mut c = Context::default();
     c.add_function("in_polygon", |lat: f64, lon: f64, poly: Arc<Vec<Value>>| -> bool {
         let flat: Vec<f64> = poly
@@ -316,25 +372,46 @@ fn context(row: &Row, metrics: &[(String, f64)]) -> Context<'static> {
     c.add_function("distance_km", |a: f64, b: f64, x: f64, y: f64| -> f64 {
         crate::model::query::distance_m(a, b, x, y) / 1000.0
     });
+    c
+}
+
+/// Adds the variables of one observation that some rule reads (`vars`) to a child scope.
+fn bind(c: &mut Context<'_>, vars: u16, row: &Row, metrics: &[(String, f64)]) {
+    let want = |name: &str| vars & var_bit(name) != 0;
     for (name, v) in [("battery", row.battery), ("speed", row.speed), ("lat", row.lat), ("lon", row.lon)] {
-        if let Some(v) = v {
+        if let Some(v) = v
+            && want(name)
+        {
             c.add_variable_from_value(name, v);
         }
     }
-    if let Some(m) = &row.mode {
+    if let Some(m) = &row.mode
+        && want("mode")
+    {
         c.add_variable_from_value("mode", m.to_string());
     }
-    c.add_variable_from_value("orb_id", row.orb.as_str().to_string());
-    c.add_variable_from_value("status", row.status.as_str().to_string());
-    c.add_variable_from_value("online", row.online);
-    let m: HashMap<String, f64> = metrics.iter().cloned().collect();
-    c.add_variable_from_value("metrics", m);
+    if want("orb_id") {
+        c.add_variable_from_value("orb_id", row.orb.as_str().to_string());
+    }
+    if want("status") {
+        c.add_variable_from_value("status", row.status.as_str().to_string());
+    }
+    if want("online") {
+        c.add_variable_from_value("online", row.online);
+    }
+    if want("metrics") {
+        let m: HashMap<String, f64> = metrics.iter().cloned().collect();
+        c.add_variable_from_value("metrics", m);
+    }
     let pairs = |p: &[(Box<str>, Box<str>)]| -> HashMap<String, String> {
         p.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     };
-    c.add_variable_from_value("attr", pairs(&row.attrs));
-    c.add_variable_from_value("version", pairs(&row.versions));
-    c
+    if want("attr") {
+        c.add_variable_from_value("attr", pairs(&row.attrs));
+    }
+    if want("version") {
+        c.add_variable_from_value("version", pairs(&row.versions));
+    }
 }
 
 /// A condition that does not evaluate to `true` (including one naming a value the orb has not
@@ -360,7 +437,9 @@ async fn observe(
     now: u64,
 ) -> Result<(), ActorProcessingErr> {
     let Some(rules) = st.ctx.book.of(&key.tenant) else { return Ok(()) };
-    let mut cel = context(row, metrics);
+    let vars = rules.iter().fold(0, |m, c| m | c.vars);
+    let mut cel = st.root.new_inner_scope();
+    bind(&mut cel, vars, row, metrics);
     if rules.iter().any(|c| c.needs_history) {
         let mut fields: Vec<(&str, f64)> = metrics.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         fields.extend(row.battery.map(|v| ("battery", v)));
@@ -410,8 +489,8 @@ async fn observe(
     commit(st, &key.tenant, &fired, windows, now).await
 }
 
-/// Writes the alerts, windows and webhook deliveries of some decisions in one batch, then
-/// updates memory and wakes the webhook workers.
+/// Stages the alerts, windows and webhook deliveries of some decisions for the next flush
+/// (one batch), updating memory at once: later observations see the new state.
 async fn commit(
     st: &mut PartitionState,
     tenant: &TenantId,
@@ -419,11 +498,11 @@ async fn commit(
     windows: Vec<(WinKey, Window)>,
     now: u64,
 ) -> Result<(), ActorProcessingErr> {
-    let mut batch = Batch::new();
+    let before = st.pending.len();
     let mut events = Vec::new();
     for f in fired {
-        let open = st.ctx.store.open_alert(tenant, &f.rule.rule_id, f.orb)?;
-        match (f.transition, open) {
+        let wkey = (tenant.clone(), f.rule.rule_id.clone(), f.orb.clone());
+        match (f.transition, st.open.get_mut(&wkey)) {
             (Transition::Fire, None) => {
                 let alert = Alert {
                     tenant: tenant.clone(),
@@ -440,37 +519,37 @@ async fn commit(
                     repeats: 0,
                     values: f.values.clone(),
                 };
-                Store::add_alert(&mut batch, &alert);
-                Store::set_open_alert(&mut batch, &alert, true);
+                Store::add_alert(&mut st.pending, &alert);
+                Store::set_open_alert(&mut st.pending, &alert, true);
+                st.open.insert(wkey, alert.clone());
                 events.push(("orb.alert.triggered", alert));
             }
-            // Fired again while the previous alert is still open (after a restart that lost
-            // nothing): it counts as a repeat.
-            (Transition::Fire | Transition::Repeat, Some(mut alert)) => {
+            // Fired again while the previous alert is still open: it counts as a repeat.
+            (Transition::Fire | Transition::Repeat, Some(alert)) => {
                 alert.repeats += 1;
                 alert.updated_ms = now;
-                Store::add_alert(&mut batch, &alert);
+                Store::add_alert(&mut st.pending, alert);
             }
-            (Transition::Clear, Some(mut alert)) => {
+            (Transition::Clear, Some(_)) => {
+                let mut alert = st.open.remove(&wkey).expect("just found");
                 if alert.resolve("rule", now).is_ok() {
-                    Store::add_alert(&mut batch, &alert);
+                    Store::add_alert(&mut st.pending, &alert);
                     events.push(("orb.alert.resolved", alert.clone()));
                 }
-                Store::set_open_alert(&mut batch, &alert, false);
+                Store::set_open_alert(&mut st.pending, &alert, false);
             }
             _ => {}
         }
     }
     for ((t, rule_id, orb), w) in &windows {
         Store::add_window(
-            &mut batch,
+            &mut st.pending,
             &WindowRecord { tenant: t.clone(), rule_id: rule_id.clone(), orb: orb.clone(), window: *w },
         );
     }
-    let woken = st.ctx.webhooks.enqueue(&mut batch, tenant, &events, now)?;
-    if !batch.is_empty() {
-        st.ctx.store.commit(batch).await?;
-    }
+    let woken = st.ctx.webhooks.enqueue(&mut st.pending, tenant, &events, now)?;
+    st.pending_woken.push(woken);
+    st.pending_events.extend(events.iter().map(|(k, _)| *k));
     for (k, w) in windows {
         if w == Window::default() {
             st.windows.remove(&k);
@@ -478,10 +557,29 @@ async fn commit(
             st.windows.insert(k, w);
         }
     }
-    for (kind, _) in &events {
+    let added = st.pending.len() - before;
+    if added > 0 && st.pending_ops == 0 {
+        st.pending_since = now;
+    }
+    st.pending_ops += added;
+    Ok(())
+}
+
+/// Commits what is staged (one fsync) and wakes the webhook workers of its events. A failed
+/// commit fails the partition: its memory ran ahead of the store.
+async fn flush(st: &mut PartitionState) -> Result<(), ActorProcessingErr> {
+    if st.pending_ops == 0 {
+        return Ok(());
+    }
+    let batch = std::mem::take(&mut st.pending);
+    st.pending_ops = 0;
+    st.ctx.store.commit(batch).await?;
+    for kind in st.pending_events.drain(..) {
         st.ctx.metrics.alert_event(kind);
     }
-    st.ctx.webhooks.wake(&woken);
+    for w in st.pending_woken.drain(..) {
+        st.ctx.webhooks.wake(&w);
+    }
     Ok(())
 }
 
@@ -536,13 +634,19 @@ async fn tick(st: &mut PartitionState, now: u64) -> Result<(), ActorProcessingEr
 }
 
 async fn operator(st: &mut PartitionState, alert: Alert, op: AlertOp, now: u64) -> Result<Alert, ApiError> {
-    // Re-read under the partition: the rule may have changed it since the API read it.
-    let mut current = st
-        .ctx
-        .store
-        .alert(&alert.tenant, &alert.alert_id)
-        .map_err(ApiError::internal)?
-        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no alert {}", alert.alert_id)))?;
+    // What the rules staged reaches the store first, so the event order holds.
+    flush(st).await.map_err(ApiError::internal)?;
+    let wkey = (alert.tenant.clone(), alert.rule_id.clone(), alert.orb.clone());
+    // The open alert in memory is the truth; closed ones are read from the store.
+    let mut current = match st.open.get(&wkey) {
+        Some(a) if a.alert_id == alert.alert_id => a.clone(),
+        _ => st
+            .ctx
+            .store
+            .alert(&alert.tenant, &alert.alert_id)
+            .map_err(ApiError::internal)?
+            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no alert {}", alert.alert_id)))?,
+    };
     let mut batch = Batch::new();
     let event = match op {
         AlertOp::Acknowledge => {
@@ -553,12 +657,9 @@ async fn operator(st: &mut PartitionState, alert: Alert, op: AlertOp, now: u64) 
             current.resolve("operator", now).map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m))?;
             Store::set_open_alert(&mut batch, &current, false);
             // The window starts over: the rule fires again if its condition holds again.
-            let wkey = (current.tenant.clone(), current.rule_id.clone(), current.orb.clone());
-            if st.windows.remove(&wkey).is_some() {
-                Store::add_window(
-                    &mut batch,
-                    &WindowRecord { tenant: wkey.0, rule_id: wkey.1, orb: wkey.2, window: Window::default() },
-                );
+            if st.windows.contains_key(&wkey) {
+                let (tenant, rule_id, orb) = wkey.clone();
+                Store::add_window(&mut batch, &WindowRecord { tenant, rule_id, orb, window: Window::default() });
             }
             "orb.alert.resolved"
         }
@@ -567,6 +668,18 @@ async fn operator(st: &mut PartitionState, alert: Alert, op: AlertOp, now: u64) 
     let events = [(event, current.clone())];
     let woken = st.ctx.webhooks.enqueue(&mut batch, &current.tenant, &events, now).map_err(ApiError::internal)?;
     st.ctx.store.commit(batch).await.map_err(ApiError::internal)?;
+    // Memory follows the store only once the change is durable.
+    match op {
+        AlertOp::Acknowledge => {
+            if let Some(a) = st.open.get_mut(&wkey).filter(|a| a.alert_id == current.alert_id) {
+                *a = current.clone();
+            }
+        }
+        AlertOp::Resolve => {
+            st.open.remove(&wkey);
+            st.windows.remove(&wkey);
+        }
+    }
     st.ctx.metrics.alert_event(event);
     st.ctx.webhooks.wake(&woken);
     Ok(current)

@@ -23,7 +23,7 @@ pub struct WebhookSpec {
     pub secret: String,
     #[serde(default)]
     pub max_attempts: Option<u32>,
-    /// Deliveries in flight at once, each for a different orb (1..=64, default 8).
+    /// Deliveries in flight at once, each for a different orb (1..=128, default 32).
     #[serde(default)]
     pub concurrency: Option<u32>,
 }
@@ -41,12 +41,19 @@ impl Api {
             .ok_or_else(|| ApiError::new(ErrorCode::Unavailable, "the rule engine is starting"))
     }
 
+    /// The dev tenant exists implicitly under `--dev`; others must have been created.
+    fn check_tenant_exists(&self, tenant: &crate::model::TenantId) -> Result<(), ApiError> {
+        if (self.dev && tenant.is_dev()) || self.store().tenant(tenant).map_err(internal)?.is_some() {
+            Ok(())
+        } else {
+            Err(ApiError::new(ErrorCode::NotFound, format!("no tenant {tenant}")))
+        }
+    }
+
     /// Validates and stores a rule; it applies to the next observation.
     pub async fn create_rule(&self, p: &Principal, tenant_id: Option<&str>, spec: RuleSpec) -> Result<Rule, ApiError> {
         let tenant = self.tenant_for(p, tenant_id, Access::Operate)?;
-        if self.store().tenant(&tenant).map_err(internal)?.is_none() {
-            return Err(ApiError::new(ErrorCode::NotFound, format!("no tenant {tenant}")));
-        }
+        self.check_tenant_exists(&tenant)?;
         if self.store().rules(&tenant).map_err(internal)?.len() >= RULES_PER_TENANT_MAX {
             return Err(ApiError::new(
                 ErrorCode::Overloaded,
@@ -139,9 +146,7 @@ impl Api {
     /// Subscribes a URL to event types; the secret signs every delivery.
     pub async fn create_webhook(&self, p: &Principal, spec: WebhookSpec) -> Result<Webhook, ApiError> {
         let tenant = self.tenant_for(p, spec.tenant_id.as_deref(), Access::Admin)?;
-        if self.store().tenant(&tenant).map_err(internal)?.is_none() {
-            return Err(ApiError::new(ErrorCode::NotFound, format!("no tenant {tenant}")));
-        }
+        self.check_tenant_exists(&tenant)?;
         let url = spec.url.trim();
         if url.starts_with("https://") {
             return Err(ApiError::new(
@@ -166,9 +171,9 @@ impl Api {
         if !(1..=50).contains(&max_attempts) {
             return Err(invalid("max_attempts must be 1..50"));
         }
-        let concurrency = spec.concurrency.unwrap_or(8);
-        if !(1..=64).contains(&concurrency) {
-            return Err(invalid("concurrency must be 1..64"));
+        let concurrency = spec.concurrency.unwrap_or(32);
+        if !(1..=128).contains(&concurrency) {
+            return Err(invalid("concurrency must be 1..128"));
         }
         if self.store().webhooks(&tenant).map_err(internal)?.len() >= WEBHOOKS_PER_TENANT_MAX {
             return Err(ApiError::new(

@@ -181,6 +181,13 @@ pub struct Compiled {
     pub scope: Expr,
     /// Whether it reads `rate` or `zscore` (which need the orb's previous observations).
     pub needs_history: bool,
+    /// The variables it reads, one bit per entry of [`VARIABLES`]: only those are built.
+    pub vars: u16,
+}
+
+/// The bit of a variable in [`Compiled::vars`].
+pub fn var_bit(name: &str) -> u16 {
+    VARIABLES.iter().position(|v| *v == name).map_or(0, |i| 1 << i)
 }
 
 impl Compiled {
@@ -195,7 +202,13 @@ impl Compiled {
                 r.has_variable("rate") || r.has_variable("zscore")
             })
         });
-        Ok(Compiled { rule, condition, clear, scope, needs_history })
+        let mut vars = 0;
+        for p in [&condition, &clear].into_iter().flatten() {
+            for v in p.references().variables() {
+                vars |= var_bit(v);
+            }
+        }
+        Ok(Compiled { rule, condition, clear, scope, needs_history, vars })
     }
 }
 

@@ -156,6 +156,21 @@ impl Store {
         }
     }
 
+    /// Every open (or acknowledged) alert (start-up of the rule partitions).
+    pub fn all_open_alerts(&self) -> Result<Vec<Alert>, Error> {
+        let mut out = Vec::new();
+        for guard in self.ks.get(Ks::OpenAlerts).iter() {
+            let (k, v) = guard.into_inner()?;
+            let Some(end) = k.iter().position(|b| *b == 0) else { continue };
+            let tenant = TenantId::parse(&String::from_utf8_lossy(&k[..end]))
+                .map_err(|e| Error::Corrupt { what: "open alert key", detail: e.to_string() })?;
+            if let Some(a) = self.alert(&tenant, &String::from_utf8_lossy(&v))? {
+                out.push(a);
+            }
+        }
+        Ok(out)
+    }
+
     pub fn add_webhook(batch: &mut Batch, w: &Webhook) {
         batch.put(Ks::Webhooks, k2(&w.tenant, &w.webhook_id), encode(w));
     }

@@ -59,6 +59,11 @@ impl Batch {
         self.ops.is_empty()
     }
 
+    /// Operations in the batch.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
     pub(crate) fn put(&mut self, ks: Ks, key: Vec<u8>, value: Vec<u8>) {
         self.ops.push(Op::Put(ks, key, value));
     }
