@@ -103,6 +103,7 @@ pub struct Metrics {
     /// How late expiries and timeouts fire after their deadline.
     pub deadline_lateness: Histogram,
     pub alerts_triggered: Counter,
+    pub rule_partition_restarts: Counter,
     pub alerts_resolved: Counter,
     pub webhook_delivered: Counter,
     pub webhook_failed_attempts: Counter,
@@ -197,6 +198,12 @@ impl Metrics {
         simple("commands_created_total", "counter", "Commands created.", self.commands_created.get().to_string());
         simple("alerts_triggered_total", "counter", "Alerts opened by rules.", self.alerts_triggered.get().to_string());
         simple("alerts_resolved_total", "counter", "Alerts resolved.", self.alerts_resolved.get().to_string());
+        simple(
+            "rule_partition_restarts_total",
+            "counter",
+            "Rule partitions restarted from the store after a failure.",
+            self.rule_partition_restarts.get().to_string(),
+        );
         simple(
             "webhook_delivered_total",
             "counter",

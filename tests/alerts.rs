@@ -440,3 +440,30 @@ async fn rules_and_alerts_over_grpc() {
     assert!(rules.rules.is_empty());
     ts.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_rule_partition_restarts_from_the_store_and_keeps_its_open_alerts() {
+    let ts = TestServer::start(false).await;
+    ts.register("acme", "p1").await;
+    rule(&ts, json!({"tenant_id": "acme", "name": "low", "condition": "battery < 15", "severity": "major"})).await;
+    point(&ts, "acme", "p1", 10.0).await;
+    wait_until("the alert", 10, || async { alerts(&ts, "tenant_id=acme&state=open").await.len() == 1 }).await;
+    let opened = alerts(&ts, "tenant_id=acme&state=open").await[0]["alert_id"].clone();
+
+    let alerting = ts.server().fleet().ctx().alerting.get().expect("rule engine running").clone();
+    alerting.inject_panic().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The next observation restarts the partition; the open alert was restored, so a repeat
+    // counts on it instead of opening a second one, and the clear resolves it.
+    point(&ts, "acme", "p1", 11.0).await;
+    point(&ts, "acme", "p1", 50.0).await;
+    wait_until("resolved after the restart", 10, || async {
+        alerts(&ts, "tenant_id=acme&state=resolved").await.len() == 1
+    })
+    .await;
+    let all = alerts(&ts, "tenant_id=acme").await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!((&all[0]["alert_id"], all[0]["repeats"].as_u64()), (&opened, Some(1)));
+    assert!(ts.metric("orbmanager_rule_partition_restarts_total").await >= 1.0);
+    ts.stop().await;
+}

@@ -147,6 +147,8 @@ pub enum RuleMsg {
         tenant: TenantId,
         rule_id: String,
     },
+    /// Fault injection for supervision tests: the handler panics.
+    InjectPanic,
 }
 
 /// Everything a partition needs.
@@ -165,11 +167,46 @@ pub struct RuleCtx {
 #[derive(Clone)]
 pub struct Alerting {
     pub ctx: Arc<RuleCtx>,
-    partitions: Arc<Vec<(ActorRef<RuleMsg>, Arc<AtomicUsize>)>>,
+    partitions: Arc<Vec<tokio::sync::Mutex<Slot>>>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// One partition: its actor and its queue length.
+struct Slot {
+    actor: ActorRef<RuleMsg>,
+    queued: Arc<AtomicUsize>,
 }
 
 fn partition_of(key: &OrbKey) -> usize {
     (key.route_hash() % PARTITIONS as u64) as usize
+}
+
+/// What a partition keeps in memory: its non-idle windows and its open alerts.
+type PartitionMemory = (HashMap<WinKey, Window>, HashMap<WinKey, Alert>);
+
+/// The windows and open alerts of one partition, from the store.
+fn load_partition(store: &Store, part: usize) -> Result<PartitionMemory, ActorProcessingErr> {
+    let mut windows = HashMap::new();
+    for w in store.all_windows()? {
+        if partition_of(&OrbKey::new(w.tenant.clone(), w.orb.clone())) == part {
+            windows.insert((w.tenant, w.rule_id, w.orb), w.window);
+        }
+    }
+    let mut open = HashMap::new();
+    for a in store.all_open_alerts()? {
+        if partition_of(&OrbKey::new(a.tenant.clone(), a.orb.clone())) == part {
+            open.insert((a.tenant.clone(), a.rule_id.clone(), a.orb.clone()), a);
+        }
+    }
+    Ok((windows, open))
+}
+
+async fn spawn_partition(ctx: &Arc<RuleCtx>, part: usize) -> Result<Slot, ActorProcessingErr> {
+    let (windows, open) = load_partition(&ctx.store, part)?;
+    let queued = Arc::new(AtomicUsize::new(0));
+    let args = PartitionArgs { ctx: ctx.clone(), part, windows, open, queued: queued.clone() };
+    let (actor, _) = Actor::spawn(None, RulePartition, args).await?;
+    Ok(Slot { actor, queued })
 }
 
 impl Alerting {
@@ -181,25 +218,12 @@ impl Alerting {
                 Err(e) => tracing::error!(rule = %rule.rule_id, error = %e, "a stored rule does not compile; skipped"),
             }
         }
-        let mut windows: Vec<HashMap<WinKey, Window>> = (0..PARTITIONS).map(|_| HashMap::new()).collect();
-        for w in ctx.store.all_windows()? {
-            let key = OrbKey::new(w.tenant.clone(), w.orb.clone());
-            windows[partition_of(&key)].insert((w.tenant, w.rule_id, w.orb), w.window);
-        }
-        let mut open: Vec<HashMap<WinKey, Alert>> = (0..PARTITIONS).map(|_| HashMap::new()).collect();
-        for a in ctx.store.all_open_alerts()? {
-            let key = OrbKey::new(a.tenant.clone(), a.orb.clone());
-            open[partition_of(&key)].insert((a.tenant.clone(), a.rule_id.clone(), a.orb.clone()), a);
-        }
         let ctx = Arc::new(ctx);
         let mut partitions = Vec::with_capacity(PARTITIONS);
-        for (part, (windows, open)) in windows.into_iter().zip(open).enumerate() {
-            let queued = Arc::new(AtomicUsize::new(0));
-            let args = PartitionArgs { ctx: ctx.clone(), part, windows, open, queued: queued.clone() };
-            let (actor, _) = Actor::spawn(None, RulePartition, args).await?;
-            partitions.push((actor, queued));
+        for part in 0..PARTITIONS {
+            partitions.push(tokio::sync::Mutex::new(spawn_partition(&ctx, part).await?));
         }
-        Ok(Alerting { ctx, partitions: Arc::new(partitions) })
+        Ok(Alerting { ctx, partitions: Arc::new(partitions), stopping: Default::default() })
     }
 
     /// The variables the rules of `tenant` read, `None` when it has no rules: orb actors
@@ -208,13 +232,35 @@ impl Alerting {
         self.ctx.book.interest(tenant)
     }
 
+    /// A partition's actor and queue; a partition that failed is started again from the store
+    /// first (what it had staged but not committed was never acknowledged to anyone).
+    async fn slot(&self, part: usize) -> (ActorRef<RuleMsg>, Arc<AtomicUsize>) {
+        let mut slot = self.partitions[part].lock().await;
+        let dead = matches!(slot.actor.get_status(), ractor::ActorStatus::Stopped | ractor::ActorStatus::Stopping);
+        if dead && !self.stopping.load(Ordering::Acquire) {
+            match spawn_partition(&self.ctx, part).await {
+                Ok(fresh) => {
+                    tracing::warn!(part, "rule partition failed; restarted from the store");
+                    self.ctx.metrics.rule_partition_restarts.inc();
+                    *slot = fresh;
+                }
+                Err(e) => tracing::error!(part, error = %e, "restarting a rule partition failed"),
+            }
+        }
+        (slot.actor.clone(), slot.queued.clone())
+    }
+
     /// Hands an observation to the orb's partition; waits while the partition is full, so
     /// orb actors slow down instead of memory growing.
     pub async fn observe(&self, key: &OrbKey, row: Row, metrics: Vec<(String, f64)>) {
-        let (actor, queued) = &self.partitions[partition_of(key)];
-        while queued.load(Ordering::Acquire) >= PARTITION_QUEUE_MAX {
+        let part = partition_of(key);
+        let (actor, queued) = loop {
+            let (actor, queued) = self.slot(part).await;
+            if queued.load(Ordering::Acquire) < PARTITION_QUEUE_MAX {
+                break (actor, queued);
+            }
             tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        };
         queued.fetch_add(1, Ordering::AcqRel);
         if actor.cast(RuleMsg::Observe { key: key.clone(), row: Box::new(row), metrics }).is_err() {
             queued.fetch_sub(1, Ordering::AcqRel);
@@ -224,7 +270,7 @@ impl Alerting {
     /// Acknowledges or resolves an alert through the partition that owns it.
     pub async fn alert_op(&self, alert: Alert, op: AlertOp) -> Result<Alert, ApiError> {
         let key = OrbKey::new(alert.tenant.clone(), alert.orb.clone());
-        let (actor, _) = &self.partitions[partition_of(&key)];
+        let (actor, _) = self.slot(partition_of(&key)).await;
         match actor
             .call(|reply| RuleMsg::Alert { alert: Box::new(alert), op, reply }, Some(Duration::from_secs(10)))
             .await
@@ -234,15 +280,26 @@ impl Alerting {
         }
     }
 
-    pub fn rule_removed(&self, tenant: &TenantId, rule_id: &str) {
-        for (actor, _) in self.partitions.iter() {
+    pub async fn rule_removed(&self, tenant: &TenantId, rule_id: &str) {
+        for part in 0..PARTITIONS {
+            let (actor, _) = self.slot(part).await;
             let _ = actor.cast(RuleMsg::RuleRemoved { tenant: tenant.clone(), rule_id: rule_id.to_string() });
+        }
+    }
+
+    /// Fault injection for supervision tests: every partition panics on its next message.
+    pub async fn inject_panic(&self) {
+        for part in 0..PARTITIONS {
+            let (actor, _) = self.slot(part).await;
+            let _ = actor.cast(RuleMsg::InjectPanic);
         }
     }
 
     /// Stops the partitions (each commits what it has staged) and the webhook workers.
     pub async fn stop(&self) {
-        for (actor, _) in self.partitions.iter() {
+        self.stopping.store(true, Ordering::Release);
+        for part in 0..PARTITIONS {
+            let actor = self.partitions[part].lock().await.actor.clone();
             let _ = actor.stop_and_wait(Some("fleet stopping".into()), Some(Duration::from_secs(10))).await;
         }
         self.ctx.webhooks.stop();
@@ -338,6 +395,7 @@ impl Actor for RulePartition {
                 st.windows.retain(|(t, r, _), _| !(t == &tenant && r == &rule_id));
                 st.open.retain(|(t, r, _), _| !(t == &tenant && r == &rule_id));
             }
+            RuleMsg::InjectPanic => panic!("fault injection: rule partition {} panics on request", st.part),
         }
         if st.pending_ops > 0
             && (st.queued.load(Ordering::Acquire) == 0

@@ -87,7 +87,7 @@ impl Api {
         let mut batch = Batch::new();
         self.store().delete_rule(&mut batch, &tenant, rule_id).map_err(internal)?;
         self.store().commit(batch).await.map_err(internal)?;
-        alerting.rule_removed(&tenant, rule_id);
+        alerting.rule_removed(&tenant, rule_id).await;
         Ok(rule)
     }
 
