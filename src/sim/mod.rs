@@ -308,13 +308,17 @@ async fn orb_task(
         }
     };
     tokio::pin!(stopped);
+    let mut was_stopped = false;
     // Messages behind schedule are sent as soon as the window allows (open loop), but never
     // after the end of the run: what is still unsent then counts as offered but not sent.
     while next < end && Instant::now() < end {
         let wake = next.min(last_write + ping_every);
         tokio::select! {
             _ = tokio::time::sleep_until(wake) => {}
-            _ = &mut stopped => break,
+            _ = &mut stopped => {
+                was_stopped = true;
+                break;
+            }
         }
         if Instant::now() < next {
             // Slow schedules still keep the connection alive.
@@ -334,7 +338,10 @@ async fn orb_task(
                     Err(_) => break,
                 },
                 _ = tokio::time::sleep_until(end) => break,
-                _ = &mut stopped => break,
+                _ = &mut stopped => {
+                was_stopped = true;
+                break;
+            }
             }
             if reader_task.is_finished() {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -355,6 +362,16 @@ async fn orb_task(
         }
         last_write = Instant::now();
         stats.sent.fetch_add(1, Ordering::Relaxed);
+    }
+    // Stopped before the end (Ctrl-C, the demo's unbounded run): intended sends that never
+    // came due were not offered.
+    if was_stopped && first < end {
+        let now = Instant::now().max(first);
+        if now < end {
+            let due = (now - first).as_nanos().div_ceil(interval.as_nanos()) as u64;
+            let planned = (end - first).as_nanos().div_ceil(interval.as_nanos()) as u64;
+            stats.scheduled.fetch_sub(planned.saturating_sub(due), Ordering::Relaxed);
+        }
     }
     // Wait for outstanding acknowledgements, then leave cleanly.
     let deadline = Instant::now() + Duration::from_secs(5);
