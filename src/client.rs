@@ -51,6 +51,13 @@ fn json<T: serde::Serialize>(v: &T) -> String {
 }
 
 /// Columns padded to their widest cell.
+/// The line under a table that tells how to ask for the next page.
+fn more_pages(out: &mut String, next_page_token: &str) {
+    if !next_page_token.is_empty() {
+        let _ = writeln!(out, "(more: --page-token {next_page_token})");
+    }
+}
+
 fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
@@ -263,9 +270,7 @@ pub async fn orbs(args: &ClientArgs, cmd: &OrbsCmd) -> Result<String, ClientErro
                 .collect();
             let mut out = table(&["ORB", "STATUS", "ONLINE", "BATTERY", "MODE"], &rows);
             let _ = writeln!(out, "({} matching)", r.total);
-            if !r.next_page_token.is_empty() {
-                let _ = writeln!(out, "(more: --page-token {})", r.next_page_token);
-            }
+            more_pages(&mut out, &r.next_page_token);
             Ok(out)
         }
         OrbsCmd::Decommission { orb_id } => {
@@ -314,9 +319,7 @@ pub async fn orbs(args: &ClientArgs, cmd: &OrbsCmd) -> Result<String, ClientErro
                 })
                 .collect();
             let mut out = table(&["AT_MS", "COMPONENT", "FROM", "TO"], &rows);
-            if !r.next_page_token.is_empty() {
-                out.push_str(&format!("next page: --page-token {}\n", r.next_page_token));
-            }
+            more_pages(&mut out, &r.next_page_token);
             Ok(out)
         }
     }
@@ -393,9 +396,7 @@ pub async fn telemetry(args: &ClientArgs, cmd: &TelemetryCmd) -> Result<String, 
         .map(|p| vec![p.ts.to_string(), opt_f(p.battery), opt_f(p.lat), opt_f(p.lon), opt_f(p.speed), p.mode.clone()])
         .collect();
     let mut out = table(&["TS", "BATTERY", "LAT", "LON", "SPEED", "MODE"], &rows);
-    if !r.next_page_token.is_empty() {
-        let _ = writeln!(out, "(more: --page-token {})", r.next_page_token);
-    }
+    more_pages(&mut out, &r.next_page_token);
     Ok(out)
 }
 

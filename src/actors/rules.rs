@@ -85,15 +85,11 @@ impl RuleBook {
     /// The variables any rule of `tenant` reads (see [`crate::model::rule::var_bit`]), or
     /// `None` when the tenant has no rules.
     pub fn interest(&self, tenant: &TenantId) -> Option<u16> {
-        self.0.read().expect("rule book lock").get(tenant).map(|r| r.iter().fold(0, |m, c| m | c.vars))
+        self.0.read().expect("rule book lock").get(tenant).map(|r| vars_of(r))
     }
 
     pub fn of(&self, tenant: &TenantId) -> Option<Arc<Vec<Arc<Compiled>>>> {
         self.0.read().expect("rule book lock").get(tenant).cloned()
-    }
-
-    pub fn has(&self, tenant: &TenantId) -> bool {
-        self.0.read().expect("rule book lock").contains_key(tenant)
     }
 
     fn tenants(&self) -> Vec<(TenantId, Arc<Vec<Arc<Compiled>>>)> {
@@ -120,6 +116,11 @@ impl RuleBook {
             }
         }
     }
+}
+
+/// The variables any of `rules` reads.
+fn vars_of(rules: &[Arc<Compiled>]) -> u16 {
+    rules.iter().fold(0, |m, c| m | c.vars)
 }
 
 /// What an operator does to an alert.
@@ -495,7 +496,7 @@ async fn observe(
     now: u64,
 ) -> Result<(), ActorProcessingErr> {
     let Some(rules) = st.ctx.book.of(&key.tenant) else { return Ok(()) };
-    let vars = rules.iter().fold(0, |m, c| m | c.vars);
+    let vars = vars_of(&rules);
     let mut cel = st.root.new_inner_scope();
     bind(&mut cel, vars, row, metrics);
     if rules.iter().any(|c| c.needs_history) {

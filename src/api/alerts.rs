@@ -41,19 +41,10 @@ impl Api {
             .ok_or_else(|| ApiError::new(ErrorCode::Unavailable, "the rule engine is starting"))
     }
 
-    /// The dev tenant exists implicitly under `--dev`; others must have been created.
-    fn check_tenant_exists(&self, tenant: &crate::model::TenantId) -> Result<(), ApiError> {
-        if (self.dev && tenant.is_dev()) || self.store().tenant(tenant).map_err(internal)?.is_some() {
-            Ok(())
-        } else {
-            Err(ApiError::new(ErrorCode::NotFound, format!("no tenant {tenant}")))
-        }
-    }
-
     /// Validates and stores a rule; it applies to the next observation.
     pub async fn create_rule(&self, p: &Principal, tenant_id: Option<&str>, spec: RuleSpec) -> Result<Rule, ApiError> {
         let tenant = self.tenant_for(p, tenant_id, Access::Operate)?;
-        self.check_tenant_exists(&tenant)?;
+        self.existing_tenant(&tenant)?;
         if self.store().rules(&tenant).map_err(internal)?.len() >= RULES_PER_TENANT_MAX {
             return Err(ApiError::new(
                 ErrorCode::Overloaded,
@@ -146,7 +137,7 @@ impl Api {
     /// Subscribes a URL to event types; the secret signs every delivery.
     pub async fn create_webhook(&self, p: &Principal, spec: WebhookSpec) -> Result<Webhook, ApiError> {
         let tenant = self.tenant_for(p, spec.tenant_id.as_deref(), Access::Admin)?;
-        self.check_tenant_exists(&tenant)?;
+        self.existing_tenant(&tenant)?;
         let url = spec.url.trim();
         if url.starts_with("https://") {
             return Err(ApiError::new(

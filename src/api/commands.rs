@@ -1,6 +1,5 @@
 //! Command operations for operators: create, read, list, cancel, broadcasts.
 
-use super::orbs::not_found;
 use super::{Access, Api, Principal, given, internal, invalid};
 use crate::error::{ApiError, ErrorCode};
 use crate::limits::COMMANDS_PAGE_MAX;
@@ -17,10 +16,8 @@ impl Api {
         need: Access,
     ) -> Result<OrbKey, ApiError> {
         let key = self.orb_key(p, tenant_id, orb_id, need)?;
-        match self.store().orb(&key).map_err(internal)? {
-            Some(_) => Ok(key),
-            None => Err(not_found(&key)),
-        }
+        self.ensure_orb(&key)?;
+        Ok(key)
     }
 
     /// Creates a command; `(command, true)` when created, `false` when an identical request
@@ -34,9 +31,7 @@ impl Api {
     ) -> Result<(Command, bool), ApiError> {
         let key = self.orb_key(p, tenant_id, orb_id, Access::Operate)?;
         let req = req.validate(self.now_ms())?;
-        if self.store().orb(&key).map_err(internal)?.is_none() {
-            return Err(not_found(&key));
-        }
+        self.ensure_orb(&key)?;
         self.fleet().create_command(&key, req).await
     }
 

@@ -65,6 +65,14 @@ impl Api {
         Ok(OrbKey::new(tenant, orb))
     }
 
+    /// NOT_FOUND unless the orb is registered (in any status).
+    pub(crate) fn ensure_orb(&self, key: &OrbKey) -> Result<(), ApiError> {
+        match self.store().orb(key).map_err(internal)? {
+            Some(_) => Ok(()),
+            None => Err(not_found(key)),
+        }
+    }
+
     pub async fn register_orb(
         &self,
         p: &Principal,
@@ -199,9 +207,7 @@ impl Api {
             return Err(invalid(format!("an update names at most {} attributes", 2 * ORB_ATTRIBUTES_MAX)));
         }
         check_attributes(&set)?;
-        if self.store().orb(&key).map_err(internal)?.is_none() {
-            return Err(not_found(&key));
-        }
+        self.ensure_orb(&key)?;
         self.fleet().set_attributes(&key, set, remove).await?;
         self.fleet().view(&key).await?.ok_or_else(|| not_found(&key))
     }
@@ -223,9 +229,7 @@ impl Api {
             return Err(invalid(format!("page_size must be 1..{HISTORY_PAGE_MAX}")));
         }
         let after = given(page_token).map(decode_version_token).transpose()?;
-        if self.store().orb(&key).map_err(internal)?.is_none() {
-            return Err(not_found(&key));
-        }
+        self.ensure_orb(&key)?;
         let (changes, more) = self
             .store()
             .version_changes(&key, after.as_ref().map(|(at, c)| (*at, c.as_str())), given(component), limit)
@@ -261,9 +265,7 @@ impl Api {
             return Err(invalid("from is after to"));
         }
         let after = given(page_token).map(decode_page_token).transpose()?;
-        if self.store().orb(&key).map_err(internal)?.is_none() {
-            return Err(not_found(&key));
-        }
+        self.ensure_orb(&key)?;
         // One extra point tells whether another page exists.
         let mut rows = self.store().points(&key, from, to, after, limit + 1).map_err(internal)?;
         let more = rows.len() > limit;
