@@ -467,3 +467,68 @@ async fn a_failed_rule_partition_restarts_from_the_store_and_keeps_its_open_aler
     assert!(ts.metric("orbmanager_rule_partition_restarts_total").await >= 1.0);
     ts.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_webhooks_and_alert_requests_are_refused_and_change_nothing() {
+    let ts = TestServer::start(false).await;
+    ts.register("acme", "b1").await;
+    common::ensure_tenant(&ts.http, "globex").await;
+    let hook = |over: Value| {
+        let mut body = json!({"tenant_id": "acme", "url": "http://127.0.0.1:1/h", "secret": SECRET,
+                              "events": ["orb.alert.triggered"]});
+        for (k, v) in over.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let bad = [
+        (hook(json!({"url": "ftp://x/h"})), 400, "http://"),
+        (hook(json!({"url": "http://"})), 400, "url must be"),
+        (hook(json!({"url": "http://a b/h"})), 400, "url must be"),
+        (hook(json!({"url": format!("http://h/{}", "x".repeat(2100))})), 400, "url must be"),
+        (hook(json!({"url": "https://h/x"})), 501, "TLS"),
+        (hook(json!({"secret": "short"})), 400, "secret"),
+        (hook(json!({"events": []})), 400, "at least one"),
+        (hook(json!({"max_attempts": 0})), 400, "max_attempts"),
+        (hook(json!({"concurrency": 500})), 400, "concurrency"),
+        (hook(json!({"colour": "red"})), 400, "unknown field"),
+    ];
+    for (body, status, why) in bad {
+        let (s, err) = http("POST", &ts.url("/v1/webhooks"), Some(ADMIN), Some(body.clone())).await;
+        assert_eq!(s, status, "{body}: {err}");
+        assert!(err["detail"].as_str().unwrap_or_default().contains(why), "{body}: {err}");
+    }
+    let (_, list) = ts.get("/v1/webhooks?tenant_id=acme").await;
+    assert_eq!(list["webhooks"].as_array().unwrap().len(), 0, "nothing stored");
+
+    // Alert queries and operations with bad input or another tenant's ids.
+    for q in ["state=closed", "page_token=zz", "page_size=5000"] {
+        let (s, err) = ts.get(&format!("/v1/alerts?tenant_id=acme&{q}")).await;
+        assert_eq!(s, 400, "{q}: {err}");
+    }
+    rule(&ts, json!({"tenant_id": "acme", "name": "low", "condition": "battery < 15", "severity": "major"})).await;
+    let w = webhook(&ts, "http://127.0.0.1:1/h".into(), "acme", 1).await;
+    point(&ts, "acme", "b1", 5.0).await;
+    wait_until("the alert", 10, || async { alerts(&ts, "tenant_id=acme&state=open").await.len() == 1 }).await;
+    let id = alerts(&ts, "tenant_id=acme").await[0]["alert_id"].as_str().unwrap().to_string();
+    let url = ts.url("/v1/tenants/globex/tokens");
+    let (_, tok) = http("POST", &url, Some(ADMIN), Some(json!({"role": "admin", "name": "g"}))).await;
+    let globex = tok["secret"].as_str().unwrap();
+    let (s, _) = http("POST", &ts.url(&format!("/v1/alerts/{id}/ack")), Some(globex), None).await;
+    assert_eq!(s, 404, "another tenant's alert id does not exist for globex");
+    let wid = w["webhook_id"].as_str().unwrap();
+    let (s, _) = http("GET", &ts.url(&format!("/v1/webhooks/{wid}/deliveries")), Some(globex), None).await;
+    assert_eq!(s, 404);
+    let (s, _) = http("DELETE", &ts.url(&format!("/v1/webhooks/{wid}")), Some(globex), None).await;
+    assert_eq!(s, 404);
+    let (s, _) = http(
+        "POST",
+        &ts.url(&format!("/v1/webhooks/{wid}/deliveries/999/redeliver?tenant_id=acme")),
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(s, 404, "no such delivery");
+    assert_eq!(alerts(&ts, "tenant_id=acme").await[0]["state"], "open", "nothing changed");
+    ts.stop().await;
+}

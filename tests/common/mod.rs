@@ -147,8 +147,8 @@ pub async fn http_raw(method: &str, url: &str, authorization: Option<&str>, body
     tokio::task::spawn_blocking(move || {
         let a = agent();
         let mut resp = match (method.as_str(), body) {
-            ("GET", _) => {
-                let mut r = a.get(&url);
+            ("GET" | "DELETE", _) => {
+                let mut r = if method == "GET" { a.get(&url) } else { a.delete(&url) };
                 if let Some(h) = &auth {
                     r = r.header("Authorization", h);
                 }
