@@ -34,6 +34,8 @@ pub enum ErrorCode {
     NotImplemented,
     /// A bug or an I/O failure on our side.
     Internal,
+    /// What was asked for is no longer kept (an event id older than the retention).
+    OutOfRange,
 }
 
 impl ErrorCode {
@@ -53,6 +55,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::NotImplemented => "not_implemented",
             ErrorCode::Internal => "internal",
+            ErrorCode::OutOfRange => "out_of_range",
         }
     }
 
@@ -69,6 +72,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => 503,
             ErrorCode::NotImplemented => 501,
             ErrorCode::Internal => 500,
+            ErrorCode::OutOfRange => 410,
         }
     }
 
@@ -88,6 +92,7 @@ impl ErrorCode {
             ErrorCode::Internal => 13,
             ErrorCode::Unavailable => 14,
             ErrorCode::Unauthenticated => 16,
+            ErrorCode::OutOfRange => 11,
         }
     }
 
@@ -98,7 +103,11 @@ impl ErrorCode {
             ErrorCode::Unauthenticated | ErrorCode::PermissionDenied | ErrorCode::Decommissioned => 0x87,
             ErrorCode::TopicInvalid | ErrorCode::NotFound => 0x90,
             ErrorCode::Overloaded => 0x97,
-            ErrorCode::AlreadyExists | ErrorCode::Unavailable | ErrorCode::NotImplemented | ErrorCode::Internal => 0x80,
+            ErrorCode::AlreadyExists
+            | ErrorCode::Unavailable
+            | ErrorCode::NotImplemented
+            | ErrorCode::Internal
+            | ErrorCode::OutOfRange => 0x80,
         }
     }
 
@@ -108,7 +117,7 @@ impl ErrorCode {
     }
 
     /// Every code, in `metric_index` order.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::InvalidArgument,
         ErrorCode::MalformedPayload,
         ErrorCode::PayloadTooLarge,
@@ -122,6 +131,7 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::NotImplemented,
         ErrorCode::Internal,
+        ErrorCode::OutOfRange,
     ];
 }
 

@@ -14,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod events;
 pub mod limits;
 pub mod metrics;
 pub mod model;

@@ -105,10 +105,12 @@ pub struct Metrics {
     pub alerts_triggered: Counter,
     pub rule_partition_restarts: Counter,
     pub alerts_resolved: Counter,
+    /// Events committed to the tenant event logs.
+    pub events: Counter,
     pub webhook_delivered: Counter,
     pub webhook_failed_attempts: Counter,
     pub webhook_dead: Counter,
-    /// Event time (alert opened) to a receiver's 2xx.
+    /// Event time (its cause decided) to a receiver's 2xx.
     pub webhook_latency: Histogram,
 }
 
@@ -198,6 +200,7 @@ impl Metrics {
         simple("commands_created_total", "counter", "Commands created.", self.commands_created.get().to_string());
         simple("alerts_triggered_total", "counter", "Alerts opened by rules.", self.alerts_triggered.get().to_string());
         simple("alerts_resolved_total", "counter", "Alerts resolved.", self.alerts_resolved.get().to_string());
+        simple("events_total", "counter", "Events committed to the event log.", self.events.get().to_string());
         simple(
             "rule_partition_restarts_total",
             "counter",

@@ -2,7 +2,7 @@
 //! sequence order (so events of one orb arrive in order), signed, retried with exponential
 //! backoff and jitter, dead-lettered after `max_attempts` and redeliverable.
 //!
-//! Events enter the outbox in the same batch as the alert change that caused them, so an event
+//! Events enter the outbox in the same batch as the change that caused them (see `events.rs`), so an event
 //! exists exactly when its cause is durable. A delivery leaves the outbox (into the delivery
 //! log) only after the receiver answered 2xx or the attempts ran out: a crash re-sends the
 //! head, so receivers see each event at least once and dedupe by `event_id`.
@@ -17,7 +17,8 @@ use tokio::sync::Notify;
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::model::TenantId;
-use crate::model::alert::{Alert, Delivery, DeliveryState, Webhook, backoff_ms, signature};
+use crate::model::alert::{Delivery, DeliveryState, Webhook, backoff_ms, signature};
+use crate::model::event::Event;
 use crate::storage::{self, Batch, Store};
 
 /// Pending deliveries one webhook may have; beyond it new events go straight to the dead
@@ -115,59 +116,39 @@ impl Webhooks {
         }
     }
 
-    /// Adds a delivery per subscribed webhook for each event to `batch`.
-    pub fn enqueue(
-        &self,
-        batch: &mut Batch,
-        tenant: &TenantId,
-        events: &[(&str, Alert)],
-        now_ms: u64,
-    ) -> Result<Woken, storage::Error> {
+    /// Adds a delivery of `event` to `batch` for each webhook subscribed to its type.
+    pub fn enqueue(&self, batch: &mut Batch, event: &Event, now_ms: u64) -> Woken {
         let mut woken = Vec::new();
-        if events.is_empty() {
-            return Ok(Woken(woken));
-        }
-        let hooks = self.0.hooks.read().expect("webhooks lock").get(tenant).cloned().unwrap_or_default();
-        for (kind, alert) in events {
-            let body = serde_json::json!({
-                "event_id": format!("{}:{}:{}", alert.alert_id, kind, alert.updated_ms),
-                "type": kind,
-                "tenant_id": tenant,
-                "orb_id": alert.orb,
-                "occurred_ms": now_ms,
-                "data": alert.to_json(),
-            })
-            .to_string();
-            for h in hooks.iter().filter(|h| h.w.events.iter().any(|e| e == kind)) {
-                let seq = h.last_seq.fetch_add(1, Ordering::AcqRel) + 1;
-                let mut d = Delivery {
-                    tenant: tenant.clone(),
-                    webhook_id: h.w.webhook_id.clone(),
-                    seq,
-                    orb: alert.orb.to_string(),
-                    event_type: kind.to_string(),
-                    body: body.clone(),
-                    state: DeliveryState::Pending,
-                    attempts: 0,
-                    next_attempt_ms: now_ms,
-                    last_error: None,
-                    created_ms: now_ms,
-                    finished_ms: None,
-                };
-                if h.pending.load(Ordering::Acquire) >= OUTBOX_MAX {
-                    d.state = DeliveryState::Dead;
-                    d.last_error = Some(format!("outbox full ({OUTBOX_MAX} pending); redeliver when it drains"));
-                    d.finished_ms = Some(now_ms);
-                    Store::finish_delivery(batch, &d);
-                    self.0.metrics.webhook_dead.inc();
-                    continue;
-                }
-                h.pending.fetch_add(1, Ordering::AcqRel);
-                Store::add_outbox(batch, &d);
-                woken.push(h.clone());
+        let hooks = self.0.hooks.read().expect("webhooks lock").get(&event.tenant).cloned().unwrap_or_default();
+        for h in hooks.iter().filter(|h| h.w.events.contains(&event.event_type)) {
+            let seq = h.last_seq.fetch_add(1, Ordering::AcqRel) + 1;
+            let mut d = Delivery {
+                tenant: event.tenant.clone(),
+                webhook_id: h.w.webhook_id.clone(),
+                seq,
+                orb: event.orb.clone(),
+                event_type: event.event_type.clone(),
+                body: event.body.clone(),
+                state: DeliveryState::Pending,
+                attempts: 0,
+                next_attempt_ms: now_ms,
+                last_error: None,
+                created_ms: now_ms,
+                finished_ms: None,
+            };
+            if h.pending.load(Ordering::Acquire) >= OUTBOX_MAX {
+                d.state = DeliveryState::Dead;
+                d.last_error = Some(format!("outbox full ({OUTBOX_MAX} pending); redeliver when it drains"));
+                d.finished_ms = Some(now_ms);
+                Store::finish_delivery(batch, &d);
+                self.0.metrics.webhook_dead.inc();
+                continue;
             }
+            h.pending.fetch_add(1, Ordering::AcqRel);
+            Store::add_outbox(batch, &d);
+            woken.push(h.clone());
         }
-        Ok(Woken(woken))
+        Woken(woken)
     }
 
     pub fn wake(&self, woken: &Woken) {
@@ -273,11 +254,7 @@ async fn run(inner: Arc<Inner>, hook: Arc<Hook>) {
                 DeliveryState::Delivered => {
                     hook.pending.fetch_sub(1, Ordering::AcqRel);
                     inner.metrics.webhook_delivered.inc();
-                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&d.body)
-                        && let Some(at) = v["data"]["updated_ms"].as_u64()
-                    {
-                        inner.metrics.webhook_latency.observe(Duration::from_millis(now.saturating_sub(at)));
-                    }
+                    inner.metrics.webhook_latency.observe(Duration::from_millis(now.saturating_sub(d.created_ms)));
                 }
                 DeliveryState::Dead => {
                     hook.pending.fetch_sub(1, Ordering::AcqRel);

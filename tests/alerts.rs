@@ -434,6 +434,21 @@ async fn rules_and_alerts_over_grpc() {
     let req = pb::AlertRequest { tenant_id: "acme".into(), alert_id: open[0].alert_id.clone() };
     let acked = svc.acknowledge_alert(authed(req)).await.unwrap().into_inner();
     assert_eq!(acked.state, "acknowledged");
+    let req = pb::AssignAlertRequest {
+        tenant_id: "acme".into(),
+        alert_id: acked.alert_id.clone(),
+        assignee: "night-shift".into(),
+    };
+    assert_eq!(svc.assign_alert(authed(req)).await.unwrap().into_inner().assignee, "night-shift");
+    let req =
+        pb::CommentAlertRequest { tenant_id: "acme".into(), alert_id: acked.alert_id.clone(), text: "fan swap".into() };
+    let commented = svc.comment_alert(authed(req)).await.unwrap().into_inner();
+    assert_eq!(
+        commented.comments.iter().map(|c| (c.author.as_str(), c.text.as_str())).collect::<Vec<_>>(),
+        vec![("root", "fan swap")]
+    );
+    let req = pb::CommentAlertRequest { tenant_id: "acme".into(), alert_id: acked.alert_id.clone(), text: " ".into() };
+    assert_eq!(svc.comment_alert(authed(req)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
     let req = pb::DeleteRuleRequest { tenant_id: "acme".into(), rule_id: rule.rule_id.clone() };
     svc.delete_rule(authed(req)).await.unwrap();
     let rules = svc.list_rules(authed(pb::ListRulesRequest { tenant_id: "acme".into() })).await.unwrap().into_inner();
@@ -530,5 +545,151 @@ async fn bad_webhooks_and_alert_requests_are_refused_and_change_nothing() {
     .await;
     assert_eq!(s, 404, "no such delivery");
     assert_eq!(alerts(&ts, "tenant_id=acme").await[0]["state"], "open", "nothing changed");
+    ts.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_rule_fires_on_the_nth_match_in_its_window_and_clears_after_a_quiet_one() {
+    let ts = TestServer::start(false).await;
+    ts.register("acme", "brk").await;
+    rule(
+        &ts,
+        json!({"tenant_id": "acme", "name": "hard braking", "severity": "minor",
+               "condition": "metrics.decel_g > 0.5", "repeat_count": 3, "repeat_window_s": 2}),
+    )
+    .await;
+    let post = |g: f64| {
+        let url = ts.url("/v1/orbs/brk/telemetry?tenant_id=acme");
+        async move {
+            let (s, b) =
+                http("POST", &url, Some(ADMIN), Some(json!({"ts": now_ms(), "metrics": {"decel_g": g}}))).await;
+            assert_eq!(s, 200, "{b}");
+        }
+    };
+    post(0.7).await;
+    post(0.1).await;
+    post(0.8).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(alerts(&ts, "tenant_id=acme").await.is_empty(), "two matches are not three");
+    post(0.9).await;
+    wait_until("the third match fires", 10, || async { alerts(&ts, "tenant_id=acme&state=open").await.len() == 1 })
+        .await;
+    // A whole window without a match: the next observation clears it.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    post(0.1).await;
+    wait_until("a quiet window clears", 10, || async { alerts(&ts, "tenant_id=acme&state=resolved").await.len() == 1 })
+        .await;
+    ts.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_assign_and_comment_alerts_and_every_change_is_an_event() {
+    let ts = TestServer::start(false).await;
+    let rx = receiver().await;
+    ts.register("acme", "c1").await;
+    rule(&ts, json!({"tenant_id": "acme", "name": "low", "condition": "battery < 15", "severity": "major"})).await;
+    let body = json!({"tenant_id": "acme", "url": format!("{}/hooks/ops", rx.addr), "secret": SECRET,
+                      "events": ["orb.alert.assigned", "orb.alert.commented"]});
+    let (s, w) = http("POST", &ts.url("/v1/webhooks"), Some(ADMIN), Some(body)).await;
+    assert_eq!(s, 201, "{w}");
+    point(&ts, "acme", "c1", 5.0).await;
+    wait_until("the alert", 10, || async { alerts(&ts, "tenant_id=acme&state=open").await.len() == 1 }).await;
+    let id = alerts(&ts, "tenant_id=acme").await[0]["alert_id"].as_str().unwrap().to_string();
+    let post = |path: String, body: Value| {
+        let url = ts.url(&path);
+        async move { http("POST", &url, Some(ADMIN), Some(body)).await }
+    };
+
+    let (s, a) = post(format!("/v1/alerts/{id}/assign"), json!({"tenant_id": "acme", "assignee": "ana"})).await;
+    assert_eq!((s, a["assignee"].as_str()), (200, Some("ana")), "{a}");
+    let (s, a) = post(format!("/v1/alerts/{id}/comments"), json!({"tenant_id": "acme", "text": "on my way"})).await;
+    assert_eq!(s, 201, "{a}");
+    assert_eq!(a["comments"][0]["text"], "on my way");
+    assert_eq!(a["comments"][0]["author"], "root");
+
+    // Refusals change nothing.
+    let (s, e) = post(format!("/v1/alerts/{id}/comments"), json!({"tenant_id": "acme", "text": ""})).await;
+    assert_eq!((s, e["code"].as_str()), (400, Some("invalid_argument")), "{e}");
+    let (s, e) = post(format!("/v1/alerts/{id}/assign"), json!({"tenant_id": "acme", "assignee": "a\u{7}b"})).await;
+    assert_eq!(s, 400, "{e}");
+    let (s, _) = post("/v1/alerts/nope/comments".into(), json!({"tenant_id": "acme", "text": "x"})).await;
+    assert_eq!(s, 404);
+    let (s, e) = post(format!("/v1/alerts/{id}/comments"), json!({"tenant_id": "acme", "text": "x", "extra": 1})).await;
+    assert_eq!(s, 400, "unknown fields are refused: {e}");
+    common::ensure_tenant(&ts.http, "globex").await;
+    let (_, tok) =
+        http("POST", &ts.url("/v1/tenants/globex/tokens"), Some(ADMIN), Some(json!({"role": "operator"}))).await;
+    let globex = tok["secret"].as_str().unwrap().to_string();
+    let (s, _) =
+        http("POST", &ts.url(&format!("/v1/alerts/{id}/comments")), Some(&globex), Some(json!({"text": "mine"}))).await;
+    assert_eq!(s, 404, "another tenant's alert id is not found");
+    let (_, tok) = http("POST", &ts.url("/v1/tenants/acme/tokens"), Some(ADMIN), Some(json!({"role": "viewer"}))).await;
+    let viewer = tok["secret"].as_str().unwrap().to_string();
+    let (s, _) =
+        http("POST", &ts.url(&format!("/v1/alerts/{id}/comments")), Some(&viewer), Some(json!({"text": "hi"}))).await;
+    assert_eq!(s, 403, "a viewer cannot comment");
+
+    // Unassign, resolve; a resolved alert takes comments but no assignee.
+    let (s, a) = post(format!("/v1/alerts/{id}/assign"), json!({"tenant_id": "acme", "assignee": null})).await;
+    assert_eq!((s, a["assignee"].is_null()), (200, true), "{a}");
+    let (s, _) = post(format!("/v1/alerts/{id}/resolve?tenant_id=acme"), json!({})).await;
+    assert_eq!(s, 200);
+    let (s, e) = post(format!("/v1/alerts/{id}/assign"), json!({"tenant_id": "acme", "assignee": "bo"})).await;
+    assert_eq!(s, 400, "{e}");
+    let (s, a) = post(format!("/v1/alerts/{id}/comments"), json!({"tenant_id": "acme", "text": "post-mortem"})).await;
+    assert_eq!(s, 201, "{a}");
+    let stored = &alerts(&ts, "tenant_id=acme").await[0];
+    let texts: Vec<&str> = stored["comments"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["on my way", "post-mortem"]);
+    assert!(stored["assignee"].is_null());
+
+    // Each change reached the webhook (signed), in order.
+    wait_until("four deliveries", 10, || async { rx.types("hooks/ops").len() == 4 }).await;
+    let kinds: Vec<String> = rx.types("hooks/ops").into_iter().map(|(t, _)| t).collect();
+    assert_eq!(kinds, ["orb.alert.assigned", "orb.alert.commented", "orb.alert.assigned", "orb.alert.commented"]);
+    assert_eq!(*rx.bad_signatures.lock().unwrap(), 0);
+    ts.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_status_and_presence_reach_webhooks() {
+    let ts = TestServer::start(false).await;
+    let rx = receiver().await;
+    let token = ts.register("acme", "w1").await;
+    let body = json!({"tenant_id": "acme", "url": format!("{}/hooks/fleet", rx.addr), "secret": SECRET,
+                      "events": ["orb.command.status", "orb.presence.online", "orb.presence.offline"]});
+    let (s, w) = http("POST", &ts.url("/v1/webhooks"), Some(ADMIN), Some(body)).await;
+    assert_eq!(s, 201, "{w}");
+
+    let mut dev = common::V3::connect(ts.mqtt, "w1", Some(("acme/w1", &token))).await.unwrap();
+    let early = dev.subscribe("commands/acme/w1").await;
+    assert!(early.is_empty());
+    let url = ts.url("/v1/orbs/w1/commands?tenant_id=acme");
+    let (s, c) = http("POST", &url, Some(ADMIN), Some(json!({"command_type": "reboot", "payload": {}}))).await;
+    assert_eq!(s, 201, "{c}");
+    let (topic, _) = dev.next_publish(10).await.expect("the command is delivered");
+    assert_eq!(topic, "commands/acme/w1");
+    let ack = json!({"command_id": c["command_id"], "status": "succeeded"}).to_string().into_bytes();
+    dev.publish("commands/acme/w1/ack", ack).await.unwrap();
+    dev.disconnect().await;
+
+    wait_until("the offline event", 10, || async {
+        rx.types("hooks/fleet").last().is_some_and(|(t, _)| t == "orb.presence.offline")
+    })
+    .await;
+    let got = rx.events();
+    let kinds: Vec<&str> = got.iter().map(|(_, v)| v["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"orb.presence.online"), "{kinds:?}");
+    let statuses: Vec<&str> =
+        got[1..got.len() - 1].iter().map(|(_, v)| v["data"]["status"].as_str().unwrap()).collect();
+    // The device's PUBACK (delivered) and its ack (succeeded) race; a late `delivered` never
+    // moves a terminal command, so it is either between them or absent.
+    assert!(
+        statuses == ["queued", "sent", "delivered", "succeeded"] || statuses == ["queued", "sent", "succeeded"],
+        "{statuses:?}"
+    );
+    let last = &got.last().unwrap().1;
+    assert_eq!(last["data"]["disconnect_reason"], "client_disconnect");
+    assert!(got.iter().all(|(_, v)| v["orb_id"] == "w1" && v["event_id"].as_str().is_some()));
     ts.stop().await;
 }

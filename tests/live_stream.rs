@@ -9,25 +9,15 @@ use std::time::Duration;
 use common::{ADMIN, TestServer, V3, basic_auth, http_raw, now_ms, telemetry};
 use orbmanager::net::grpc::pb;
 use pb::telemetry_service_client::TelemetryServiceClient;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tonic::Request;
 
 /// Opens an SSE stream and returns a reader of its `data:` payloads.
 async fn sse(ts: &TestServer, path: &str, token: &str) -> (u16, tokio::sync::mpsc::Receiver<String>) {
-    let mut sock = tokio::net::TcpStream::connect(ts.http.trim_start_matches("http://")).await.unwrap();
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n"
-    );
-    sock.write_all(req.as_bytes()).await.unwrap();
-    let mut lines = BufReader::new(sock).lines();
-    let status_line = lines.next_line().await.unwrap().unwrap();
-    let status: u16 = status_line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let (status, mut frames) = common::sse(&ts.http, path, token, None).await;
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(data) = line.strip_prefix("data: ")
-                && tx.send(data.to_string()).await.is_err()
-            {
+        while let Some(f) = frames.recv().await {
+            if tx.send(f.data).await.is_err() {
                 return;
             }
         }

@@ -20,18 +20,23 @@ use crate::storage::{Batch, Error, Store};
 
 type Answer<T> = Result<Result<T, ApiError>, Error>;
 
-/// Persists changed commands in one durable batch, then tells the broadcast manager about
-/// the ones fanned out from a broadcast.
+/// Persists changed commands in one durable batch with an `orb.command.status` event for
+/// each, then tells the broadcast manager about the ones fanned out from a broadcast.
 async fn persist(ctx: &OrbCtx, key: &OrbKey, changed: &[Command], extra: impl FnOnce(&mut Batch)) -> Result<(), Error> {
     let mut batch = Batch::new();
+    let mut staged = ctx.events.stage();
+    let now = ctx.clock.now_ms();
     for c in changed {
         Store::add_command(&mut batch, key, c);
+        ctx.events.append(&mut batch, &mut staged, key, "orb.command.status", status_data(c), now)?;
     }
     extra(&mut batch);
     if batch.is_empty() {
         return Ok(());
     }
-    ctx.store.commit(batch).await?;
+    let result = ctx.store.commit(batch).await;
+    staged.settle(result.is_ok());
+    result?;
     for c in changed {
         if c.status.is_terminal() {
             ctx.metrics.command_terminal(c.status);
@@ -41,6 +46,22 @@ async fn persist(ctx: &OrbCtx, key: &OrbKey, changed: &[Command], extra: impl Fn
         }
     }
     Ok(())
+}
+
+/// What an `orb.command.status` event carries: the command without its payload and history,
+/// and the transition that happened.
+fn status_data(c: &Command) -> serde_json::Value {
+    let last = c.history.last();
+    serde_json::json!({
+        "command_id": c.command_id,
+        "seq": c.seq,
+        "command_type": c.command_type,
+        "status": c.status.as_str(),
+        "at_ms": last.map(|t| t.at_ms),
+        "reason": last.and_then(|t| t.reason.clone()),
+        "attempts": c.attempts,
+        "broadcast_id": c.broadcast_id,
+    })
 }
 
 /// Tells the shard when this orb next needs a `Tick`.

@@ -50,6 +50,8 @@ pub struct OrbCtx {
     pub index: crate::search::FleetIndex,
     /// The rule engine, set once the fleet has started.
     pub alerting: std::sync::OnceLock<rules::Alerting>,
+    /// The tenant event log (alerts, command status, presence).
+    pub events: crate::events::Events,
 }
 
 impl OrbCtx {
@@ -62,9 +64,9 @@ impl OrbCtx {
         idle_passivate_ms: u64,
     ) -> Self {
         OrbCtx {
-            store,
+            store: store.clone(),
             clock,
-            metrics,
+            metrics: metrics.clone(),
             dev,
             boot_id,
             idle_passivate_ms,
@@ -72,6 +74,7 @@ impl OrbCtx {
             hub: crate::stream::Hub::new(crate::limits::STREAM_BUFFER_DEFAULT),
             index: crate::search::FleetIndex::default(),
             alerting: std::sync::OnceLock::new(),
+            events: crate::events::Events::new(store, metrics, crate::events::Retention::default()),
         }
     }
 
@@ -148,6 +151,7 @@ impl Fleet {
         let ctx = &fleet.ctx;
         let webhooks = crate::webhooks::Webhooks::start(ctx.store.clone(), ctx.clock.clone(), ctx.metrics.clone())
             .map_err(|e| ractor::SpawnErr::StartupFailed(format!("webhooks: {e}").into()))?;
+        ctx.events.set_webhooks(webhooks.clone());
         let alerting = rules::Alerting::start(rules::RuleCtx {
             store: ctx.store.clone(),
             clock: ctx.clock.clone(),
@@ -155,6 +159,7 @@ impl Fleet {
             index: ctx.index.clone(),
             book: Default::default(),
             webhooks,
+            events: ctx.events.clone(),
             started_ms: ctx.clock.now_ms(),
         })
         .await

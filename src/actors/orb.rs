@@ -326,8 +326,24 @@ async fn perform(state: &mut OrbActorState, effects: Vec<Effect>) -> Result<(), 
                 // Awaited so presence records of one orb reach the store in order (a connect
                 // can never overwrite the disconnect that followed it).
                 let mut batch = Batch::new();
-                Store::add_presence(&mut batch, &state.key, &state.orb.presence);
-                state.ctx.store.commit(batch).await?;
+                let p = &state.orb.presence;
+                Store::add_presence(&mut batch, &state.key, p);
+                let (events, mut staged) = (&state.ctx.events, state.ctx.events.stage());
+                let kind = if p.online { "orb.presence.online" } else { "orb.presence.offline" };
+                let data = serde_json::json!({
+                    "online": p.online,
+                    "conn_seq": p.conn_seq,
+                    "connected_at_ms": p.connected_at_ms,
+                    "disconnected_at_ms": p.disconnected_at_ms,
+                    "disconnect_reason": p.disconnect_reason.map(|r| r.as_str()),
+                    "protocol": p.protocol,
+                    "client_id": p.client_id,
+                });
+                let now = state.ctx.clock.now_ms();
+                events.append(&mut batch, &mut staged, &state.key, kind, data, now)?;
+                let result = state.ctx.store.commit(batch).await;
+                staged.settle(result.is_ok());
+                result?;
             }
             Effect::Kick { conn_seq, reason } => {
                 if let Some((_, tx)) = state.kick.take_if(|(seq, _)| *seq == conn_seq) {

@@ -124,10 +124,16 @@ fn vars_of(rules: &[Arc<Compiled>]) -> u16 {
 }
 
 /// What an operator does to an alert.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum AlertOp {
     Acknowledge,
     Resolve,
+    /// Sets (or with `None` clears) the assignee.
+    Assign(Option<String>),
+    Comment {
+        author: String,
+        text: String,
+    },
 }
 
 pub enum RuleMsg {
@@ -160,6 +166,7 @@ pub struct RuleCtx {
     pub index: FleetIndex,
     pub book: Arc<RuleBook>,
     pub webhooks: Webhooks,
+    pub events: crate::events::Events,
     /// When this process started: the reference of absence rules for orbs never heard from.
     pub started_ms: u64,
 }
@@ -337,7 +344,8 @@ pub struct PartitionState {
     pending: Batch,
     pending_ops: usize,
     pending_since: u64,
-    pending_woken: Vec<crate::webhooks::Woken>,
+    /// The events in `pending`, settled when it commits.
+    pending_staged: crate::events::Staged,
     pending_events: Vec<&'static str>,
 }
 
@@ -361,6 +369,7 @@ impl Actor for RulePartition {
     ) -> Result<PartitionState, ActorProcessingErr> {
         myself.send_interval(Duration::from_millis(TICK_MS), || RuleMsg::Tick);
         Ok(PartitionState {
+            pending_staged: a.ctx.events.stage(),
             ctx: a.ctx,
             part: a.part,
             windows: a.windows,
@@ -371,7 +380,6 @@ impl Actor for RulePartition {
             pending: Batch::new(),
             pending_ops: 0,
             pending_since: 0,
-            pending_woken: Vec::new(),
             pending_events: Vec::new(),
         })
     }
@@ -516,15 +524,18 @@ async fn observe(
             continue;
         }
         let wkey = (key.tenant.clone(), c.rule.rule_id.clone(), key.orb.clone());
-        let mut w = st.windows.get(&wkey).copied().unwrap_or_default();
+        let mut w = st.windows.get(&wkey).cloned().unwrap_or_default();
         let (t, changed) = match &c.condition {
             // Absence rules: any telemetry ends the absence.
             None if w.firing => (Transition::Clear, true),
             None => (Transition::None, false),
             Some(cond) => {
                 let h = holds(cond, &cel);
-                let clears = c.clear.as_ref().map_or(!h, |p| holds(p, &cel));
-                w.observe(h, clears, c.rule.for_s * 1000, now)
+                let clear = c.clear.as_ref().map(|p| holds(p, &cel));
+                match c.rule.repeat_count {
+                    Some(n) => w.observe_repeat(h, clear, n, c.rule.repeat_window_s * 1000, now),
+                    None => w.observe(h, clear.unwrap_or(!h), c.rule.for_s * 1000, now),
+                }
             }
         };
         if t == Transition::Clear && c.condition.is_none() {
@@ -576,6 +587,8 @@ async fn commit(
                     resolved_ms: None,
                     resolved_by: None,
                     repeats: 0,
+                    assignee: None,
+                    comments: Vec::new(),
                     values: f.values.clone(),
                 };
                 Store::add_alert(&mut st.pending, &alert);
@@ -603,11 +616,13 @@ async fn commit(
     for ((t, rule_id, orb), w) in &windows {
         Store::add_window(
             &mut st.pending,
-            &WindowRecord { tenant: t.clone(), rule_id: rule_id.clone(), orb: orb.clone(), window: *w },
+            &WindowRecord { tenant: t.clone(), rule_id: rule_id.clone(), orb: orb.clone(), window: w.clone() },
         );
     }
-    let woken = st.ctx.webhooks.enqueue(&mut st.pending, tenant, &events, now)?;
-    st.pending_woken.push(woken);
+    for (kind, alert) in &events {
+        let key = OrbKey::new(tenant.clone(), alert.orb.clone());
+        st.ctx.events.append(&mut st.pending, &mut st.pending_staged, &key, kind, alert.to_json(), now)?;
+    }
     st.pending_events.extend(events.iter().map(|(k, _)| *k));
     for (k, w) in windows {
         if w == Window::default() {
@@ -631,13 +646,13 @@ async fn flush(st: &mut PartitionState) -> Result<(), ActorProcessingErr> {
         return Ok(());
     }
     let batch = std::mem::take(&mut st.pending);
+    let staged = std::mem::replace(&mut st.pending_staged, st.ctx.events.stage());
     st.pending_ops = 0;
-    st.ctx.store.commit(batch).await?;
+    let result = st.ctx.store.commit(batch).await;
+    staged.settle(result.is_ok());
+    result?;
     for kind in st.pending_events.drain(..) {
         st.ctx.metrics.alert_event(kind);
-    }
-    for w in st.pending_woken.drain(..) {
-        st.ctx.webhooks.wake(&w);
     }
     Ok(())
 }
@@ -662,8 +677,9 @@ async fn tick(st: &mut PartitionState, now: u64) -> Result<(), ActorProcessingEr
                 }
                 None if c.rule.for_s > 0 => {
                     for ((t, rule_id, orb), w) in &st.windows {
-                        if t == &tenant && rule_id == &c.rule.rule_id && { *w }.tick(c.rule.for_s * 1000, now)
-                            == Transition::Fire
+                        if t == &tenant
+                            && rule_id == &c.rule.rule_id
+                            && w.clone().tick(c.rule.for_s * 1000, now) == Transition::Fire
                         {
                             let row = st.ctx.index.get(&OrbKey::new(t.clone(), orb.clone()));
                             let values = row.map_or_else(|| "{}".to_string(), |r| values_json(&r, &[]));
@@ -679,9 +695,7 @@ async fn tick(st: &mut PartitionState, now: u64) -> Result<(), ActorProcessingEr
         }
         let windows: Vec<(WinKey, Window)> = due
             .iter()
-            .map(|(c, orb, _)| {
-                ((tenant.clone(), c.rule.rule_id.clone(), orb.clone()), Window { since_ms: None, firing: true })
-            })
+            .map(|(c, orb, _)| ((tenant.clone(), c.rule.rule_id.clone(), orb.clone()), Window::fired()))
             .collect();
         let fired: Vec<Fired<'_>> = due
             .iter()
@@ -707,13 +721,22 @@ async fn operator(st: &mut PartitionState, alert: Alert, op: AlertOp, now: u64) 
             .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no alert {}", alert.alert_id)))?,
     };
     let mut batch = Batch::new();
-    let event = match op {
+    let refused = |m| ApiError::new(ErrorCode::InvalidArgument, m);
+    let event = match &op {
         AlertOp::Acknowledge => {
-            current.acknowledge(now).map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m))?;
+            current.acknowledge(now).map_err(refused)?;
             "orb.alert.acknowledged"
         }
+        AlertOp::Assign(who) => {
+            current.assign(who.clone(), now).map_err(refused)?;
+            "orb.alert.assigned"
+        }
+        AlertOp::Comment { author, text } => {
+            current.comment(author, text, now).map_err(refused)?;
+            "orb.alert.commented"
+        }
         AlertOp::Resolve => {
-            current.resolve("operator", now).map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m))?;
+            current.resolve("operator", now).map_err(refused)?;
             Store::set_open_alert(&mut batch, &current, false);
             // The window starts over: the rule fires again if its condition holds again.
             if st.windows.contains_key(&wkey) {
@@ -724,12 +747,16 @@ async fn operator(st: &mut PartitionState, alert: Alert, op: AlertOp, now: u64) 
         }
     };
     Store::add_alert(&mut batch, &current);
-    let events = [(event, current.clone())];
-    let woken = st.ctx.webhooks.enqueue(&mut batch, &current.tenant, &events, now).map_err(ApiError::internal)?;
-    st.ctx.store.commit(batch).await.map_err(ApiError::internal)?;
+    let mut staged = st.ctx.events.stage();
+    let events = &st.ctx.events;
+    let key = OrbKey::new(current.tenant.clone(), current.orb.clone());
+    events.append(&mut batch, &mut staged, &key, event, current.to_json(), now).map_err(ApiError::internal)?;
+    let result = st.ctx.store.commit(batch).await;
+    staged.settle(result.is_ok());
+    result.map_err(ApiError::internal)?;
     // Memory follows the store only once the change is durable.
     match op {
-        AlertOp::Acknowledge => {
+        AlertOp::Acknowledge | AlertOp::Assign(_) | AlertOp::Comment { .. } => {
             if let Some(a) = st.open.get_mut(&wkey).filter(|a| a.alert_id == current.alert_id) {
                 *a = current.clone();
             }
@@ -740,6 +767,5 @@ async fn operator(st: &mut PartitionState, alert: Alert, op: AlertOp, now: u64) 
         }
     }
     st.ctx.metrics.alert_event(event);
-    st.ctx.webhooks.wake(&woken);
     Ok(current)
 }

@@ -2,7 +2,8 @@
 
 use crate::actors::rules::{AlertOp, Alerting};
 use crate::error::{ApiError, ErrorCode};
-use crate::model::alert::{Alert, AlertState, Delivery, DeliveryState, EVENT_TYPES, Webhook};
+use crate::model::alert::{Alert, AlertState, Delivery, DeliveryState, Webhook, check_assignee, check_comment};
+use crate::model::event::EVENT_TYPES;
 use crate::model::rule::{self, Compiled, RULES_PER_TENANT_MAX, Rule, RuleSpec};
 use crate::storage::{Batch, Store};
 
@@ -132,6 +133,34 @@ impl Api {
             .map_err(internal)?
             .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no alert {alert_id}")))?;
         self.alerting()?.alert_op(alert, op).await
+    }
+
+    /// Sets or clears an alert's assignee.
+    pub async fn assign_alert(
+        &self,
+        p: &Principal,
+        tenant_id: Option<&str>,
+        alert_id: &str,
+        assignee: Option<&str>,
+    ) -> Result<Alert, ApiError> {
+        let assignee = assignee.map(str::trim).filter(|a| !a.is_empty());
+        if let Some(a) = assignee {
+            check_assignee(a).map_err(invalid)?;
+        }
+        self.alert_op(p, tenant_id, alert_id, AlertOp::Assign(assignee.map(str::to_string))).await
+    }
+
+    /// Adds an operator's comment to an alert.
+    pub async fn comment_alert(
+        &self,
+        p: &Principal,
+        tenant_id: Option<&str>,
+        alert_id: &str,
+        text: &str,
+    ) -> Result<Alert, ApiError> {
+        check_comment(text).map_err(invalid)?;
+        let op = AlertOp::Comment { author: p.name(), text: text.to_string() };
+        self.alert_op(p, tenant_id, alert_id, op).await
     }
 
     /// Subscribes a URL to event types; the secret signs every delivery.

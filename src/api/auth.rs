@@ -33,6 +33,18 @@ pub enum Principal {
     Device(OrbKey),
 }
 
+impl Principal {
+    /// Who this is, as audit fields and alert comments name it.
+    pub fn name(&self) -> String {
+        match self {
+            Principal::Root => "root".into(),
+            Principal::Token { token_id, .. } => token_id.clone(),
+            Principal::Dev => "dev".into(),
+            Principal::Device(key) => format!("device:{key}"),
+        }
+    }
+}
+
 /// Prefix of API tokens.
 pub const API_TOKEN_PREFIX: &str = "oma/";
 

@@ -6,6 +6,7 @@
 pub mod alerts;
 pub mod auth;
 pub mod commands;
+pub mod events;
 pub mod orbs;
 pub mod tenants;
 

@@ -54,6 +54,43 @@ pub struct Alert {
     pub repeats: u64,
     /// The orb's values when it fired (compact JSON).
     pub values: String,
+    /// Who works on it (free text: a person, a team, an on-call rotation).
+    pub assignee: Option<String>,
+    /// Operator notes, oldest first, at most `ALERT_COMMENTS_MAX`.
+    pub comments: Vec<Comment>,
+}
+
+/// Comments one alert keeps.
+pub const ALERT_COMMENTS_MAX: usize = 100;
+/// Longest comment, in bytes.
+pub const COMMENT_LEN_MAX: usize = 2_000;
+
+/// An operator's note on an alert.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Comment {
+    /// The API token id (or `root`, `dev`) that wrote it.
+    pub author: String,
+    pub text: String,
+    pub at_ms: u64,
+}
+
+/// Checks an assignee as an operator sends it.
+pub fn check_assignee(a: &str) -> Result<(), String> {
+    if a.trim().is_empty() || a.len() > 128 || a.chars().any(char::is_control) {
+        return Err("assignee must be 1..128 bytes without control characters (empty to unassign: null)".into());
+    }
+    Ok(())
+}
+
+/// Checks a comment's text.
+pub fn check_comment(text: &str) -> Result<(), String> {
+    if text.trim().is_empty() || text.len() > COMMENT_LEN_MAX {
+        return Err(format!("comment text must be 1..{COMMENT_LEN_MAX} bytes"));
+    }
+    if text.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return Err("comment text may hold newlines and tabs but no other control characters".into());
+    }
+    Ok(())
 }
 
 impl Alert {
@@ -72,7 +109,31 @@ impl Alert {
             "resolved_by": self.resolved_by,
             "repeats": self.repeats,
             "values": serde_json::from_str::<serde_json::Value>(&self.values).unwrap_or(serde_json::Value::Null),
+            "assignee": self.assignee,
+            "comments": self.comments.iter().map(|c| serde_json::json!({
+                "author": c.author, "text": c.text, "at_ms": c.at_ms,
+            })).collect::<Vec<_>>(),
         })
+    }
+
+    /// Sets or clears the assignee; a resolved alert is closed to assignment.
+    pub fn assign(&mut self, assignee: Option<String>, now_ms: u64) -> Result<(), String> {
+        if self.state == AlertState::Resolved {
+            return Err(format!("alert {} is resolved; it takes no assignee", self.alert_id));
+        }
+        self.assignee = assignee;
+        self.updated_ms = now_ms;
+        Ok(())
+    }
+
+    /// Adds a comment (also to resolved alerts: post-mortem notes).
+    pub fn comment(&mut self, author: &str, text: &str, now_ms: u64) -> Result<(), String> {
+        if self.comments.len() >= ALERT_COMMENTS_MAX {
+            return Err(format!("alert {} has {ALERT_COMMENTS_MAX} comments, the most it keeps", self.alert_id));
+        }
+        self.comments.push(Comment { author: author.to_string(), text: text.to_string(), at_ms: now_ms });
+        self.updated_ms = now_ms;
+        Ok(())
     }
 
     /// Operator acknowledgement: only an open alert can be acknowledged.
@@ -99,9 +160,6 @@ impl Alert {
         Ok(())
     }
 }
-
-/// Event types a webhook may subscribe to.
-pub const EVENT_TYPES: [&str; 3] = ["orb.alert.triggered", "orb.alert.acknowledged", "orb.alert.resolved"];
 
 /// A webhook subscription.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -239,7 +297,11 @@ mod tests {
             resolved_by: None,
             repeats: 0,
             values: "{}".into(),
+            assignee: None,
+            comments: Vec::new(),
         };
+        a.assign(Some("ops-team".into()), 2).unwrap();
+        a.comment("tok-1", "looking", 2).unwrap();
         a.acknowledge(2).unwrap();
         assert!(a.acknowledge(3).is_err());
         a.resolve("operator", 4).unwrap();
@@ -249,5 +311,15 @@ mod tests {
         );
         assert!(a.resolve("rule", 5).is_err());
         assert!(a.acknowledge(6).is_err());
+        assert!(a.assign(None, 7).unwrap_err().contains("resolved"));
+        assert_eq!(a.assignee.as_deref(), Some("ops-team"));
+        a.comment("tok-1", "root cause: worn cell", 8).unwrap();
+        assert_eq!(a.comments.len(), 2);
+        for i in 2..ALERT_COMMENTS_MAX {
+            a.comment("tok-1", &format!("note {i}"), 9).unwrap();
+        }
+        assert!(a.comment("tok-1", "one more", 10).unwrap_err().contains("most it keeps"));
+        assert!(check_comment("").is_err() && check_comment("a\u{7}b").is_err() && check_comment("a\nb").is_ok());
+        assert!(check_assignee("x\u{0}").is_err() && check_assignee("on-call").is_ok());
     }
 }

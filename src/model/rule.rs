@@ -12,7 +12,10 @@
 //! A variable that the orb has not reported makes
 //! the condition false, never an error. `for_s` makes a duration rule ("battery < 15 for 60 s");
 //! `clear_condition` gives hysteresis (default: the condition no longer holds); `absent_s` makes
-//! a heartbeat-absence rule that fires when an orb in scope sent nothing for that long.
+//! a heartbeat-absence rule that fires when an orb in scope sent nothing for that long;
+//! `repeat_count` with `repeat_window_s` makes a repeat rule ("3 hard brakes within 60 s"):
+//! it fires when the condition held in that many observations within the window and clears
+//! once a whole window passes without one (or by `clear_condition`).
 
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +38,8 @@ pub const CONDITION_LEN_MAX: usize = 4_096;
 pub const WINDOW_S_MAX: u64 = 7 * 24 * 3600;
 /// Rules one tenant may have.
 pub const RULES_PER_TENANT_MAX: usize = 1_000;
+/// Most observations a repeat rule counts (its state keeps one time per observation).
+pub const REPEAT_COUNT_MAX: u32 = 100;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -84,6 +89,11 @@ pub struct RuleSpec {
     /// A fleet query (the search language); empty: every orb of the tenant.
     #[serde(default)]
     pub scope: String,
+    /// Repeat rules: observations in which the condition must hold within `repeat_window_s`.
+    #[serde(default)]
+    pub repeat_count: Option<u32>,
+    #[serde(default)]
+    pub repeat_window_s: u64,
 }
 
 /// A stored rule.
@@ -99,6 +109,8 @@ pub struct Rule {
     pub absent_s: Option<u64>,
     pub scope: String,
     pub created_ms: u64,
+    pub repeat_count: Option<u32>,
+    pub repeat_window_s: u64,
 }
 
 impl Rule {
@@ -114,6 +126,8 @@ impl Rule {
             "absent_s": self.absent_s,
             "scope": self.scope,
             "created_ms": self.created_ms,
+            "repeat_count": self.repeat_count,
+            "repeat_window_s": self.repeat_window_s,
         })
     }
 }
@@ -155,6 +169,19 @@ pub fn validate(spec: RuleSpec, tenant: TenantId, rule_id: String, now_ms: u64) 
             compile("condition", &spec.condition)?;
         }
     }
+    match spec.repeat_count {
+        Some(n) if !(2..=REPEAT_COUNT_MAX).contains(&n) => {
+            return Err(format!("repeat_count must be 2..{REPEAT_COUNT_MAX} (1 is a plain threshold rule)"));
+        }
+        Some(_) if spec.repeat_window_s == 0 || spec.repeat_window_s > WINDOW_S_MAX => {
+            return Err(format!("repeat_window_s must be 1..{WINDOW_S_MAX} with repeat_count"));
+        }
+        Some(_) if spec.for_s > 0 || spec.absent_s.is_some() => {
+            return Err("a repeat rule (repeat_count) takes no for_s or absent_s".into());
+        }
+        None if spec.repeat_window_s > 0 => return Err("repeat_window_s needs repeat_count".into()),
+        _ => {}
+    }
     if let Some(c) = &spec.clear_condition {
         compile("clear_condition", c)?;
     }
@@ -170,6 +197,8 @@ pub fn validate(spec: RuleSpec, tenant: TenantId, rule_id: String, now_ms: u64) 
         absent_s: spec.absent_s,
         scope: spec.scope,
         created_ms: now_ms,
+        repeat_count: spec.repeat_count,
+        repeat_window_s: spec.repeat_window_s,
     })
 }
 
@@ -254,12 +283,15 @@ pub fn in_polygon(lat: f64, lon: f64, flat: &[f64]) -> bool {
 }
 
 /// The durable per-(rule, orb) evaluation state: checkpointed whenever it changes, so a
-/// duration window survives a restart.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// duration window (or a repeat rule's count) survives a restart.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Window {
     /// Since when the condition has held (duration rules), while not firing.
     pub since_ms: Option<u64>,
     pub firing: bool,
+    /// Repeat rules: times the condition held within the window, oldest first (at most
+    /// `repeat_count`).
+    pub hits: Vec<u64>,
 }
 
 /// What one evaluation decided.
@@ -277,7 +309,7 @@ impl Window {
     /// One observation: `holds` is the condition, `clears` the clear condition (the default
     /// clear condition is `!holds`). Returns the transition and whether the state changed.
     pub fn observe(&mut self, holds: bool, clears: bool, for_ms: u64, now_ms: u64) -> (Transition, bool) {
-        let before = *self;
+        let before = self.clone();
         let t = if self.firing {
             if clears {
                 *self = Window::default();
@@ -290,7 +322,7 @@ impl Window {
         } else if holds {
             let since = *self.since_ms.get_or_insert(now_ms);
             if now_ms.saturating_sub(since) >= for_ms {
-                *self = Window { since_ms: None, firing: true };
+                *self = Window::fired();
                 Transition::Fire
             } else {
                 Transition::None
@@ -302,12 +334,54 @@ impl Window {
         (t, *self != before)
     }
 
+    /// A window that has just fired.
+    pub fn fired() -> Window {
+        Window { since_ms: None, firing: true, hits: Vec::new() }
+    }
+
+    /// One observation of a repeat rule: fires when `holds` was true in `count` observations
+    /// within `window_ms`; clears when `clears` (a clear condition, if the rule has one) or,
+    /// by default, once a whole window passed without the condition holding.
+    pub fn observe_repeat(
+        &mut self,
+        holds: bool,
+        clears: Option<bool>,
+        count: u32,
+        window_ms: u64,
+        now_ms: u64,
+    ) -> (Transition, bool) {
+        let before = self.clone();
+        self.hits.retain(|t| now_ms.saturating_sub(*t) < window_ms);
+        if holds {
+            if self.hits.len() >= count as usize {
+                self.hits.remove(0);
+            }
+            self.hits.push(now_ms);
+        }
+        let t = if self.firing {
+            if clears.unwrap_or(self.hits.is_empty()) {
+                *self = Window::default();
+                Transition::Clear
+            } else if holds {
+                Transition::Repeat
+            } else {
+                Transition::None
+            }
+        } else if self.hits.len() >= count as usize {
+            self.firing = true;
+            Transition::Fire
+        } else {
+            Transition::None
+        };
+        (t, *self != before)
+    }
+
     /// A clock tick without a new observation: a duration window whose time has come fires
     /// (the condition held at the last observation and nothing since said otherwise).
     pub fn tick(&mut self, for_ms: u64, now_ms: u64) -> Transition {
         match self.since_ms {
             Some(since) if !self.firing && now_ms.saturating_sub(since) >= for_ms => {
-                *self = Window { since_ms: None, firing: true };
+                *self = Window::fired();
                 Transition::Fire
             }
             _ => Transition::None,
@@ -328,11 +402,60 @@ mod tests {
             for_s: 0,
             absent_s: None,
             scope: String::new(),
+            repeat_count: None,
+            repeat_window_s: 0,
         }
     }
 
     fn t() -> TenantId {
         TenantId::parse("acme").unwrap()
+    }
+
+    #[test]
+    fn repeat_rules_count_within_a_sliding_window_and_clear_after_a_quiet_one() {
+        let mut w = Window::default();
+        // 3 within 10 s: hits at 0, 5 s, then 12 s (0 has left the window): no fire yet.
+        assert_eq!(w.observe_repeat(true, None, 3, 10_000, 0).0, Transition::None);
+        assert_eq!(w.observe_repeat(true, None, 3, 10_000, 5_000).0, Transition::None);
+        assert_eq!(w.observe_repeat(false, None, 3, 10_000, 6_000).0, Transition::None);
+        assert_eq!(w.observe_repeat(true, None, 3, 10_000, 12_000).0, Transition::None);
+        assert_eq!(w.hits, vec![5_000, 12_000]);
+        assert_eq!(w.observe_repeat(true, None, 3, 10_000, 13_000).0, Transition::Fire);
+        assert_eq!(w.observe_repeat(true, None, 3, 10_000, 14_000).0, Transition::Repeat);
+        assert!(w.hits.len() <= 3, "hits are bounded by the count");
+        // Not holding, but hits remain in the window: still firing.
+        assert_eq!(w.observe_repeat(false, None, 3, 10_000, 20_000).0, Transition::None);
+        // A whole window without a hit clears.
+        let (t, changed) = w.observe_repeat(false, None, 3, 10_000, 24_001);
+        assert_eq!((t, changed), (Transition::Clear, true));
+        assert_eq!(w, Window::default());
+        // An explicit clear condition wins over the window.
+        let mut w = Window::default();
+        for at in [0, 1, 2] {
+            w.observe_repeat(true, Some(false), 3, 10_000, at);
+        }
+        assert!(w.firing);
+        assert_eq!(w.observe_repeat(true, Some(true), 3, 10_000, 3).0, Transition::Clear);
+    }
+
+    #[test]
+    fn repeat_specs_are_checked() {
+        let mut s = spec("speed > 30.0");
+        s.repeat_count = Some(3);
+        s.repeat_window_s = 60;
+        assert!(validate(s.clone(), t(), "r".into(), 1).is_ok());
+        let mut bad = s.clone();
+        bad.repeat_count = Some(1);
+        assert!(validate(bad, t(), "r".into(), 1).unwrap_err().contains("repeat_count must be 2.."));
+        let mut bad = s.clone();
+        bad.repeat_window_s = 0;
+        assert!(validate(bad, t(), "r".into(), 1).unwrap_err().contains("repeat_window_s"));
+        let mut bad = s.clone();
+        bad.for_s = 5;
+        assert!(validate(bad, t(), "r".into(), 1).unwrap_err().contains("no for_s"));
+        let mut bad = spec("speed > 30.0");
+        bad.repeat_window_s = 60;
+        assert!(validate(bad, t(), "r".into(), 1).unwrap_err().contains("needs repeat_count"));
     }
 
     #[test]

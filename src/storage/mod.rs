@@ -7,6 +7,7 @@ mod alerts;
 mod codec;
 mod commit;
 mod dedupe;
+mod events;
 pub mod keys;
 
 use std::path::{Path, PathBuf};
@@ -73,10 +74,11 @@ pub enum Ks {
     Webhooks,
     Outbox,
     Deliveries,
+    Events,
 }
 
 impl Ks {
-    const ALL: [Ks; 23] = [
+    const ALL: [Ks; 24] = [
         Ks::Meta,
         Ks::Tenants,
         Ks::Orbs,
@@ -100,6 +102,7 @@ impl Ks {
         Ks::Webhooks,
         Ks::Outbox,
         Ks::Deliveries,
+        Ks::Events,
     ];
 
     fn name(self) -> &'static str {
@@ -127,6 +130,7 @@ impl Ks {
             Ks::Webhooks => "webhooks",
             Ks::Outbox => "outbox",
             Ks::Deliveries => "deliveries",
+            Ks::Events => "events",
         }
     }
 }

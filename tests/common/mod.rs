@@ -435,3 +435,56 @@ pub fn basic_auth(user: &str, pass: &str) -> String {
     }
     out
 }
+
+/// One Server-Sent Event as a client sees it.
+#[derive(Clone, Debug, Default)]
+pub struct SseFrame {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: String,
+}
+
+/// Opens an SSE stream (optionally resuming with `Last-Event-ID`) and returns its status and
+/// a reader of its frames; dropping the reader closes the connection at the next frame.
+pub async fn sse(
+    http_base: &str,
+    path: &str,
+    token: &str,
+    last_event_id: Option<&str>,
+) -> (u16, tokio::sync::mpsc::Receiver<SseFrame>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut sock = tokio::net::TcpStream::connect(http_base.trim_start_matches("http://")).await.unwrap();
+    let resume = last_event_id.map(|id| format!("Last-Event-ID: {id}\r\n")).unwrap_or_default();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\nAccept: text/event-stream\r\n{resume}\r\n"
+    );
+    sock.write_all(req.as_bytes()).await.unwrap();
+    let mut lines = BufReader::new(sock).lines();
+    let status_line = lines.next_line().await.unwrap().unwrap();
+    let status: u16 = status_line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    // Headers end at the first empty line.
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.is_empty() {
+            break;
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(async move {
+        let mut frame = SseFrame::default();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.is_empty() {
+                let done = std::mem::take(&mut frame);
+                if !done.data.is_empty() && tx.send(done).await.is_err() {
+                    return;
+                }
+            } else if let Some(v) = line.strip_prefix("data: ").or_else(|| line.strip_prefix("data:")) {
+                frame.data.push_str(v);
+            } else if let Some(v) = line.strip_prefix("id: ").or_else(|| line.strip_prefix("id:")) {
+                frame.id = Some(v.to_string());
+            } else if let Some(v) = line.strip_prefix("event: ").or_else(|| line.strip_prefix("event:")) {
+                frame.event = Some(v.to_string());
+            }
+        }
+    });
+    (status, rx)
+}

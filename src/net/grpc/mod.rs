@@ -48,7 +48,8 @@ pub async fn serve(
         .add_service(bounded!(pb::registry_service_server::RegistryServiceServer::new(s.clone())))
         .add_service(bounded!(pb::telemetry_service_server::TelemetryServiceServer::new(s.clone())))
         .add_service(bounded!(pb::command_service_server::CommandServiceServer::new(s.clone())))
-        .add_service(bounded!(pb::alert_service_server::AlertServiceServer::new(s)))
+        .add_service(bounded!(pb::alert_service_server::AlertServiceServer::new(s.clone())))
+        .add_service(bounded!(pb::event_service_server::EventServiceServer::new(s)))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await
 }

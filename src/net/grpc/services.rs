@@ -484,6 +484,8 @@ fn rule_to_pb(r: &crate::model::rule::Rule) -> pb::AlertRule {
         absent_s: r.absent_s,
         scope: r.scope.clone(),
         created_ms: r.created_ms,
+        repeat_count: r.repeat_count,
+        repeat_window_s: r.repeat_window_s,
     }
 }
 
@@ -502,6 +504,12 @@ fn alert_to_pb(a: &crate::model::alert::Alert) -> pb::Alert {
         resolved_by: a.resolved_by.clone().unwrap_or_default(),
         repeats: a.repeats,
         values_json: a.values.clone(),
+        assignee: a.assignee.clone().unwrap_or_default(),
+        comments: a
+            .comments
+            .iter()
+            .map(|c| pb::AlertComment { author: c.author.clone(), text: c.text.clone(), at_ms: c.at_ms })
+            .collect(),
     }
 }
 
@@ -518,6 +526,8 @@ impl pb::alert_service_server::AlertService for Services {
             for_s: r.for_s,
             absent_s: r.absent_s,
             scope: r.scope,
+            repeat_count: r.repeat_count,
+            repeat_window_s: r.repeat_window_s,
         };
         let rule = self.api.create_rule(&p, opt(&r.tenant_id), spec).await.map_err(status)?;
         Ok(Response::new(rule_to_pb(&rule)))
@@ -563,5 +573,60 @@ impl pb::alert_service_server::AlertService for Services {
         let op = crate::actors::rules::AlertOp::Resolve;
         let a = self.api.alert_op(&p, opt(&r.tenant_id), &r.alert_id, op).await.map_err(status)?;
         Ok(Response::new(alert_to_pb(&a)))
+    }
+
+    async fn assign_alert(&self, req: Request<pb::AssignAlertRequest>) -> R<pb::Alert> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let a = self.api.assign_alert(&p, opt(&r.tenant_id), &r.alert_id, opt(&r.assignee)).await.map_err(status)?;
+        Ok(Response::new(alert_to_pb(&a)))
+    }
+
+    async fn comment_alert(&self, req: Request<pb::CommentAlertRequest>) -> R<pb::Alert> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let a = self.api.comment_alert(&p, opt(&r.tenant_id), &r.alert_id, &r.text).await.map_err(status)?;
+        Ok(Response::new(alert_to_pb(&a)))
+    }
+}
+
+fn tenant_event_to_pb(e: &crate::model::event::Event) -> pb::TenantEvent {
+    pb::TenantEvent {
+        event_id: e.event_id(),
+        r#type: e.event_type.clone(),
+        orb_id: e.orb.clone(),
+        occurred_ms: e.occurred_ms,
+        body_json: e.body.clone(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::event_service_server::EventService for Services {
+    async fn list_events(&self, req: Request<pb::ListEventsRequest>) -> R<pb::ListEventsResponse> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let page = self
+            .api
+            .list_events(&p, opt(&r.tenant_id), opt(&r.after), &r.types, r.page_size as usize)
+            .map_err(status)?;
+        Ok(Response::new(pb::ListEventsResponse {
+            events: page.events.iter().map(tenant_event_to_pb).collect(),
+            next_after: page.next_after.unwrap_or_default(),
+        }))
+    }
+
+    type StreamEventsStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::TenantEvent, Status>> + Send + 'static>>;
+
+    /// Ends with the error that stopped it (UNAVAILABLE while draining, OUT_OF_RANGE when the
+    /// client fell behind the retention).
+    async fn stream_events(&self, req: Request<pb::StreamEventsRequest>) -> R<Self::StreamEventsStream> {
+        use tokio_stream::StreamExt;
+        let p = self.principal(&req)?;
+        let r = req.into_inner();
+        let rx = self.api.stream_events(&p, opt(&r.tenant_id), opt(&r.after), r.types).map_err(status)?;
+        let s = tokio_stream::wrappers::ReceiverStream::new(rx)
+            .map(|item| item.map(|e| tenant_event_to_pb(&e)).map_err(status));
+        Ok(Response::new(Box::pin(s)))
     }
 }

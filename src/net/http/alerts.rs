@@ -106,6 +106,109 @@ pub async fn resolve_alert(
     op(&ctx, &headers, &id, &q, AlertOp::Resolve).await
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AssignBody {
+    tenant_id: Option<String>,
+    /// `null` or `""` unassigns.
+    assignee: Option<String>,
+}
+
+/// `POST /v1/alerts/{id}/assign`: `{"assignee": "name" | null}` -> the alert.
+pub async fn assign_alert(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let p = caller(&ctx, &headers)?;
+    let b: AssignBody = parse_json(&body)?;
+    let alert = ctx.api.assign_alert(&p, b.tenant_id.as_deref(), &id, b.assignee.as_deref()).await?;
+    Ok(Json(alert.to_json()).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommentBody {
+    tenant_id: Option<String>,
+    text: String,
+}
+
+/// `POST /v1/alerts/{id}/comments`: `{"text"}` -> 201 with the alert.
+pub async fn comment_alert(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let p = caller(&ctx, &headers)?;
+    let b: CommentBody = parse_json(&body)?;
+    let alert = ctx.api.comment_alert(&p, b.tenant_id.as_deref(), &id, &b.text).await?;
+    Ok((StatusCode::CREATED, Json(alert.to_json())).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    tenant_id: Option<String>,
+    /// Continue after this event id.
+    after: Option<String>,
+    /// Comma-separated event types; all when absent.
+    types: Option<String>,
+    page_size: Option<usize>,
+}
+
+fn types_of(q: &EventsQuery) -> Vec<String> {
+    q.types.as_deref().map(|s| s.split(',').filter(|t| !t.is_empty()).map(str::to_string).collect()).unwrap_or_default()
+}
+
+fn envelope(e: &crate::model::event::Event) -> serde_json::Value {
+    serde_json::from_str(&e.body).unwrap_or(serde_json::Value::Null)
+}
+
+/// `GET /v1/events?after=&types=&page_size=`: the tenant's events, oldest first, and the id to
+/// continue after.
+pub async fn list_events(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Query(q): Query<EventsQuery>,
+) -> Result<Response, Problem> {
+    let p = caller(&ctx, &headers)?;
+    if q.page_size == Some(0) {
+        return Err(super::bad(crate::error::ErrorCode::InvalidArgument, "page_size must be at least 1"));
+    }
+    let page =
+        ctx.api.list_events(&p, q.tenant_id.as_deref(), q.after.as_deref(), &types_of(&q), q.page_size.unwrap_or(0))?;
+    let events: Vec<_> = page.events.iter().map(envelope).collect();
+    Ok(Json(serde_json::json!({ "events": events, "next_after": page.next_after })).into_response())
+}
+
+/// `GET /v1/events/stream?after=&types=`: Server-Sent Events, one per event (`id:` the event
+/// id, `event:` its type, `data:` the envelope). A reconnecting client sends `Last-Event-ID`
+/// (or `after`) and misses nothing within the retention. If the stream must end (server
+/// draining, fell behind the retention) a last `event: error` carries the problem.
+pub async fn stream_events(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Query(q): Query<EventsQuery>,
+) -> Result<Response, Problem> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tokio_stream::StreamExt;
+    let p = caller(&ctx, &headers)?;
+    let last_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let after = last_id.or(q.after.clone());
+    let rx = ctx.api.stream_events(&p, q.tenant_id.as_deref(), after.as_deref(), types_of(&q))?;
+    let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(|item| {
+        Ok::<_, std::convert::Infallible>(match item {
+            Ok(e) => Event::default().id(e.event_id()).event(e.event_type.as_str()).data(e.body),
+            Err(err) => Event::default()
+                .event("error")
+                .data(serde_json::json!({"code": err.code.as_str(), "detail": err.message}).to_string()),
+        })
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
+}
+
 /// `POST /v1/webhooks`: `{"url", "events": [...], "secret", "max_attempts"?}` -> 201.
 pub async fn create_webhook(State(ctx): Ctx, headers: HeaderMap, body: Bytes) -> Result<Response, Problem> {
     let p = caller(&ctx, &headers)?;
