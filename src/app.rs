@@ -67,6 +67,7 @@ pub struct Server {
     http: (Option<oneshot::Sender<()>>, Option<JoinHandle<()>>),
     grpc: (Option<oneshot::Sender<()>>, Option<JoinHandle<()>>),
     sweeper: JoinHandle<()>,
+    pruner: JoinHandle<()>,
     /// Ends live streams when draining starts.
     closing: tokio::sync::watch::Sender<bool>,
 }
@@ -121,7 +122,8 @@ impl Server {
                 boot_id(),
                 config.actors.idle_passivate_s * 1000,
             )
-            .with_hub(crate::stream::Hub::new(config.stream.buffer)),
+            .with_hub(crate::stream::Hub::new(config.stream.buffer))
+            .with_event_retention((&config.events).into()),
             config.actors.shards,
         )
         .await
@@ -217,6 +219,21 @@ impl Server {
             }
         });
 
+        let (events, prune_clock) = (fleet.ctx().events.clone(), clock.clone());
+        let every = Duration::from_secs(config.events.prune_interval_s);
+        let pruner = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let (e, now) = (events.clone(), prune_clock.now_ms());
+                match tokio::task::spawn_blocking(move || e.prune(now)).await {
+                    Ok(Ok(n)) if n > 0 => tracing::debug!(removed = n, "event log pruned"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "pruning the event log failed"),
+                    _ => {}
+                }
+            }
+        });
+
         write_endpoints(&config.data_dir, &endpoints)?;
         if config.dev {
             tracing::warn!("dev mode: tenant \"default\" admits anonymous clients and registers orbs on first contact");
@@ -235,6 +252,7 @@ impl Server {
             http: (Some(http_tx), Some(http_task)),
             grpc: (Some(grpc_tx), Some(grpc_task)),
             sweeper,
+            pruner,
             closing: closing_tx,
         })
     }
@@ -280,6 +298,8 @@ impl Server {
         }
         self.sweeper.abort();
         let _ = (&mut self.sweeper).await;
+        self.pruner.abort();
+        let _ = (&mut self.pruner).await;
         self.fleet.stop().await;
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.close()).await;

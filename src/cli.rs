@@ -56,6 +56,76 @@ pub enum Command {
         #[command(subcommand)]
         cmd: CommandsCmd,
     },
+    /// Alerts: list them, acknowledge, resolve, assign, comment.
+    Alerts {
+        #[command(flatten)]
+        conn: ClientArgs,
+        #[command(subcommand)]
+        cmd: AlertsCmd,
+    },
+    /// The tenant's event log (alerts, command status, presence).
+    Events {
+        #[command(flatten)]
+        conn: ClientArgs,
+        #[command(subcommand)]
+        cmd: EventsCmd,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum AlertsCmd {
+    /// Alerts, newest first.
+    List {
+        /// open, acknowledged or resolved.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        orb_id: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+        #[arg(long)]
+        page_token: Option<String>,
+    },
+    Ack {
+        alert_id: String,
+    },
+    Resolve {
+        alert_id: String,
+    },
+    /// Set the assignee (omit it to unassign).
+    Assign {
+        alert_id: String,
+        assignee: Option<String>,
+    },
+    Comment {
+        alert_id: String,
+        text: String,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum EventsCmd {
+    /// Events after an id, oldest first.
+    List {
+        /// Continue after this event id (default: the oldest kept).
+        #[arg(long)]
+        after: Option<String>,
+        /// Only these types (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        types: Vec<String>,
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+    },
+    /// Follow events as they happen (after an id: first what was missed) until interrupted.
+    Tail {
+        #[arg(long)]
+        after: Option<String>,
+        #[arg(long, value_delimiter = ',')]
+        types: Vec<String>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
 }
 
 /// How the operator CLI reaches the server (gRPC).
@@ -289,9 +359,14 @@ pub struct SimArgs {
     /// Telemetry interval per orb, in ms.
     #[arg(long, default_value_t = 2000)]
     pub interval_ms: u64,
-    /// Telemetry payload size, in bytes (JSON padded with metrics).
+    /// Telemetry payload size, in bytes (JSON padded with metrics; synthetic workload).
     #[arg(long, default_value_t = 256)]
     pub payload_bytes: usize,
+    /// What the orbs send: `synthetic` (fixed-size payloads whose values advance with the
+    /// sequence number, the same for every orb) or `city` (robots driving around a city,
+    /// each with its own speed, battery and motor temperature: desynchronised values).
+    #[arg(long, default_value = "synthetic", value_parser = ["synthetic", "city"])]
+    pub workload: String,
     /// QoS of telemetry publishes (0 or 1).
     #[arg(long, default_value_t = 1)]
     pub qos: u8,
@@ -323,6 +398,13 @@ pub struct SimArgs {
     /// address (host:port).
     #[arg(long)]
     pub stream_http: Option<String>,
+    /// Run a webhook receiver on this address (host:port) and measure telemetry -> webhook
+    /// latency of the alerts it receives (point the server's webhook at it).
+    #[arg(long)]
+    pub webhook_listen: Option<String>,
+    /// The webhook's secret, to verify each delivery's signature.
+    #[arg(long, default_value = "")]
+    pub webhook_secret: String,
     /// Bearer token for `--stream-http` (not needed under --dev).
     #[arg(long, env = "ORBMANAGER_TOKEN", hide_env_values = true)]
     pub stream_token: Option<String>,

@@ -6,9 +6,11 @@ use std::fmt::Write as _;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 
-use crate::cli::{ClientArgs, CommandsCmd, OrbsCmd, TelemetryCmd, TenantsCmd, TokensCmd};
+use crate::cli::{AlertsCmd, ClientArgs, CommandsCmd, EventsCmd, OrbsCmd, TelemetryCmd, TenantsCmd, TokensCmd};
 use crate::net::grpc::pb;
+use pb::alert_service_client::AlertServiceClient;
 use pb::command_service_client::CommandServiceClient;
+use pb::event_service_client::EventServiceClient;
 use pb::registry_service_client::RegistryServiceClient;
 use pb::telemetry_service_client::TelemetryServiceClient;
 use pb::tenant_service_client::TenantServiceClient;
@@ -31,8 +33,14 @@ struct Client {
 
 impl Client {
     fn req<T>(&self, msg: T) -> Request<T> {
-        let mut r = Request::new(msg);
+        let mut r = self.stream_req(msg);
         r.set_timeout(std::time::Duration::from_secs(30));
+        r
+    }
+
+    /// A request without a deadline (server streams run until interrupted).
+    fn stream_req<T>(&self, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
         if let Some(t) = &self.args.token
             && let Ok(v) = format!("Bearer {t}").parse()
         {
@@ -329,12 +337,7 @@ pub async fn orbs(args: &ClientArgs, cmd: &OrbsCmd) -> Result<String, ClientErro
 async fn tail(c: &Client, orb_ids: &[String], count: Option<usize>) -> Result<String, ClientError> {
     use std::io::Write as _;
     let mut svc = TelemetryServiceClient::new(c.ch.clone());
-    let mut req = Request::new(pb::StreamOrbsRequest { tenant_id: c.tenant(), orb_ids: orb_ids.to_vec() });
-    if let Some(t) = &c.args.token
-        && let Ok(v) = format!("Bearer {t}").parse()
-    {
-        req.metadata_mut().insert("authorization", v);
-    }
+    let req = c.stream_req(pb::StreamOrbsRequest { tenant_id: c.tenant(), orb_ids: orb_ids.to_vec() });
     let mut stream = svc.stream_orbs(req).await?.into_inner();
     let mut n = 0;
     let mut out = std::io::stdout().lock();
@@ -363,6 +366,123 @@ async fn tail(c: &Client, orb_ids: &[String], count: Option<usize>) -> Result<St
         n += 1;
     }
     Ok(String::new())
+}
+
+pub async fn alerts(args: &ClientArgs, cmd: &AlertsCmd) -> Result<String, ClientError> {
+    let c = connect(args).await?;
+    let mut svc = AlertServiceClient::new(c.ch.clone());
+    let one = |id: &String| pb::AlertRequest { tenant_id: c.tenant(), alert_id: id.clone() };
+    let alert = match cmd {
+        AlertsCmd::List { state, orb_id, page_size, page_token } => {
+            let r = svc
+                .list_alerts(c.req(pb::ListAlertsRequest {
+                    tenant_id: c.tenant(),
+                    state: state.clone().unwrap_or_default(),
+                    orb_id: orb_id.clone().unwrap_or_default(),
+                    page_size: *page_size,
+                    page_token: page_token.clone().unwrap_or_default(),
+                }))
+                .await?
+                .into_inner();
+            if args.json {
+                return Ok(json(&r));
+            }
+            let rows: Vec<Vec<String>> = r
+                .alerts
+                .iter()
+                .map(|a| {
+                    vec![
+                        a.alert_id.clone(),
+                        a.orb_id.clone(),
+                        a.severity.clone(),
+                        a.state.clone(),
+                        a.rule_name.clone(),
+                        a.opened_ms.to_string(),
+                        a.repeats.to_string(),
+                        if a.assignee.is_empty() { "-".into() } else { a.assignee.clone() },
+                    ]
+                })
+                .collect();
+            let mut out =
+                table(&["ALERT", "ORB", "SEVERITY", "STATE", "RULE", "OPENED_MS", "REPEATS", "ASSIGNEE"], &rows);
+            more_pages(&mut out, &r.next_page_token);
+            return Ok(out);
+        }
+        AlertsCmd::Ack { alert_id } => svc.acknowledge_alert(c.req(one(alert_id))).await?,
+        AlertsCmd::Resolve { alert_id } => svc.resolve_alert(c.req(one(alert_id))).await?,
+        AlertsCmd::Assign { alert_id, assignee } => {
+            let req = pb::AssignAlertRequest {
+                tenant_id: c.tenant(),
+                alert_id: alert_id.clone(),
+                assignee: assignee.clone().unwrap_or_default(),
+            };
+            svc.assign_alert(c.req(req)).await?
+        }
+        AlertsCmd::Comment { alert_id, text } => {
+            let req = pb::CommentAlertRequest { tenant_id: c.tenant(), alert_id: alert_id.clone(), text: text.clone() };
+            svc.comment_alert(c.req(req)).await?
+        }
+    }
+    .into_inner();
+    Ok(if args.json {
+        json(&alert)
+    } else {
+        let who = if alert.assignee.is_empty() { "unassigned" } else { &alert.assignee };
+        format!("alert {}  {}  {}  {} comments\n", alert.alert_id, alert.state, who, alert.comments.len())
+    })
+}
+
+fn event_line(e: &pb::TenantEvent, as_json: bool) -> String {
+    if as_json {
+        return e.body_json.clone();
+    }
+    let data =
+        serde_json::from_str::<serde_json::Value>(&e.body_json).map(|v| v["data"].to_string()).unwrap_or_default();
+    format!("{:>8}  {:>13}  {:<24} {:<20} {data}", e.event_id, e.occurred_ms, e.r#type, e.orb_id)
+}
+
+pub async fn events(args: &ClientArgs, cmd: &EventsCmd) -> Result<String, ClientError> {
+    use std::io::Write as _;
+    let c = connect(args).await?;
+    let mut svc = EventServiceClient::new(c.ch.clone());
+    match cmd {
+        EventsCmd::List { after, types, page_size } => {
+            let r = svc
+                .list_events(c.req(pb::ListEventsRequest {
+                    tenant_id: c.tenant(),
+                    after: after.clone().unwrap_or_default(),
+                    types: types.clone(),
+                    page_size: *page_size,
+                }))
+                .await?
+                .into_inner();
+            let mut out = String::new();
+            for e in &r.events {
+                let _ = writeln!(out, "{}", event_line(e, args.json));
+            }
+            if !args.json && !r.next_after.is_empty() {
+                let _ = writeln!(out, "(next: --after {})", r.next_after);
+            }
+            Ok(out)
+        }
+        EventsCmd::Tail { after, types, count } => {
+            let req = c.stream_req(pb::StreamEventsRequest {
+                tenant_id: c.tenant(),
+                after: after.clone().unwrap_or_default(),
+                types: types.clone(),
+            });
+            let mut stream = svc.stream_events(req).await?.into_inner();
+            let mut out = std::io::stdout().lock();
+            let mut n = 0;
+            while count.is_none_or(|c| n < c) {
+                let Some(e) = stream.message().await? else { break };
+                let _ = writeln!(out, "{}", event_line(&e, args.json));
+                let _ = out.flush();
+                n += 1;
+            }
+            Ok(String::new())
+        }
+    }
 }
 
 fn json_line<T: serde::Serialize>(v: &T) -> String {

@@ -30,7 +30,26 @@ pub struct Config {
     pub storage: StorageConfig,
     pub actors: ActorsConfig,
     pub stream: StreamConfig,
+    pub events: EventsConfig,
     pub auth: AuthConfig,
+}
+
+/// The tenant event log (`GET /v1/events`, the event stream, webhooks' source).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// How long events are kept, in seconds; a client can resume from any id this young.
+    pub retention_s: u64,
+    /// Newest events kept per tenant, whatever their age.
+    pub max_per_tenant: u64,
+    /// How often old events are pruned, in seconds.
+    pub prune_interval_s: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig { retention_s: 7 * 24 * 3600, max_per_tenant: 1_000_000, prune_interval_s: 60 }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -117,6 +136,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             actors: ActorsConfig::default(),
             stream: StreamConfig::default(),
+            events: EventsConfig::default(),
             auth: AuthConfig::default(),
         }
     }
@@ -355,6 +375,19 @@ impl Config {
         if a.idle_passivate_s == 0 {
             return invalid("actors.idle_passivate_s must be at least 1".into());
         }
+        let e = &self.events;
+        if !(60..=366 * 24 * 3600).contains(&e.retention_s) {
+            return invalid(format!(
+                "events.retention_s = {} must be 60..31622400 (a minute to a year)",
+                e.retention_s
+            ));
+        }
+        if !(1_000..=1_000_000_000).contains(&e.max_per_tenant) {
+            return invalid(format!("events.max_per_tenant = {} must be 1000..1000000000", e.max_per_tenant));
+        }
+        if !(1..=3600).contains(&e.prune_interval_s) {
+            return invalid(format!("events.prune_interval_s = {} must be 1..3600", e.prune_interval_s));
+        }
         if !(16..=16 * 1024 * 1024).contains(&self.stream.buffer) {
             return invalid(format!("stream.buffer = {} must be 16..16777216", self.stream.buffer));
         }
@@ -428,5 +461,11 @@ mod tests {
         let mut c = Config::default();
         c.actors.shards = 0;
         assert!(c.validate().unwrap_err().to_string().contains("actors.shards"));
+        let mut c = Config::default();
+        c.events.retention_s = 10;
+        assert!(c.validate().unwrap_err().to_string().contains("events.retention_s"));
+        let mut c = Config::default();
+        c.events.max_per_tenant = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("events.max_per_tenant"));
     }
 }

@@ -48,6 +48,7 @@ pub async fn run(mut config: Config, orbs: usize, interval_ms: u64) -> Result<()
         workload: Workload::City,
         inflight_max: 16,
         stream: None,
+        webhook: None,
     };
     let fleet = tokio::spawn(sim::run(sim_cfg, Some(stop_rx)));
     shutdown_signal().await;

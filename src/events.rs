@@ -37,9 +37,15 @@ pub struct Retention {
     pub max_per_tenant: u64,
 }
 
+impl From<&crate::config::EventsConfig> for Retention {
+    fn from(c: &crate::config::EventsConfig) -> Self {
+        Retention { max_age_ms: c.retention_s.saturating_mul(1000), max_per_tenant: c.max_per_tenant }
+    }
+}
+
 impl Default for Retention {
     fn default() -> Self {
-        Retention { max_age_ms: 7 * 24 * 3600 * 1000, max_per_tenant: 1_000_000 }
+        Retention::from(&crate::config::EventsConfig::default())
     }
 }
 
@@ -176,13 +182,19 @@ impl Events {
         let cutoff = now_ms.saturating_sub(self.0.retention.max_age_ms);
         let mut removed = 0;
         for t in tenants {
-            let (n, first_kept) =
-                self.0.store.prune_events(&t, cutoff, self.0.retention.max_per_tenant, PRUNE_CHUNK)?;
-            removed += n;
-            if n > 0 {
-                self.with_log(&t, |log| {
-                    log.oldest = first_kept.unwrap_or(log.visible + 1).max(log.oldest);
-                })?;
+            // In chunks, so one busy tenant never builds a huge delete batch.
+            loop {
+                let keep = self.0.retention.max_per_tenant;
+                let (n, first_kept) = self.0.store.prune_events(&t, cutoff, keep, PRUNE_CHUNK)?;
+                removed += n;
+                if n > 0 {
+                    self.with_log(&t, |log| {
+                        log.oldest = first_kept.unwrap_or(log.visible + 1).max(log.oldest);
+                    })?;
+                }
+                if n < PRUNE_CHUNK {
+                    break;
+                }
             }
         }
         Ok(removed)

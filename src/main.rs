@@ -51,9 +51,13 @@ fn sim_config(a: &SimArgs) -> anyhow::Result<SimConfig> {
         connect_rate: a.connect_rate,
         tokens,
         anonymous: a.anonymous,
-        workload: Workload::Synthetic { payload_bytes: a.payload_bytes },
+        workload: match a.workload.as_str() {
+            "city" => Workload::City,
+            _ => Workload::Synthetic { payload_bytes: a.payload_bytes },
+        },
         inflight_max: 64,
         stream: a.stream_http.clone().map(|addr| (addr, a.stream_token.clone())),
+        webhook: a.webhook_listen.clone().map(|addr| (addr, a.webhook_secret.clone())),
     })
 }
 
@@ -80,6 +84,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             client_out(runtime()?.block_on(orbmanager::client::telemetry(&conn, &cmd)))?
         }
         Command::Commands { conn, cmd } => client_out(runtime()?.block_on(orbmanager::client::commands(&conn, &cmd)))?,
+        Command::Alerts { conn, cmd } => client_out(runtime()?.block_on(orbmanager::client::alerts(&conn, &cmd)))?,
+        Command::Events { conn, cmd } => client_out(runtime()?.block_on(orbmanager::client::events(&conn, &cmd)))?,
         Command::Sim(args) => {
             init_tracing(&std::env::var("ORBMANAGER_LOG").unwrap_or_else(|_| "warn".into()));
             let cfg = sim_config(&args)?;

@@ -167,102 +167,130 @@ impl Webhooks {
     }
 }
 
-/// Outbox entries a worker looks at per round.
+/// Outbox entries a worker looks at, at most, to find work.
 const WINDOW: usize = 512;
 
-/// One webhook's worker, until stopped: each round takes the first pending delivery of each
-/// orb among the outbox head (so one orb's events stay in order and a failing one holds back
-/// only its own orb), sends up to `concurrency` of those that are due at once, and records the
-/// outcomes in one batch.
+type Attempt = (Delivery, Result<(), String>);
+
+/// One webhook's worker, until stopped. Up to `concurrency` POSTs are in flight at once, each
+/// for a different orb: the first pending delivery of each orb in the outbox head (so one
+/// orb's events stay in order and a failing one holds back only its own orb). As attempts
+/// finish, their outcomes (with any others finished meanwhile) are recorded in one batch and
+/// freed slots are refilled at once: the pipeline never waits for its slowest POST.
 async fn run(inner: Arc<Inner>, hook: Arc<Hook>) {
     let (tenant, id) = (hook.w.tenant.clone(), hook.w.webhook_id.clone());
+    let slots = hook.w.concurrency as usize;
+    let mut busy: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut set: tokio::task::JoinSet<Attempt> = tokio::task::JoinSet::new();
     while !hook.stop.load(Ordering::Acquire) {
-        let head = match inner.store.outbox(&tenant, &id, WINDOW) {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::error!(webhook = %id, error = %e, "reading the outbox failed");
-                Vec::new()
-            }
-        };
         let now = inner.clock.now_ms();
-        let mut orbs = std::collections::HashSet::new();
-        let mut due = Vec::new();
         let mut next_wake = now + 5_000;
-        for d in head {
-            if !orbs.insert(d.orb.clone()) {
-                continue;
-            }
-            if d.next_attempt_ms <= now {
-                due.push(d);
-                if due.len() == hook.w.concurrency as usize {
-                    break;
+        if set.len() < slots {
+            let free = slots - set.len();
+            let mut first_of = std::collections::HashSet::new();
+            let mut picked = Vec::new();
+            let scanned = inner.store.scan_outbox(&tenant, &id, WINDOW, |d| {
+                if !first_of.insert(d.orb.clone()) || busy.contains(&d.orb) {
+                    return true;
                 }
-            } else {
-                next_wake = next_wake.min(d.next_attempt_ms);
+                if d.next_attempt_ms > now {
+                    next_wake = next_wake.min(d.next_attempt_ms);
+                    return true;
+                }
+                picked.push(d);
+                picked.len() < free
+            });
+            if let Err(e) = scanned {
+                tracing::error!(webhook = %id, error = %e, "reading the outbox failed");
+            }
+            for d in picked {
+                busy.insert(d.orb.clone());
+                let (inner, w) = (inner.clone(), hook.w.clone());
+                set.spawn(async move {
+                    let r = attempt(&inner, &w, &d, now).await;
+                    (d, r)
+                });
             }
         }
-        if due.is_empty() {
-            let wait = Duration::from_millis(next_wake.saturating_sub(now).max(1));
+        let wait = Duration::from_millis(next_wake.saturating_sub(now).max(1));
+        if set.is_empty() {
             let _ = tokio::time::timeout(wait, hook.wake.notified()).await;
             continue;
         }
-        let mut set = tokio::task::JoinSet::new();
-        for d in due {
-            let (inner, w) = (inner.clone(), hook.w.clone());
-            set.spawn(async move {
-                let r = attempt(&inner, &w, &d, now).await;
-                (d, r)
-            });
+        let first = tokio::select! {
+            joined = set.join_next() => joined,
+            _ = hook.wake.notified(), if set.len() < slots => continue,
+            _ = tokio::time::sleep(wait), if set.len() < slots => continue,
+        };
+        let mut finished: Vec<Attempt> = first.into_iter().filter_map(Result::ok).collect();
+        while let Some(joined) = set.try_join_next() {
+            finished.extend(joined.ok());
         }
-        let mut batch = Batch::new();
-        let mut done = Vec::new();
-        while let Some(joined) = set.join_next().await {
-            let Ok((mut d, result)) = joined else { continue };
-            d.attempts += 1;
-            let now = inner.clock.now_ms();
-            match result {
-                Ok(()) => {
-                    d.state = DeliveryState::Delivered;
-                    d.finished_ms = Some(now);
-                    d.last_error = None;
-                    Store::finish_delivery(&mut batch, &d);
-                }
-                Err(e) if d.attempts >= hook.w.max_attempts => {
-                    tracing::warn!(webhook = %id, seq = d.seq, error = %e, "delivery dead-lettered");
-                    d.state = DeliveryState::Dead;
-                    d.finished_ms = Some(now);
-                    d.last_error = Some(e);
-                    Store::finish_delivery(&mut batch, &d);
-                }
-                Err(e) => {
-                    tracing::debug!(webhook = %id, seq = d.seq, attempt = d.attempts, error = %e, "delivery failed");
-                    d.next_attempt_ms = now + backoff_ms(d.attempts, fastrand::f64());
-                    d.last_error = Some(e);
-                    Store::add_outbox(&mut batch, &d);
-                }
-            }
-            done.push(d);
-        }
-        if let Err(e) = inner.store.commit(batch).await {
-            tracing::error!(webhook = %id, error = %e, "recording deliveries failed");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
+        record(&inner, &hook, finished, &mut busy).await;
+    }
+}
+
+/// Records finished attempts in one batch: delivered and dead ones leave the outbox for the
+/// delivery log, failed ones stay with their next attempt time. Their orbs are free again
+/// once the batch is durable (or, if it failed, to retry from what the store says).
+async fn record(
+    inner: &Arc<Inner>,
+    hook: &Arc<Hook>,
+    finished: Vec<Attempt>,
+    busy: &mut std::collections::HashSet<String>,
+) {
+    let id = &hook.w.webhook_id;
+    let mut batch = Batch::new();
+    let mut done = Vec::with_capacity(finished.len());
+    for (mut d, result) in finished {
+        d.attempts += 1;
         let now = inner.clock.now_ms();
-        for d in done {
-            match d.state {
-                DeliveryState::Delivered => {
-                    hook.pending.fetch_sub(1, Ordering::AcqRel);
-                    inner.metrics.webhook_delivered.inc();
-                    inner.metrics.webhook_latency.observe(Duration::from_millis(now.saturating_sub(d.created_ms)));
-                }
-                DeliveryState::Dead => {
-                    hook.pending.fetch_sub(1, Ordering::AcqRel);
-                    inner.metrics.webhook_failed_attempts.inc();
-                    inner.metrics.webhook_dead.inc();
-                }
-                DeliveryState::Pending => inner.metrics.webhook_failed_attempts.inc(),
+        match result {
+            Ok(()) => {
+                d.state = DeliveryState::Delivered;
+                d.finished_ms = Some(now);
+                d.last_error = None;
+                Store::finish_delivery(&mut batch, &d);
             }
+            Err(e) if d.attempts >= hook.w.max_attempts => {
+                tracing::warn!(webhook = %id, seq = d.seq, error = %e, "delivery dead-lettered");
+                d.state = DeliveryState::Dead;
+                d.finished_ms = Some(now);
+                d.last_error = Some(e);
+                Store::finish_delivery(&mut batch, &d);
+            }
+            Err(e) => {
+                tracing::debug!(webhook = %id, seq = d.seq, attempt = d.attempts, error = %e, "delivery failed");
+                d.next_attempt_ms = now + backoff_ms(d.attempts, fastrand::f64());
+                d.last_error = Some(e);
+                Store::add_outbox(&mut batch, &d);
+            }
+        }
+        done.push(d);
+    }
+    let committed = inner.store.commit(batch).await;
+    for d in &done {
+        busy.remove(&d.orb);
+    }
+    if let Err(e) = committed {
+        tracing::error!(webhook = %id, error = %e, "recording deliveries failed");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        return;
+    }
+    let now = inner.clock.now_ms();
+    for d in done {
+        match d.state {
+            DeliveryState::Delivered => {
+                hook.pending.fetch_sub(1, Ordering::AcqRel);
+                inner.metrics.webhook_delivered.inc();
+                inner.metrics.webhook_latency.observe(Duration::from_millis(now.saturating_sub(d.created_ms)));
+            }
+            DeliveryState::Dead => {
+                hook.pending.fetch_sub(1, Ordering::AcqRel);
+                inner.metrics.webhook_failed_attempts.inc();
+                inner.metrics.webhook_dead.inc();
+            }
+            DeliveryState::Pending => inner.metrics.webhook_failed_attempts.inc(),
         }
     }
 }

@@ -104,6 +104,50 @@ async fn operators_drive_the_fleet_from_the_command_line() {
         (Some("c1"), Some("telemetry"), Some(33.0))
     );
 
+    // The event log: the command's status change is there; `tail --after` replays first.
+    let o = cli(&ts, &op, &["events", "list", "--types", "orb.command.status"]).await;
+    assert!(
+        o.ok && o.stdout.contains("orb.command.status") && o.stdout.contains("queued"),
+        "{} {}",
+        o.stdout,
+        o.stderr
+    );
+    assert!(o.stdout.contains("(next: --after "), "{}", o.stdout);
+    let o = cli(&ts, &op, &["events", "tail", "--after", "0", "--count", "1", "--json"]).await;
+    let first: serde_json::Value = serde_json::from_str(o.stdout.trim()).unwrap();
+    assert_eq!((first["event_id"].as_str(), first["type"].as_str()), (Some("1"), Some("orb.command.status")));
+    let o = cli(&ts, &op, &["events", "list", "--types", "orb.bogus"]).await;
+    assert!(!o.ok && o.stderr.contains("unknown event type"), "{}", o.stderr);
+
+    // Alerts: a rule fires; the CLI lists, assigns, comments and acknowledges it.
+    let rule = serde_json::json!({"name": "low", "condition": "battery < 15", "severity": "major"});
+    let (s, _) = common::http("POST", &ts.url("/v1/alerts/rules"), Some(&op), Some(rule)).await;
+    assert_eq!(s, 201);
+    let point = serde_json::json!({"ts": common::now_ms(), "battery": 5});
+    let (s, _) = common::http("POST", &ts.url("/v1/orbs/c1/telemetry"), Some(&op), Some(point)).await;
+    assert_eq!(s, 200);
+    let mut id = String::new();
+    for _ in 0..100 {
+        let o = cli(&ts, &op, &["alerts", "list", "--state", "open", "--json"]).await;
+        let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+        if let Some(a) = v["alerts"].as_array().and_then(|a| a.first()) {
+            id = a["alert_id"].as_str().unwrap().to_string();
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(!id.is_empty(), "the alert opened");
+    let o = cli(&ts, &op, &["alerts", "list"]).await;
+    assert!(o.ok && o.stdout.starts_with("ALERT") && o.stdout.contains(&id), "{}", o.stdout);
+    let o = cli(&ts, &op, &["alerts", "assign", &id, "ana"]).await;
+    assert!(o.ok && o.stdout.contains("ana"), "{} {}", o.stdout, o.stderr);
+    let o = cli(&ts, &op, &["alerts", "comment", &id, "swapping the pack"]).await;
+    assert!(o.ok && o.stdout.contains("1 comments"), "{} {}", o.stdout, o.stderr);
+    let o = cli(&ts, &op, &["alerts", "ack", &id]).await;
+    assert!(o.ok && o.stdout.contains("acknowledged"), "{} {}", o.stdout, o.stderr);
+    let o = cli(&ts, &op, &["alerts", "ack", &id]).await;
+    assert!(!o.ok && o.stderr.contains("only an open alert"), "{}", o.stderr);
+
     // Bad credentials and another tenant: refused, non-zero exit, the reason on stderr.
     let o = cli(&ts, "oma/acme/0000", &["orbs", "list"]).await;
     assert!(!o.ok && o.stderr.contains("unauthenticated"), "{}", o.stderr);

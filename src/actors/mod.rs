@@ -83,6 +83,12 @@ impl OrbCtx {
         self.index.upsert(state.record.key(), crate::search::Row::of(state));
     }
 
+    /// Keeps events for `retention` (from the config).
+    pub fn with_event_retention(mut self, retention: crate::events::Retention) -> Self {
+        self.events = crate::events::Events::new(self.store.clone(), self.metrics.clone(), retention);
+        self
+    }
+
     /// Uses `hub` for the live stream (its ring size comes from the config).
     pub fn with_hub(mut self, hub: crate::stream::Hub) -> Self {
         self.hub = hub;

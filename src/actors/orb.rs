@@ -209,7 +209,7 @@ impl Actor for OrbActor {
                     use crate::model::rule::var_bit;
                     let wants_metrics = vars & (var_bit("metrics") | var_bit("rate") | var_bit("zscore")) != 0;
                     let metrics = if wants_metrics { point.metrics.clone() } else { Vec::new() };
-                    alerting.observe(&state.key, crate::search::Row::of(&state.orb), metrics).await;
+                    alerting.observe(&state.key, crate::search::Row::of(&state.orb), point.ts, metrics).await;
                 }
             }
             OrbMsg::Report { report, reply } => {

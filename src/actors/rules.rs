@@ -141,6 +141,8 @@ pub enum RuleMsg {
     Observe {
         key: OrbKey,
         row: Box<Row>,
+        /// The device time of the point observed.
+        ts: u64,
         metrics: Vec<(String, f64)>,
     },
     Tick,
@@ -260,7 +262,7 @@ impl Alerting {
 
     /// Hands an observation to the orb's partition; waits while the partition is full, so
     /// orb actors slow down instead of memory growing.
-    pub async fn observe(&self, key: &OrbKey, row: Row, metrics: Vec<(String, f64)>) {
+    pub async fn observe(&self, key: &OrbKey, row: Row, ts: u64, metrics: Vec<(String, f64)>) {
         let part = partition_of(key);
         let (actor, queued) = loop {
             let (actor, queued) = self.slot(part).await;
@@ -270,7 +272,7 @@ impl Alerting {
             tokio::time::sleep(Duration::from_millis(1)).await;
         };
         queued.fetch_add(1, Ordering::AcqRel);
-        if actor.cast(RuleMsg::Observe { key: key.clone(), row: Box::new(row), metrics }).is_err() {
+        if actor.cast(RuleMsg::Observe { key: key.clone(), row: Box::new(row), ts, metrics }).is_err() {
             queued.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -392,9 +394,9 @@ impl Actor for RulePartition {
     ) -> Result<(), ActorProcessingErr> {
         let now = st.ctx.clock.now_ms();
         match msg {
-            RuleMsg::Observe { key, row, metrics } => {
+            RuleMsg::Observe { key, row, ts, metrics } => {
                 st.queued.fetch_sub(1, Ordering::AcqRel);
-                observe(st, &key, &row, &metrics, now).await?;
+                observe(st, &key, &row, ts, &metrics, now).await?;
             }
             RuleMsg::Tick => tick(st, now).await?,
             RuleMsg::Alert { alert, op, reply } => {
@@ -487,11 +489,12 @@ fn holds(p: &Program, c: &Context<'_>) -> bool {
     matches!(p.execute(c), Ok(Value::Bool(true)))
 }
 
-fn values_json(row: &Row, metrics: &[(String, f64)]) -> String {
+/// The orb's values an alert keeps; `ts` is the device time of the point that decided it.
+fn values_json(row: &Row, ts: Option<u64>, metrics: &[(String, f64)]) -> String {
     let m: serde_json::Map<String, serde_json::Value> = metrics.iter().map(|(k, v)| (k.clone(), (*v).into())).collect();
     serde_json::json!({
         "battery": row.battery, "speed": row.speed, "lat": row.lat, "lon": row.lon,
-        "mode": row.mode.as_deref(), "online": row.online, "last_seen_ms": row.last_seen_ms, "metrics": m,
+        "mode": row.mode.as_deref(), "online": row.online, "last_seen_ms": row.last_seen_ms, "ts": ts, "metrics": m,
     })
     .to_string()
 }
@@ -500,6 +503,7 @@ async fn observe(
     st: &mut PartitionState,
     key: &OrbKey,
     row: &Row,
+    ts: u64,
     metrics: &[(String, f64)],
     now: u64,
 ) -> Result<(), ActorProcessingErr> {
@@ -551,7 +555,7 @@ async fn observe(
     if windows.is_empty() && decisions.is_empty() {
         return Ok(());
     }
-    let values = values_json(row, metrics);
+    let values = values_json(row, Some(ts), metrics);
     let fired: Vec<Fired<'_>> = decisions
         .iter()
         .map(|(c, t)| Fired { rule: &c.rule, orb: &key.orb, transition: *t, values: values.clone() })
@@ -682,7 +686,7 @@ async fn tick(st: &mut PartitionState, now: u64) -> Result<(), ActorProcessingEr
                             && w.clone().tick(c.rule.for_s * 1000, now) == Transition::Fire
                         {
                             let row = st.ctx.index.get(&OrbKey::new(t.clone(), orb.clone()));
-                            let values = row.map_or_else(|| "{}".to_string(), |r| values_json(&r, &[]));
+                            let values = row.map_or_else(|| "{}".to_string(), |r| values_json(&r, None, &[]));
                             due.push((c.clone(), orb.clone(), values));
                         }
                     }

@@ -3,6 +3,7 @@
 //! slow server cannot hide behind a client that slows down with it.
 
 pub mod client;
+mod webhook;
 mod workload;
 
 use std::collections::HashMap;
@@ -18,6 +19,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
 use client::Incoming;
+pub use webhook::WebhookSummary;
 pub use workload::Workload;
 
 /// What to simulate.
@@ -41,6 +43,8 @@ pub struct SimConfig {
     pub inflight_max: usize,
     /// `(http host:port, bearer token)` of an OrbManager whose SSE stream to measure.
     pub stream: Option<(String, Option<String>)>,
+    /// `(listen host:port, secret)` of a webhook receiver to run and measure.
+    pub webhook: Option<(String, String)>,
 }
 
 /// Percentiles in milliseconds.
@@ -81,6 +85,8 @@ pub struct Summary {
     pub puback_latency_ms: Percentiles,
     /// Device timestamp -> arrival on the live stream (`--stream-http`), when measured.
     pub stream_latency_ms: Option<Percentiles>,
+    /// What the built-in webhook receiver saw (`--webhook-listen`).
+    pub webhook: Option<WebhookSummary>,
 }
 
 #[derive(Default)]
@@ -97,7 +103,7 @@ struct Stats {
 
 const HIST_SHARDS: usize = 16;
 
-fn new_histogram() -> Histogram<u64> {
+pub(crate) fn new_histogram() -> Histogram<u64> {
     // 1 µs .. 10 min at 3 significant digits.
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("static histogram bounds are valid")
 }
@@ -132,6 +138,16 @@ pub async fn run(cfg: SimConfig, stop: Option<watch::Receiver<bool>>) -> Summary
     let ramp = Duration::from_secs_f64(cfg.orbs as f64 / f64::from(cfg.connect_rate.max(1)));
     let publish_start = start + ramp;
     let end = publish_start + Duration::from_secs(cfg.duration_s);
+    let receiver = match &cfg.webhook {
+        Some((addr, secret)) => match webhook::Receiver::start(addr, secret).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(addr = %addr, error = %e, "cannot listen for webhooks");
+                None
+            }
+        },
+        None => None,
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..cfg.orbs {
         let connect_at = start + Duration::from_secs_f64(i as f64 / f64::from(cfg.connect_rate.max(1)));
@@ -146,6 +162,14 @@ pub async fn run(cfg: SimConfig, stop: Option<watch::Receiver<bool>>) -> Summary
         tokio::spawn(async move { stream_latency(&addr, token.as_deref(), &tenant, until).await })
     });
     while tasks.join_next().await.is_some() {}
+    // Deliveries of the last points are still on their way.
+    let webhook = match receiver {
+        Some(r) => {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Some(r.finish())
+        }
+        None => None,
+    };
     let stream_latency_ms = match stream_task {
         Some(t) => t.await.ok().flatten().map(|h| percentiles(&h)),
         None => None,
@@ -177,10 +201,11 @@ pub async fn run(cfg: SimConfig, stop: Option<watch::Receiver<bool>>) -> Summary
         acked_rate: s.acked.load(Ordering::Relaxed) as f64 / elapsed,
         puback_latency_ms: percentiles(&all),
         stream_latency_ms,
+        webhook,
     }
 }
 
-fn percentiles(h: &Histogram<u64>) -> Percentiles {
+pub(crate) fn percentiles(h: &Histogram<u64>) -> Percentiles {
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     Percentiles { p50: ms(0.5), p95: ms(0.95), p99: ms(0.99), max: h.max() as f64 / 1000.0, samples: h.len() }
 }
@@ -394,7 +419,7 @@ impl Summary {
             "target {}  mqtt {}  qos {}  orbs {} ({} connected, {} failed)\n\
              scheduled {}  sent {}  acked {}  refused {}  unacked {}  errors {}\n\
              offered {:.0} msg/s  sent {:.0} msg/s  acked {:.0} msg/s over {:.1} s\n\
-             PUBACK latency ms  p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}  ({} samples){}",
+             PUBACK latency ms  p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}  ({} samples){}{}",
             self.target,
             if self.protocol == 5 { "5.0" } else { "3.1.1" },
             self.qos,
@@ -419,7 +444,14 @@ impl Summary {
             self.stream_latency_ms.as_ref().map_or(String::new(), |s| format!(
                 "\ningest -> stream ms p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}  ({} samples)",
                 s.p50, s.p95, s.p99, s.max, s.samples
-            ))
+            )),
+            self.webhook.as_ref().map_or(String::new(), |w| {
+                let l = &w.telemetry_to_webhook_ms;
+                format!(
+                    "\nwebhooks {} received ({} bad signatures); telemetry -> webhook ms p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}  ({} samples)",
+                    w.received, w.bad_signatures, l.p50, l.p95, l.p99, l.max, l.samples
+                )
+            })
         )
     }
 }

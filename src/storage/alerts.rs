@@ -214,15 +214,22 @@ impl Store {
         batch.delete(Ks::Deliveries, kseq(&d.tenant, &d.webhook_id, d.seq));
     }
 
-    /// The first pending deliveries of a webhook, in sequence order.
-    pub fn outbox(&self, tenant: &TenantId, webhook_id: &str, limit: usize) -> Result<Vec<Delivery>, Error> {
+    /// Visits a webhook's pending deliveries in order, up to `limit`, while `f` says go on.
+    pub fn scan_outbox(
+        &self,
+        tenant: &TenantId,
+        webhook_id: &str,
+        limit: usize,
+        mut f: impl FnMut(Delivery) -> bool,
+    ) -> Result<(), Error> {
         let mut prefix = k2(tenant, webhook_id);
         prefix.push(0);
-        let mut out = Vec::new();
         for guard in self.ks.get(Ks::Outbox).prefix(&prefix).take(limit) {
-            out.push(decode("delivery", &guard.value()?)?);
+            if !f(decode("delivery", &guard.value()?)?) {
+                break;
+            }
         }
-        Ok(out)
+        Ok(())
     }
 
     pub fn outbox_len(&self, tenant: &TenantId, webhook_id: &str) -> Result<usize, Error> {
