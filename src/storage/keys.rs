@@ -18,7 +18,10 @@
 //! | `cas`       | `t` (or `0`: the platform server CA)       | `StoredCa`       |
 //! | `revoked`   | `t 0 serial`                               | (orb, at_ms)     |
 //! | `versions`  | `t 0 o 0 at_ms:u64 component`              | `VersionChange`  |
+//! | `events`    | `t 0 seq:u64`                              | `Event`          |
 //! | `meta`      | ascii name                                 | per name         |
+//!
+//! Rules, alerts, webhooks and their outbox are laid out in `alerts.rs`.
 
 use crate::model::OrbKey;
 
