@@ -53,7 +53,7 @@ fn bench(c: &mut Criterion) {
             rt.block_on(async {
                 let start = Instant::now();
                 for i in 0..iters {
-                    fleet.telemetry(&keys[i as usize % ORBS], point.clone());
+                    fleet.telemetry(&keys[i as usize % ORBS], point.clone()).await;
                 }
                 // A call on every shard-orb path queues behind the casts: when all answer,
                 // every cast has been applied.

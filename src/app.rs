@@ -123,7 +123,8 @@ impl Server {
                 config.actors.idle_passivate_s * 1000,
             )
             .with_hub(crate::stream::Hub::new(config.stream.buffer))
-            .with_event_retention((&config.events).into()),
+            .with_event_retention((&config.events).into())
+            .with_telemetry_in_flight_max(config.actors.telemetry_in_flight_max),
             config.actors.shards,
         )
         .await

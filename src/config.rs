@@ -112,6 +112,9 @@ pub struct ActorsConfig {
     pub shards: usize,
     /// Idle time after which an offline orb actor is passivated, in seconds.
     pub idle_passivate_s: u64,
+    /// Durable telemetry points waiting in orb actors' mailboxes, across the node; beyond it
+    /// acknowledgements wait (backpressure to devices).
+    pub telemetry_in_flight_max: usize,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -175,7 +178,11 @@ impl Default for StorageConfig {
 
 impl Default for ActorsConfig {
     fn default() -> Self {
-        ActorsConfig { shards: limits::SHARDS_DEFAULT, idle_passivate_s: limits::ORB_IDLE_PASSIVATE_S }
+        ActorsConfig {
+            shards: limits::SHARDS_DEFAULT,
+            idle_passivate_s: limits::ORB_IDLE_PASSIVATE_S,
+            telemetry_in_flight_max: limits::TELEMETRY_IN_FLIGHT_MAX,
+        }
     }
 }
 
@@ -374,6 +381,12 @@ impl Config {
         }
         if a.idle_passivate_s == 0 {
             return invalid("actors.idle_passivate_s must be at least 1".into());
+        }
+        if !(1..=16 * 1024 * 1024).contains(&a.telemetry_in_flight_max) {
+            return invalid(format!(
+                "actors.telemetry_in_flight_max = {} must be 1..16777216",
+                a.telemetry_in_flight_max
+            ));
         }
         let e = &self.events;
         if !(60..=366 * 24 * 3600).contains(&e.retention_s) {

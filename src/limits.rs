@@ -65,6 +65,10 @@ pub const COMMIT_BATCH_MAX: usize = 8_192;
 pub const SHARDS_DEFAULT: usize = 16;
 /// Default idle time after which an offline orb actor is passivated, in seconds.
 pub const ORB_IDLE_PASSIVATE_S: u64 = 120;
+/// Durable telemetry points handed to orb actors and not yet applied, across the node. Ingest
+/// waits for room before it acknowledges, so a backlog in the actors (or behind them, in the
+/// rule partitions) slows devices down instead of growing mailboxes.
+pub const TELEMETRY_IN_FLIGHT_MAX: usize = 65_536;
 /// How often each shard looks for idle orb actors, in ms.
 pub const SHARD_SWEEP_INTERVAL_MS: u64 = 1_000;
 /// Restarts of one orb actor within `ORB_RESTART_WINDOW_MS` before its shard gives up and

@@ -94,6 +94,8 @@ pub struct Metrics {
     pub commit_requests: Counter,
     pub commit_latency: Histogram,
     pub live_actors: Gauge,
+    /// Durable telemetry points handed to orb actors and not applied yet.
+    pub telemetry_in_flight: Gauge,
     pub actor_activations: Counter,
     pub actor_passivations: Counter,
     pub actor_restarts: Counter,
@@ -178,6 +180,12 @@ impl Metrics {
         );
         simple("commit_requests_total", "counter", "Write requests committed.", self.commit_requests.get().to_string());
         simple("live_actors", "gauge", "Orb actors currently active.", self.live_actors.get().to_string());
+        simple(
+            "telemetry_in_flight",
+            "gauge",
+            "Durable telemetry points queued for orb actors (bounded by actors.telemetry_in_flight_max).",
+            self.telemetry_in_flight.get().to_string(),
+        );
         simple(
             "actor_activations_total",
             "counter",

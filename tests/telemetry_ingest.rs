@@ -137,3 +137,56 @@ async fn a_msg_id_is_remembered_across_a_restart() {
     c.disconnect().await;
     ts.stop().await;
 }
+
+/// The node-wide bound on points queued for orb actors holds (a backlog slows acknowledgements
+/// instead of growing mailboxes) and never deadlocks, even at its smallest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bound_of_one_queued_point_still_applies_every_point_in_order() {
+    let ts = TestServer::start_with(false, |c| c.actors.telemetry_in_flight_max = 1).await;
+    // A rule makes every point also wait for its rule partition.
+    let rule =
+        serde_json::json!({"tenant_id": "acme", "name": "low", "condition": "battery < 1.0", "severity": "minor"});
+    let mut devices = Vec::new();
+    for i in 0..4 {
+        let orb = format!("b{i}");
+        let token = ts.register("acme", &orb).await;
+        devices.push((orb, token));
+    }
+    let (s, _) = common::http("POST", &ts.url("/v1/alerts/rules"), Some(common::ADMIN), Some(rule)).await;
+    assert_eq!(s, 201);
+    let base = now_ms() - 60_000;
+    let mut tasks = Vec::new();
+    for (orb, token) in devices.clone() {
+        let addr = ts.mqtt;
+        tasks.push(tokio::spawn(async move {
+            let mut d = V3::connect(addr, &orb, Some((&format!("acme/{orb}"), &token))).await.unwrap();
+            for n in 0..50u64 {
+                d.publish(
+                    &format!("telemetry/acme/{orb}"),
+                    telemetry(base + n, &format!("{orb}-{n}"), 50.0 + n as f64),
+                )
+                .await
+                .unwrap();
+            }
+            d.disconnect().await;
+        }));
+    }
+    let mut peak = 0.0f64;
+    while !tasks.iter().all(|t| t.is_finished()) {
+        peak = peak.max(ts.metric("orbmanager_telemetry_in_flight").await);
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(peak <= 1.0, "at most one point queued for the actors, saw {peak}");
+    for (orb, _) in &devices {
+        assert_eq!(history(&ts, "acme", orb).await.len(), 50, "{orb}: every acknowledged point stored");
+        common::wait_until("the live state has the last point", 10, || async {
+            ts.get(&format!("/v1/orbs/{orb}?tenant_id=acme")).await.1["battery"] == 99.0
+        })
+        .await;
+    }
+    assert_eq!(ts.metric("orbmanager_telemetry_in_flight").await, 0.0);
+    ts.stop().await;
+}

@@ -52,6 +52,21 @@ pub struct OrbCtx {
     pub alerting: std::sync::OnceLock<rules::Alerting>,
     /// The tenant event log (alerts, command status, presence).
     pub events: crate::events::Events,
+    /// Room for telemetry points queued in orb actors' mailboxes (see `Fleet::telemetry`).
+    pub telemetry_room: Arc<tokio::sync::Semaphore>,
+}
+
+/// A telemetry point's place in the node-wide bound; given back when the actor is done with
+/// the point (or the message is dropped).
+pub struct InFlight {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.metrics.telemetry_in_flight.dec();
+    }
 }
 
 impl OrbCtx {
@@ -75,7 +90,14 @@ impl OrbCtx {
             index: crate::search::FleetIndex::default(),
             alerting: std::sync::OnceLock::new(),
             events: crate::events::Events::new(store, metrics, crate::events::Retention::default()),
+            telemetry_room: Arc::new(tokio::sync::Semaphore::new(crate::limits::TELEMETRY_IN_FLIGHT_MAX)),
         }
+    }
+
+    /// Bounds the telemetry points queued in orb actors at `max` (from the config).
+    pub fn with_telemetry_in_flight_max(mut self, max: usize) -> Self {
+        self.telemetry_room = Arc::new(tokio::sync::Semaphore::new(max));
+        self
     }
 
     /// Refreshes an orb's search row.
@@ -227,8 +249,14 @@ impl Fleet {
     }
 
     /// Applies a durable point to the orb's live state.
-    pub fn telemetry(&self, key: &OrbKey, point: Arc<TelemetryPoint>) {
-        self.cast(key, OrbMsg::Telemetry(point));
+    /// Hands a durable point to its orb's actor. Waits while `telemetry_in_flight_max` points
+    /// are queued node-wide: the caller acknowledges only after this returns, so devices slow
+    /// down when the actors (or the rule partitions behind them) fall behind.
+    pub async fn telemetry(&self, key: &OrbKey, point: Arc<TelemetryPoint>) {
+        let Ok(permit) = self.ctx.telemetry_room.clone().acquire_owned().await else { return };
+        self.ctx.metrics.telemetry_in_flight.inc();
+        let held = InFlight { _permit: permit, metrics: self.ctx.metrics.clone() };
+        self.cast(key, OrbMsg::Telemetry(point, held));
     }
 
     pub fn refused(&self, key: &OrbKey, code: ErrorCode, reason: String) {

@@ -36,7 +36,8 @@ pub enum OrbMsg {
     /// A connection ended.
     Disconnected { conn_seq: u64, reason: DisconnectReason },
     /// A telemetry point that is durable already.
-    Telemetry(Arc<TelemetryPoint>),
+    /// A durable point and its place in the node-wide bound (released when handled).
+    Telemetry(Arc<TelemetryPoint>, super::InFlight),
     /// A state report to merge, persist and apply; replies when durable.
     Report { report: StateReport, reply: RpcReplyPort<Result<(), ApiError>> },
     /// A message of this orb was refused at the edge.
@@ -199,7 +200,7 @@ impl Actor for OrbActor {
                     publish(state, ChangeKind::Presence, now);
                 }
             }
-            OrbMsg::Telemetry(point) => {
+            OrbMsg::Telemetry(point, _in_flight) => {
                 let effects = state.orb.apply(Event::Telemetry(&point), now);
                 perform(state, effects).await?;
                 publish(state, ChangeKind::Telemetry, now);

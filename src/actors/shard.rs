@@ -185,7 +185,7 @@ fn reject(msg: OrbMsg, code: ErrorCode, why: &str) {
         // Views are only asked of live actors; nobody waits on the others.
         OrbMsg::View { .. } => {}
         OrbMsg::Disconnected { .. }
-        | OrbMsg::Telemetry(_)
+        | OrbMsg::Telemetry(..)
         | OrbMsg::Refused { .. }
         | OrbMsg::InjectPanic
         | OrbMsg::CommandDelivered { .. }

@@ -48,7 +48,7 @@ impl Ingest {
         match outcome {
             Outcome::Stored => {
                 self.metrics.telemetry_stored.inc();
-                self.fleet.telemetry(key, Arc::new(point));
+                self.fleet.telemetry(key, Arc::new(point)).await;
             }
             Outcome::Duplicate => self.metrics.telemetry_duplicates.inc(),
         }
