@@ -135,7 +135,7 @@ pub fn restore(
     }
     if let Some(stored) = store.latest_point(key)? {
         orb.last_seen_ms = Some(stored.received_ms.max(orb.reported.updated_ms.unwrap_or(0)));
-        orb.last = Some(stored.point);
+        orb.last = Some(std::sync::Arc::new(stored.point));
     }
     Ok(orb)
 }

@@ -161,7 +161,8 @@ pub struct OrbState {
     pub presence: Presence,
     pub reported: Reported,
     /// Latest telemetry point by device time.
-    pub last: Option<TelemetryPoint>,
+    /// Shared with the message that carried it: applying a point costs no copy of its metrics.
+    pub last: Option<std::sync::Arc<TelemetryPoint>>,
     /// Server time of the latest message from the device.
     pub last_seen_ms: Option<u64>,
     pub refusals: Refusals,
@@ -175,7 +176,7 @@ pub enum Event<'a> {
         reason: DisconnectReason,
     },
     /// A point that is durable already.
-    Telemetry(&'a TelemetryPoint),
+    Telemetry(&'a std::sync::Arc<TelemetryPoint>),
     /// A state report that is durable already (the merged result was computed by `prepare_report`).
     Reported(&'a Reported),
     Refused {
@@ -402,7 +403,7 @@ impl OrbState {
                 "client_id": p.client_id,
                 "last_seen_ms": self.last_seen_ms,
             },
-            "telemetry": last.map(TelemetryPoint::to_json),
+            "telemetry": last.map(|p| p.to_json()),
             "battery": last.and_then(|l| l.battery),
             "position": last.and_then(|l| l.position).map(|(lat, lon)| serde_json::json!({"lat": lat, "lon": lon})),
             "speed": last.and_then(|l| l.speed),
@@ -554,8 +555,8 @@ mod tests {
     #[test]
     fn telemetry_keeps_the_newest_point_by_device_time() {
         let mut s = OrbState::new(record("acme", Some("t")));
-        s.apply(Event::Telemetry(&point(200)), 10);
-        s.apply(Event::Telemetry(&point(100)), 11);
+        s.apply(Event::Telemetry(&point(200).into()), 10);
+        s.apply(Event::Telemetry(&point(100).into()), 11);
         assert_eq!(s.last.as_ref().map(|p| p.ts), Some(200));
         assert_eq!(s.last_seen_ms, Some(11));
         assert_eq!(s.record.status, OrbStatus::Active);
@@ -640,7 +641,7 @@ mod tests {
                     }
                     3 | 4 => {
                         let ts = rng.u64(1..10_000);
-                        s.apply(Event::Telemetry(&point(ts)), now);
+                        s.apply(Event::Telemetry(&point(ts).into()), now);
                         max_ts = Some(max_ts.map_or(ts, |m: u64| m.max(ts)));
                         assert_eq!(s.last.as_ref().map(|p| p.ts), max_ts, "live state shows the newest point");
                     }

@@ -373,9 +373,17 @@ fn validate(raw: Raw, now_ms: u64) -> Result<TelemetryPoint, PayloadError> {
         return Err(PayloadError::invalid("metrics", format!("more than {TELEMETRY_METRICS_MAX} metrics")));
     }
     for (name, v) in &metrics {
-        let field = format!("metrics.{name}");
-        check_text(&field, name, TELEMETRY_METRIC_NAME_LEN_MAX)?;
-        finite(&field, *v)?;
+        // The field's name is built only for an error: this loop runs for every metric of
+        // every message.
+        let fine = !name.is_empty()
+            && name.len() <= TELEMETRY_METRIC_NAME_LEN_MAX
+            && !name.chars().any(char::is_control)
+            && v.is_finite();
+        if !fine {
+            let field = format!("metrics.{name}");
+            check_text(&field, name, TELEMETRY_METRIC_NAME_LEN_MAX)?;
+            finite(&field, *v)?;
+        }
     }
     metrics.sort_by(|a, b| a.0.cmp(&b.0));
     if let Some(w) = metrics.windows(2).find(|w| w[0].0 == w[1].0) {

@@ -1,0 +1,89 @@
+#!/bin/bash
+# The headline comparison (bench-harness issue): the same open-loop MQTT workload against
+# Debian's mosquitto (in-memory, QoS 1) and against `orbmanager serve --dev` (QoS 1 acknowledged
+# only after an fsync'd commit), one after the other in the same session on this machine, with
+# the load generator (`orbmanager sim`) on the same cores. Writes $OUT/results.json and prints a
+# table: acked rate, PUBACK latency, broker CPU per acknowledged message and RSS.
+#   scripts/bench-vs-mosquitto.sh                       # both scenarios
+#   SCENARIOS=saturation DUR=20 scripts/bench-vs-mosquitto.sh
+# Scenarios: `saturation` (1,000 connections x 1 KiB every 10 ms: 100K msg/s offered, more than
+# either broker takes here) and `devices` (15,000 connections x 1 KiB every 2 s: 7.5K msg/s).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
+  apt-get update -qq && apt-get install -y -qq mosquitto
+fi
+MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+cargo build --release --quiet
+B=target/release/orbmanager
+DUR=${DUR:-30}; BYTES=${BYTES:-1024}; SCENARIOS=${SCENARIOS:-"saturation devices"}
+OUT=${OUT:-target/bench-vs-mosquitto}
+rm -rf "$OUT"; mkdir -p "$OUT"
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # utime + stime, in clock ticks
+HZ=$(getconf CLK_TCK)
+
+# run_one NAME SCENARIO ADDR PID SIM_FLAGS...: runs the simulator, records the broker's CPU and RSS.
+run_one() {
+  local name=$1 scenario=$2 addr=$3 pid=$4; shift 4
+  local orbs interval
+  case $scenario in
+    saturation) orbs=1000; interval=10 ;;
+    devices) orbs=15000; interval=2000 ;;
+  esac
+  local t0; t0=$(ticks "$pid")
+  "$B" sim --mqtt "$addr" --orbs "$orbs" --interval-ms "$interval" --payload-bytes "$BYTES" --qos 1 \
+    --duration-s "$DUR" --connect-rate 3000 "$@" --out "$OUT/$scenario-$name.json" > "$OUT/$scenario-$name.txt" 2>&1
+  local t1; t1=$(ticks "$pid")
+  local rss; rss=$(ps -o rss= -p "$pid" | tr -d ' ')
+  python3 -c "import json; print(json.dumps({'cpu_s': ($t1 - $t0) / $HZ, 'rss_kib': $rss}))" \
+    > "$OUT/$scenario-$name.proc.json"
+}
+
+for scenario in $SCENARIOS; do
+  cat > "$OUT/mosquitto.conf" <<CONF
+listener 21883 127.0.0.1
+allow_anonymous true
+persistence false
+max_connections -1
+max_inflight_messages 64
+CONF
+  "$MOSQUITTO" -c "$OUT/mosquitto.conf" > "$OUT/mosquitto.log" 2>&1 &
+  MQ=$!
+  sleep 1
+  run_one mosquitto "$scenario" 127.0.0.1:21883 "$MQ" --anonymous
+  kill "$MQ"; wait "$MQ" 2>/dev/null || true
+
+  rm -rf "$OUT/data"
+  "$B" serve --dev --data-dir "$OUT/data" --mqtt-addr 127.0.0.1:21884 --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 \
+    > "$OUT/orbmanager.log" 2>&1 &
+  OM=$!
+  sleep 2
+  run_one orbmanager "$scenario" 127.0.0.1:21884 "$OM"
+  kill -TERM "$OM"; wait "$OM" 2>/dev/null || true
+done
+
+python3 - "$OUT" $SCENARIOS <<'PY'
+import json, sys
+out, scenarios = sys.argv[1], sys.argv[2:]
+results = {}
+print(f"{'scenario':<11} {'broker':<11} {'acked/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'CPU us/msg':>10} {'RSS MiB':>8}")
+for sc in scenarios:
+    results[sc] = {}
+    for b in ("mosquitto", "orbmanager"):
+        sim = json.load(open(f"{out}/{sc}-{b}.json"))
+        proc = json.load(open(f"{out}/{sc}-{b}.proc.json"))
+        acked = max(sim["acked"], 1)
+        row = {"acked_rate": sim["acked_rate"], "acked": sim["acked"], "sent": sim["sent"], "scheduled": sim["scheduled"],
+               "errors": sim["errors"], "unacked": sim["unacked"], "puback_latency_ms": sim["puback_latency_ms"],
+               "cpu_s": proc["cpu_s"], "cpu_us_per_msg": proc["cpu_s"] * 1e6 / acked, "rss_mib": proc["rss_kib"] / 1024}
+        results[sc][b] = row
+        l = row["puback_latency_ms"]
+        print(f"{sc:<11} {b:<11} {row['acked_rate']:>9.0f} {l['p50']:>8.2f} {l['p95']:>8.2f} {l['p99']:>8.2f} {row['cpu_us_per_msg']:>10.1f} {row['rss_mib']:>8.0f}")
+    m, o = results[sc]["mosquitto"], results[sc]["orbmanager"]
+    results[sc]["ratios"] = {"throughput_orbmanager_over_mosquitto": o["acked_rate"] / max(m["acked_rate"], 1e-9),
+                             "cpu_per_msg_orbmanager_over_mosquitto": o["cpu_us_per_msg"] / max(m["cpu_us_per_msg"], 1e-9)}
+    r = results[sc]["ratios"]
+    print(f"{sc:<11} ratio orbmanager/mosquitto: throughput {r['throughput_orbmanager_over_mosquitto']:.2f}x, CPU per message {r['cpu_per_msg_orbmanager_over_mosquitto']:.2f}x")
+json.dump(results, open(f"{out}/results.json", "w"), indent=2)
+print(f"results: {out}/results.json")
+PY
