@@ -3,7 +3,8 @@
 # Debian's mosquitto (in-memory, QoS 1) and against `orbmanager serve --dev` (QoS 1 acknowledged
 # only after an fsync'd commit), one after the other in the same session on this machine, with
 # the load generator (`orbmanager sim`) on the same cores. Writes $OUT/results.json and prints a
-# table: acked rate, PUBACK latency, broker CPU per acknowledged message and RSS.
+# table: acked rate, PUBACK latency, broker CPU per acknowledged message (over the whole run and
+# in the steady state after the connection ramp) and RSS.
 #   scripts/bench-vs-mosquitto.sh                       # both scenarios
 #   SCENARIOS=saturation DUR=20 scripts/bench-vs-mosquitto.sh
 # Scenarios: `saturation` (1,000 connections x 1 KiB every 10 ms: 100K msg/s offered, more than
@@ -30,12 +31,18 @@ run_one() {
     saturation) orbs=1000; interval=10 ;;
     devices) orbs=15000; interval=2000 ;;
   esac
+  local ramp=$(( (orbs + 2999) / 3000 ))
   local t0; t0=$(ticks "$pid")
   "$B" sim --mqtt "$addr" --orbs "$orbs" --interval-ms "$interval" --payload-bytes "$BYTES" --qos 1 \
-    --duration-s "$DUR" --connect-rate 3000 "$@" --out "$OUT/$scenario-$name.json" > "$OUT/$scenario-$name.txt" 2>&1
+    --duration-s "$DUR" --connect-rate 3000 "$@" --out "$OUT/$scenario-$name.json" > "$OUT/$scenario-$name.txt" 2>&1 &
+  local sim=$!
+  # Steady state: from 3 s after the connection ramp to the end of the run.
+  sleep $(( ramp + 3 ))
+  local ts; ts=$(ticks "$pid")
+  wait $sim
   local t1; t1=$(ticks "$pid")
   local rss; rss=$(ps -o rss= -p "$pid" | tr -d ' ')
-  python3 -c "import json; print(json.dumps({'cpu_s': ($t1 - $t0) / $HZ, 'rss_kib': $rss}))" \
+  python3 -c "import json; print(json.dumps({'cpu_s': ($t1 - $t0) / $HZ, 'steady_cpu_s': ($t1 - $ts) / $HZ, 'steady_s': $DUR - 3, 'rss_kib': $rss}))" \
     > "$OUT/$scenario-$name.proc.json"
 }
 
@@ -66,7 +73,7 @@ python3 - "$OUT" $SCENARIOS <<'PY'
 import json, sys
 out, scenarios = sys.argv[1], sys.argv[2:]
 results = {}
-print(f"{'scenario':<11} {'broker':<11} {'acked/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'CPU us/msg':>10} {'RSS MiB':>8}")
+print(f"{'scenario':<11} {'broker':<11} {'acked/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'CPU us/msg':>10} {'steady':>7} {'RSS MiB':>8}")
 for sc in scenarios:
     results[sc] = {}
     for b in ("mosquitto", "orbmanager"):
@@ -75,15 +82,20 @@ for sc in scenarios:
         acked = max(sim["acked"], 1)
         row = {"acked_rate": sim["acked_rate"], "acked": sim["acked"], "sent": sim["sent"], "scheduled": sim["scheduled"],
                "errors": sim["errors"], "unacked": sim["unacked"], "puback_latency_ms": sim["puback_latency_ms"],
-               "cpu_s": proc["cpu_s"], "cpu_us_per_msg": proc["cpu_s"] * 1e6 / acked, "rss_mib": proc["rss_kib"] / 1024}
+               "cpu_s": proc["cpu_s"], "cpu_us_per_msg": proc["cpu_s"] * 1e6 / acked,
+               # CPU per message once every connection is up (acked rate x the steady window).
+               "steady_cpu_us_per_msg": proc["steady_cpu_s"] * 1e6 / max(sim["acked_rate"] * proc["steady_s"], 1),
+               "rss_mib": proc["rss_kib"] / 1024}
         results[sc][b] = row
         l = row["puback_latency_ms"]
-        print(f"{sc:<11} {b:<11} {row['acked_rate']:>9.0f} {l['p50']:>8.2f} {l['p95']:>8.2f} {l['p99']:>8.2f} {row['cpu_us_per_msg']:>10.1f} {row['rss_mib']:>8.0f}")
+        print(f"{sc:<11} {b:<11} {row['acked_rate']:>9.0f} {l['p50']:>8.2f} {l['p95']:>8.2f} {l['p99']:>8.2f} {row['cpu_us_per_msg']:>10.1f} {row['steady_cpu_us_per_msg']:>7.1f} {row['rss_mib']:>8.0f}")
     m, o = results[sc]["mosquitto"], results[sc]["orbmanager"]
     results[sc]["ratios"] = {"throughput_orbmanager_over_mosquitto": o["acked_rate"] / max(m["acked_rate"], 1e-9),
-                             "cpu_per_msg_orbmanager_over_mosquitto": o["cpu_us_per_msg"] / max(m["cpu_us_per_msg"], 1e-9)}
+                             "cpu_per_msg_orbmanager_over_mosquitto": o["cpu_us_per_msg"] / max(m["cpu_us_per_msg"], 1e-9),
+                             "steady_cpu_per_msg_orbmanager_over_mosquitto": o["steady_cpu_us_per_msg"] / max(m["steady_cpu_us_per_msg"], 1e-9)}
     r = results[sc]["ratios"]
-    print(f"{sc:<11} ratio orbmanager/mosquitto: throughput {r['throughput_orbmanager_over_mosquitto']:.2f}x, CPU per message {r['cpu_per_msg_orbmanager_over_mosquitto']:.2f}x")
+    print(f"{sc:<11} ratio orbmanager/mosquitto: throughput {r['throughput_orbmanager_over_mosquitto']:.2f}x, "
+          f"CPU per message {r['cpu_per_msg_orbmanager_over_mosquitto']:.2f}x (steady state {r['steady_cpu_per_msg_orbmanager_over_mosquitto']:.2f}x)")
 json.dump(results, open(f"{out}/results.json", "w"), indent=2)
 print(f"results: {out}/results.json")
 PY
