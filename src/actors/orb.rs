@@ -316,20 +316,16 @@ async fn report_state(state: &mut OrbActorState, report: &StateReport, now: u64)
 
 /// Carries out the state machine's effects in order.
 async fn perform(state: &mut OrbActorState, effects: Vec<Effect>) -> Result<(), crate::storage::Error> {
+    // Consecutive writes share one batch (a first connect saves the record and the presence
+    // with one fsync); any other effect waits until the writes before it are durable.
+    let mut batch = Batch::new();
+    let mut staged = state.ctx.events.stage();
     for effect in effects {
         match effect {
-            Effect::SaveRecord => {
-                let mut batch = Batch::new();
-                Store::add_orb(&mut batch, &state.orb.record);
-                state.ctx.store.commit(batch).await?;
-            }
+            Effect::SaveRecord => Store::add_orb(&mut batch, &state.orb.record),
             Effect::SavePresence => {
-                // Awaited so presence records of one orb reach the store in order (a connect
-                // can never overwrite the disconnect that followed it).
-                let mut batch = Batch::new();
                 let p = &state.orb.presence;
                 Store::add_presence(&mut batch, &state.key, p);
-                let (events, mut staged) = (&state.ctx.events, state.ctx.events.stage());
                 let kind = if p.online { "orb.presence.online" } else { "orb.presence.offline" };
                 let data = serde_json::json!({
                     "online": p.online,
@@ -341,20 +337,34 @@ async fn perform(state: &mut OrbActorState, effects: Vec<Effect>) -> Result<(), 
                     "client_id": p.client_id,
                 });
                 let now = state.ctx.clock.now_ms();
-                events.append(&mut batch, &mut staged, &state.key, kind, data, now)?;
-                let result = state.ctx.store.commit(batch).await;
-                staged.settle(result.is_ok());
-                result?;
+                state.ctx.events.append(&mut batch, &mut staged, &state.key, kind, data, now)?;
             }
             Effect::Kick { conn_seq, reason } => {
+                commit_writes(state, &mut batch, &mut staged).await?;
                 if let Some((_, tx)) = state.kick.take_if(|(seq, _)| *seq == conn_seq) {
                     let _ = tx.send(reason);
                 }
             }
             Effect::Online(online) => {
+                commit_writes(state, &mut batch, &mut staged).await?;
                 let _ = state.shard.cast(ShardMsg::Online(state.key.clone(), online));
             }
         }
     }
-    Ok(())
+    commit_writes(state, &mut batch, &mut staged).await
+}
+
+/// Commits the writes `perform` gathered. Awaited, so the records of one orb reach the store
+/// in order (a connect can never overwrite the disconnect that followed it).
+async fn commit_writes(
+    state: &OrbActorState,
+    batch: &mut Batch,
+    staged: &mut crate::events::Staged,
+) -> Result<(), crate::storage::Error> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let result = state.ctx.store.commit(std::mem::take(batch)).await;
+    std::mem::replace(staged, state.ctx.events.stage()).settle(result.is_ok());
+    result.map(|_| ())
 }
