@@ -29,6 +29,8 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Hook {
     w: Webhook,
+    /// The HTTP client for this webhook (its own when it trusts a private CA).
+    agent: ureq::Agent,
     last_seq: AtomicU64,
     pending: AtomicUsize,
     wake: Notify,
@@ -40,7 +42,40 @@ struct Inner {
     clock: Clock,
     metrics: Arc<Metrics>,
     hooks: RwLock<HashMap<TenantId, Vec<Arc<Hook>>>>,
+    /// The shared client: https verified against the Mozilla roots.
     agent: ureq::Agent,
+}
+
+/// The certificates of a webhook's `ca_pem`; an error says what is wrong with it.
+pub fn ca_roots(pem: &str) -> Result<Vec<ureq::tls::Certificate<'static>>, String> {
+    if pem.len() > crate::api::alerts::WEBHOOK_CA_PEM_MAX {
+        return Err(format!("ca_pem is longer than {} bytes", crate::api::alerts::WEBHOOK_CA_PEM_MAX));
+    }
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(pem.as_bytes()) {
+        match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
+            Ok(_) => return Err("ca_pem must hold certificates only (no private keys)".into()),
+            Err(e) => return Err(format!("ca_pem: {e}")),
+        }
+    }
+    if certs.is_empty() {
+        return Err("ca_pem holds no PEM certificate".into());
+    }
+    Ok(certs)
+}
+
+/// An HTTP client for deliveries; `roots` replaces the public roots for https.
+fn agent(roots: Option<Vec<ureq::tls::Certificate<'static>>>) -> ureq::Agent {
+    let mut config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(ATTEMPT_TIMEOUT))
+        .user_agent("orbmanager-webhooks");
+    if let Some(roots) = roots {
+        let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&roots)).build();
+        config = config.tls_config(tls);
+    }
+    config.build().into()
 }
 
 /// The dispatcher; cheap to clone.
@@ -53,12 +88,7 @@ pub struct Woken(Vec<Arc<Hook>>);
 impl Webhooks {
     /// Loads every webhook and starts its worker.
     pub fn start(store: Store, clock: Clock, metrics: Arc<Metrics>) -> Result<Webhooks, storage::Error> {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(ATTEMPT_TIMEOUT))
-            .user_agent("orbmanager-webhooks")
-            .build()
-            .into();
+        let agent = agent(None);
         let w = Webhooks(Arc::new(Inner { store, clock, metrics, hooks: RwLock::new(HashMap::new()), agent }));
         for hook in w.0.store.all_webhooks()? {
             w.add(hook)?;
@@ -70,8 +100,19 @@ impl Webhooks {
     pub fn add(&self, w: Webhook) -> Result<(), storage::Error> {
         let last_seq = self.0.store.last_delivery_seq(&w.tenant, &w.webhook_id)?;
         let pending = self.0.store.outbox_len(&w.tenant, &w.webhook_id)?;
+        // Validated at creation; a stored CA that no longer parses fails its deliveries
+        // visibly (unknown issuer) rather than falling back to the public roots.
+        let client = match w.ca_pem.as_deref().map(ca_roots) {
+            None => self.0.agent.clone(),
+            Some(Ok(roots)) => agent(Some(roots)),
+            Some(Err(e)) => {
+                tracing::error!(webhook = %w.webhook_id, error = %e, "the webhook's ca_pem does not parse");
+                agent(Some(Vec::new()))
+            }
+        };
         let hook = Arc::new(Hook {
             w,
+            agent: client,
             last_seq: AtomicU64::new(last_seq),
             pending: AtomicUsize::new(pending),
             wake: Notify::new(),
@@ -205,9 +246,9 @@ async fn run(inner: Arc<Inner>, hook: Arc<Hook>) {
             }
             for d in picked {
                 busy.insert(d.orb.clone());
-                let (inner, w) = (inner.clone(), hook.w.clone());
+                let hook = hook.clone();
                 set.spawn(async move {
-                    let r = attempt(&inner, &w, &d, now).await;
+                    let r = attempt(&hook, &d, now).await;
                     (d, r)
                 });
             }
@@ -296,10 +337,11 @@ async fn record(
 }
 
 /// One signed POST; `Ok` on 2xx.
-async fn attempt(inner: &Arc<Inner>, w: &Webhook, d: &Delivery, now_ms: u64) -> Result<(), String> {
+async fn attempt(hook: &Hook, d: &Delivery, now_ms: u64) -> Result<(), String> {
+    let w = &hook.w;
     let ts = now_ms / 1000;
     let sig = signature(&w.secret, ts, &d.body);
-    let (agent, url, body) = (inner.agent.clone(), w.url.clone(), d.body.clone());
+    let (agent, url, body) = (hook.agent.clone(), w.url.clone(), d.body.clone());
     let (event, delivery) = (d.event_type.clone(), format!("{}/{}", d.webhook_id, d.seq));
     let r = tokio::task::spawn_blocking(move || {
         agent

@@ -27,7 +27,14 @@ pub struct WebhookSpec {
     /// Deliveries in flight at once, each for a different orb (1..=128, default 32).
     #[serde(default)]
     pub concurrency: Option<u32>,
+    /// For an https URL: CA certificates (PEM) to trust instead of the public roots (a private
+    /// endpoint). Without it, https endpoints are verified against the Mozilla roots.
+    #[serde(default)]
+    pub ca_pem: Option<String>,
 }
+
+/// Longest `ca_pem`, in bytes.
+pub const WEBHOOK_CA_PEM_MAX: usize = 64 * 1024;
 
 fn new_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", fastrand::u64(..))
@@ -168,15 +175,19 @@ impl Api {
         let tenant = self.tenant_for(p, spec.tenant_id.as_deref(), Access::Admin)?;
         self.existing_tenant(&tenant)?;
         let url = spec.url.trim();
-        if url.starts_with("https://") {
-            return Err(ApiError::new(
-                ErrorCode::NotImplemented,
-                "https webhook URLs need the TLS client, which this build does not include yet; use http:// behind a TLS-terminating proxy",
-            ));
-        }
-        let host = url.strip_prefix("http://").ok_or_else(|| invalid("url must start with http://"))?;
+        let (host, https) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
+            (Some(h), _) => (h, true),
+            (None, Some(h)) => (h, false),
+            _ => return Err(invalid("url must start with https:// or http://")),
+        };
         if host.is_empty() || host.starts_with('/') || url.len() > 2048 || url.chars().any(char::is_whitespace) {
-            return Err(invalid("url must be http://host[:port]/path without spaces, at most 2048 bytes"));
+            return Err(invalid("url must be http(s)://host[:port]/path without spaces, at most 2048 bytes"));
+        }
+        if let Some(pem) = &spec.ca_pem {
+            if !https {
+                return Err(invalid("ca_pem applies to https:// URLs only"));
+            }
+            crate::webhooks::ca_roots(pem).map_err(invalid)?;
         }
         if spec.events.is_empty() {
             return Err(invalid(format!("events must name at least one of: {}", EVENT_TYPES.join(" "))));
@@ -213,6 +224,7 @@ impl Api {
             max_attempts,
             concurrency,
             created_ms: self.now_ms(),
+            ca_pem: spec.ca_pem,
         };
         let mut batch = Batch::new();
         Store::add_webhook(&mut batch, &w);

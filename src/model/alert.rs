@@ -175,6 +175,8 @@ pub struct Webhook {
     /// Deliveries in flight at once (each for a different orb).
     pub concurrency: u32,
     pub created_ms: u64,
+    /// For an https URL: the CA certificates (PEM) to trust instead of the public roots.
+    pub ca_pem: Option<String>,
 }
 
 impl Webhook {
@@ -187,6 +189,7 @@ impl Webhook {
             "max_attempts": self.max_attempts,
             "concurrency": self.concurrency,
             "created_ms": self.created_ms,
+            "ca_pem": self.ca_pem,
         })
     }
 }
