@@ -115,7 +115,7 @@ async fn operators_drive_the_fleet_from_the_command_line() {
     assert!(o.stdout.contains("(next: --after "), "{}", o.stdout);
     let o = cli(&ts, &op, &["events", "tail", "--after", "0", "--count", "1", "--json"]).await;
     let first: serde_json::Value = serde_json::from_str(o.stdout.trim()).unwrap();
-    assert_eq!((first["event_id"].as_str(), first["type"].as_str()), (Some("1"), Some("orb.command.status")));
+    assert_eq!((first["event_id"].as_str(), first["type"].as_str()), (Some("1"), Some("orb.registered")));
     let o = cli(&ts, &op, &["events", "list", "--types", "orb.bogus"]).await;
     assert!(!o.ok && o.stderr.contains("unknown event type"), "{}", o.stderr);
 

@@ -139,8 +139,29 @@ async fn the_stream_resumes_from_an_event_id_without_a_gap() {
         paged.extend(events.iter().map(|e| e["event_id"].as_str().unwrap().parse::<u64>().unwrap()));
         after = page["next_after"].as_str().unwrap().to_string();
     }
-    let want: Vec<u64> = (id(&first[0])..=last_seen + 5).collect();
+    // The registration came first (id 1), before the stream was opened.
+    let want: Vec<u64> = (1..=last_seen + 5).collect();
     assert_eq!(paged, want);
+    assert_eq!(id(&first[0]), 2);
+    let (_, reg) = list(&ts, "types=orb.registered").await;
+    assert_eq!(reg["events"][0]["orb_id"], "e1");
+    assert_eq!(reg["events"][0]["data"]["auto_registered"], false);
+
+    // Registry changes are events too, in the same batch as the record.
+    let url = ts.url("/v1/orbs/e1/attributes?tenant_id=acme");
+    let (s, b) = http("PATCH", &url, Some(ADMIN), Some(json!({"set": {"depot": "sf-3"}}))).await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = http("POST", &ts.url("/v1/orbs/e1/decommission?tenant_id=acme"), Some(ADMIN), None).await;
+    assert_eq!(s, 200, "{b}");
+    let (_, reg) = list(&ts, "types=orb.attributes.updated,orb.decommissioned").await;
+    let got: Vec<(&str, &str)> = reg["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["type"].as_str().unwrap(), e["data"]["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(got, [("orb.attributes.updated", "active"), ("orb.decommissioned", "decommissioned")]);
+    assert_eq!(reg["events"][0]["data"]["attributes"]["depot"], "sf-3");
     ts.stop().await;
 }
 

@@ -339,6 +339,16 @@ async fn perform(state: &mut OrbActorState, effects: Vec<Effect>) -> Result<(), 
                 let now = state.ctx.clock.now_ms();
                 state.ctx.events.append(&mut batch, &mut staged, &state.key, kind, data, now)?;
             }
+            Effect::Emit(kind) => {
+                let r = &state.orb.record;
+                let data = serde_json::json!({
+                    "status": r.status.as_str(),
+                    "attributes": r.attributes,
+                    "updated_ms": r.updated_ms,
+                });
+                let now = state.ctx.clock.now_ms();
+                state.ctx.events.append(&mut batch, &mut staged, &state.key, kind.as_str(), data, now)?;
+            }
             Effect::Kick { conn_seq, reason } => {
                 commit_writes(state, &mut batch, &mut staged).await?;
                 if let Some((_, tx)) = state.kick.take_if(|(seq, _)| *seq == conn_seq) {

@@ -280,7 +280,16 @@ async fn persist_new(ctx: &OrbCtx, record: &OrbRecord) -> Result<(), crate::stor
         Store::add_tenant(&mut batch, &TenantRecord { tenant: record.tenant.clone(), created_ms: record.created_ms });
     }
     Store::add_orb(&mut batch, record);
-    ctx.store.commit(batch).await?;
+    let mut staged = ctx.events.stage();
+    let data = serde_json::json!({
+        "status": record.status.as_str(),
+        "attributes": record.attributes,
+        "auto_registered": record.auto_registered,
+    });
+    ctx.events.append(&mut batch, &mut staged, &record.key(), "orb.registered", data, record.created_ms)?;
+    let result = ctx.store.commit(batch).await;
+    staged.settle(result.is_ok());
+    result?;
     ctx.index_orb(&crate::model::orb::OrbState::new(record.clone()));
     Ok(())
 }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::TenantId;
 
 /// Every event type, as webhooks subscribe to them and streams filter them.
-pub const EVENT_TYPES: [&str; 8] = [
+pub const EVENT_TYPES: [&str; 11] = [
     "orb.alert.triggered",
     "orb.alert.acknowledged",
     "orb.alert.resolved",
@@ -15,6 +15,9 @@ pub const EVENT_TYPES: [&str; 8] = [
     "orb.command.status",
     "orb.presence.online",
     "orb.presence.offline",
+    "orb.registered",
+    "orb.attributes.updated",
+    "orb.decommissioned",
 ];
 
 /// One event as the log keeps it. `seq` is the event id: per tenant, increasing, never reused.

@@ -224,6 +224,24 @@ pub enum Effect {
     Kick { conn_seq: u64, reason: DisconnectReason },
     /// Tell the shard whether the orb has a live connection (it never passivates one that has).
     Online(bool),
+    /// Record an event in the same batch as the write before it.
+    Emit(OrbEvent),
+}
+
+/// Registry changes that are events of the tenant's event log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OrbEvent {
+    AttributesUpdated,
+    Decommissioned,
+}
+
+impl OrbEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrbEvent::AttributesUpdated => "orb.attributes.updated",
+            OrbEvent::Decommissioned => "orb.decommissioned",
+        }
+    }
 }
 
 /// Result of an admission decision.
@@ -355,6 +373,7 @@ impl OrbState {
                     self.record.attributes = attrs.clone();
                     self.record.updated_ms = now_ms;
                     effects.push(Effect::SaveRecord);
+                    effects.push(Effect::Emit(OrbEvent::AttributesUpdated));
                 }
             }
             Event::Decommission => {
@@ -362,6 +381,7 @@ impl OrbState {
                     self.record.status = OrbStatus::Decommissioned;
                     self.record.updated_ms = now_ms;
                     effects.push(Effect::SaveRecord);
+                    effects.push(Effect::Emit(OrbEvent::Decommissioned));
                 }
                 if self.presence.online {
                     effects.push(Effect::Kick {
@@ -466,7 +486,10 @@ mod tests {
             pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
         };
         let next = s.prepare_attributes(&set(&[("depot", "sf"), ("team", "a")]), &[]).unwrap();
-        assert_eq!(s.apply(Event::Attributes(&next), 5), vec![Effect::SaveRecord]);
+        assert_eq!(
+            s.apply(Event::Attributes(&next), 5),
+            vec![Effect::SaveRecord, Effect::Emit(OrbEvent::AttributesUpdated)]
+        );
         assert_eq!(s.record.updated_ms, 5);
         let next = s.prepare_attributes(&set(&[("depot", "oak")]), &["team".into(), "absent".into()]).unwrap();
         assert_eq!(next, set(&[("depot", "oak")]));
@@ -571,6 +594,7 @@ mod tests {
             eff,
             vec![
                 Effect::SaveRecord,
+                Effect::Emit(OrbEvent::Decommissioned),
                 Effect::Kick { conn_seq: 1, reason: DisconnectReason::Decommissioned },
                 Effect::SavePresence,
                 Effect::Online(false)
