@@ -808,6 +808,8 @@ async fn https_webhooks_verify_the_endpoint_against_the_given_ca() {
     assert!(e["detail"].as_str().unwrap().contains("https:// URLs only"), "{e}");
     let (s, e) = post(hook("x", Some("not a certificate"), 1)).await;
     assert_eq!(s, 400, "{e}");
+    let (s, e) = post(hook("x", Some(&ca_pem.repeat(200)), 1)).await;
+    assert!(s == 400 && e["detail"].as_str().unwrap().contains("longer than"), "oversized ca_pem: {e}");
     let key_pem = rcgen::KeyPair::generate().unwrap().serialize_pem();
     let (s, e) = post(hook("x", Some(&key_pem), 1)).await;
     assert!(s == 400 && e["detail"].as_str().unwrap().contains("certificates only"), "{e}");
