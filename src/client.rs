@@ -334,16 +334,31 @@ pub async fn orbs(args: &ClientArgs, cmd: &OrbsCmd) -> Result<String, ClientErro
 }
 
 /// Prints live changes as they come (one line, or one JSON object, per event).
-async fn tail(c: &Client, orb_ids: &[String], count: Option<usize>) -> Result<String, ClientError> {
+/// Prints a server stream a line per message, flushed as each arrives (`tail` is read by
+/// people and pipes alike), until it ends or `count` messages were printed.
+async fn follow<T>(
+    mut stream: tonic::Streaming<T>,
+    count: Option<usize>,
+    line: impl Fn(&T) -> String,
+) -> Result<String, ClientError> {
     use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let mut n = 0;
+    while count.is_none_or(|c| n < c) {
+        let Some(m) = stream.message().await? else { break };
+        let _ = writeln!(out, "{}", line(&m));
+        let _ = out.flush();
+        n += 1;
+    }
+    Ok(String::new())
+}
+
+async fn tail(c: &Client, orb_ids: &[String], count: Option<usize>) -> Result<String, ClientError> {
     let mut svc = TelemetryServiceClient::new(c.ch.clone());
     let req = c.stream_req(pb::StreamOrbsRequest { tenant_id: c.tenant(), orb_ids: orb_ids.to_vec() });
-    let mut stream = svc.stream_orbs(req).await?.into_inner();
-    let mut n = 0;
-    let mut out = std::io::stdout().lock();
-    while count.is_none_or(|c| n < c) {
-        let Some(e) = stream.message().await? else { break };
-        let line = if c.args.json {
+    let stream = svc.stream_orbs(req).await?.into_inner();
+    follow(stream, count, |e| {
+        if c.args.json {
             json_line(&e)
         } else if e.kind == "lagged" {
             format!("(fell behind: {} changes missed; resyncing)", e.lagged)
@@ -359,13 +374,9 @@ async fn tail(c: &Client, orb_ids: &[String], count: Option<usize>) -> Result<St
                 opt_f(e.lon),
                 if e.mode.is_empty() { "-" } else { &e.mode }
             )
-        };
-        // Each event is flushed as it arrives: `tail` is read by people and pipes alike.
-        let _ = writeln!(out, "{line}");
-        let _ = out.flush();
-        n += 1;
-    }
-    Ok(String::new())
+        }
+    })
+    .await
 }
 
 pub async fn alerts(args: &ClientArgs, cmd: &AlertsCmd) -> Result<String, ClientError> {
@@ -442,7 +453,6 @@ fn event_line(e: &pb::TenantEvent, as_json: bool) -> String {
 }
 
 pub async fn events(args: &ClientArgs, cmd: &EventsCmd) -> Result<String, ClientError> {
-    use std::io::Write as _;
     let c = connect(args).await?;
     let mut svc = EventServiceClient::new(c.ch.clone());
     match cmd {
@@ -471,16 +481,8 @@ pub async fn events(args: &ClientArgs, cmd: &EventsCmd) -> Result<String, Client
                 after: after.clone().unwrap_or_default(),
                 types: types.clone(),
             });
-            let mut stream = svc.stream_events(req).await?.into_inner();
-            let mut out = std::io::stdout().lock();
-            let mut n = 0;
-            while count.is_none_or(|c| n < c) {
-                let Some(e) = stream.message().await? else { break };
-                let _ = writeln!(out, "{}", event_line(&e, args.json));
-                let _ = out.flush();
-                n += 1;
-            }
-            Ok(String::new())
+            let stream = svc.stream_events(req).await?.into_inner();
+            follow(stream, *count, |e| event_line(e, args.json)).await
         }
     }
 }

@@ -100,10 +100,6 @@ impl Events {
         let _ = self.0.webhooks.set(w);
     }
 
-    pub fn webhooks(&self) -> Option<&Webhooks> {
-        self.0.webhooks.get()
-    }
-
     pub fn stage(&self) -> Staged {
         Staged { inner: self.0.clone(), events: Vec::new(), woken: Vec::new() }
     }
@@ -234,10 +230,13 @@ impl Staged {
         self.woken.append(&mut other.woken);
     }
 
-    /// Settles the events after their batch's commit: committed ones become visible in id
-    /// order and their webhook workers wake; abandoned ids are skipped.
-    pub fn settle(mut self, committed: bool) {
-        self.settle_in(committed);
+    /// Commits `batch` (which holds these events) and settles them: committed ones become
+    /// visible in id order and their webhook workers wake; if the commit fails their ids are
+    /// abandoned (skipped by readers).
+    pub async fn commit(mut self, batch: Batch) -> Result<crate::storage::Outcome, storage::Error> {
+        let result = self.inner.store.commit(batch).await;
+        self.settle_in(result.is_ok());
+        result
     }
 
     fn settle_in(&mut self, committed: bool) {
@@ -344,11 +343,6 @@ impl Subscription {
             }
         }
     }
-
-    /// The id of the last event passed.
-    pub fn last_id(&self) -> u64 {
-        self.last
-    }
 }
 
 #[cfg(test)]
@@ -379,34 +373,30 @@ mod tests {
 
     #[tokio::test]
     async fn ids_become_visible_in_order_and_abandoned_ids_are_skipped() {
-        let (_dir, store, events) = open(Retention::default());
+        let (_dir, _store, events) = open(Retention::default());
         let t = TenantId::parse("acme").unwrap();
         let mut sub = events.subscribe(&t, None, Vec::new()).unwrap();
         let (b1, s1) = append(&events, &t, 10);
         let (b2, s2) = append(&events, &t, 10);
         // The second batch commits first: nothing is visible until the first settles.
-        store.commit(b2).await.unwrap();
-        s2.settle(true);
+        s2.commit(b2).await.unwrap();
         assert_eq!(next(&mut sub).await, None, "2 waits for 1");
         assert_eq!(events.list(&t, Some(0), 10).unwrap().len(), 0, "readers stop at the watermark");
-        store.commit(b1).await.unwrap();
-        s1.settle(true);
+        s1.commit(b1).await.unwrap();
         assert_eq!(next(&mut sub).await, Some(1));
         assert_eq!(next(&mut sub).await, Some(2));
         // A batch that never commits (dropped on an error path) leaves a hole, not a stall.
         let (_b3, s3) = append(&events, &t, 10);
         drop(s3);
         let (b4, s4) = append(&events, &t, 10);
-        store.commit(b4).await.unwrap();
-        s4.settle(true);
+        s4.commit(b4).await.unwrap();
         assert_eq!(next(&mut sub).await, Some(4));
         let seqs: Vec<u64> = events.list(&t, None, 10).unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(seqs, [1, 2, 4]);
         // Another tenant's log is separate and starts at 1.
         let other = TenantId::parse("globex").unwrap();
         let (b, s) = append(&events, &other, 10);
-        store.commit(b).await.unwrap();
-        s.settle(true);
+        s.commit(b).await.unwrap();
         assert_eq!(events.list(&other, None, 10).unwrap()[0].seq, 1);
         assert_eq!(next(&mut sub).await, None, "acme's subscriber sees nothing of globex");
     }
@@ -420,8 +410,7 @@ mod tests {
         store.commit(batch).await.unwrap();
         for at in [100, 200, 5_000, 5_100, 5_200] {
             let (b, s) = append(&events, &t, at);
-            store.commit(b).await.unwrap();
-            s.settle(true);
+            s.commit(b).await.unwrap();
         }
         // At 5,500 the first two are older than a second; of the rest, 3 may stay.
         assert_eq!(events.prune(5_500).unwrap(), 2);
@@ -434,8 +423,7 @@ mod tests {
         // By count: two more events push the oldest past the 3 kept.
         for at in [5_300, 5_400] {
             let (b, s) = append(&events, &t, at);
-            store.commit(b).await.unwrap();
-            s.settle(true);
+            s.commit(b).await.unwrap();
         }
         assert_eq!(events.prune(5_500).unwrap(), 2);
         let seqs: Vec<u64> = events.list(&t, None, 10).unwrap().iter().map(|e| e.seq).collect();

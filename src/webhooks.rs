@@ -24,6 +24,8 @@ use crate::storage::{self, Batch, Store};
 /// Pending deliveries one webhook may have; beyond it new events go straight to the dead
 /// letter log (from where they can be redelivered) instead of growing the outbox.
 pub const OUTBOX_MAX: usize = 100_000;
+/// Longest `ca_pem` a webhook may carry, in bytes.
+pub const CA_PEM_MAX: usize = 64 * 1024;
 /// Time one delivery attempt may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -48,8 +50,8 @@ struct Inner {
 
 /// The certificates of a webhook's `ca_pem`; an error says what is wrong with it.
 pub fn ca_roots(pem: &str) -> Result<Vec<ureq::tls::Certificate<'static>>, String> {
-    if pem.len() > crate::api::alerts::WEBHOOK_CA_PEM_MAX {
-        return Err(format!("ca_pem is longer than {} bytes", crate::api::alerts::WEBHOOK_CA_PEM_MAX));
+    if pem.len() > CA_PEM_MAX {
+        return Err(format!("ca_pem is longer than {CA_PEM_MAX} bytes"));
     }
     let mut certs = Vec::new();
     for item in ureq::tls::parse_pem(pem.as_bytes()) {

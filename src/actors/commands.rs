@@ -34,9 +34,7 @@ async fn persist(ctx: &OrbCtx, key: &OrbKey, changed: &[Command], extra: impl Fn
     if batch.is_empty() {
         return Ok(());
     }
-    let result = ctx.store.commit(batch).await;
-    staged.settle(result.is_ok());
-    result?;
+    staged.commit(batch).await?;
     for c in changed {
         if c.status.is_terminal() {
             ctx.metrics.command_terminal(c.status);

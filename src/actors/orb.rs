@@ -374,7 +374,6 @@ async fn commit_writes(
     if batch.is_empty() {
         return Ok(());
     }
-    let result = state.ctx.store.commit(std::mem::take(batch)).await;
-    std::mem::replace(staged, state.ctx.events.stage()).settle(result.is_ok());
-    result.map(|_| ())
+    let events = std::mem::replace(staged, state.ctx.events.stage());
+    events.commit(std::mem::take(batch)).await.map(|_| ())
 }

@@ -652,9 +652,7 @@ async fn flush(st: &mut PartitionState) -> Result<(), ActorProcessingErr> {
     let batch = std::mem::take(&mut st.pending);
     let staged = std::mem::replace(&mut st.pending_staged, st.ctx.events.stage());
     st.pending_ops = 0;
-    let result = st.ctx.store.commit(batch).await;
-    staged.settle(result.is_ok());
-    result?;
+    staged.commit(batch).await?;
     for kind in st.pending_events.drain(..) {
         st.ctx.metrics.alert_event(kind);
     }
@@ -755,9 +753,7 @@ async fn operator(st: &mut PartitionState, alert: Alert, op: AlertOp, now: u64) 
     let events = &st.ctx.events;
     let key = OrbKey::new(current.tenant.clone(), current.orb.clone());
     events.append(&mut batch, &mut staged, &key, event, current.to_json(), now).map_err(ApiError::internal)?;
-    let result = st.ctx.store.commit(batch).await;
-    staged.settle(result.is_ok());
-    result.map_err(ApiError::internal)?;
+    staged.commit(batch).await.map_err(ApiError::internal)?;
     // Memory follows the store only once the change is durable.
     match op {
         AlertOp::Acknowledge | AlertOp::Assign(_) | AlertOp::Comment { .. } => {

@@ -287,9 +287,7 @@ async fn persist_new(ctx: &OrbCtx, record: &OrbRecord) -> Result<(), crate::stor
         "auto_registered": record.auto_registered,
     });
     ctx.events.append(&mut batch, &mut staged, &record.key(), "orb.registered", data, record.created_ms)?;
-    let result = ctx.store.commit(batch).await;
-    staged.settle(result.is_ok());
-    result?;
+    staged.commit(batch).await?;
     ctx.index_orb(&crate::model::orb::OrbState::new(record.clone()));
     Ok(())
 }

@@ -33,9 +33,6 @@ pub struct WebhookSpec {
     pub ca_pem: Option<String>,
 }
 
-/// Longest `ca_pem`, in bytes.
-pub const WEBHOOK_CA_PEM_MAX: usize = 64 * 1024;
-
 fn new_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", fastrand::u64(..))
 }

@@ -48,11 +48,12 @@ impl Api {
             };
             scanned += chunk.len();
             for e in chunk {
-                cursor = Some(e.seq);
+                let seq = e.seq;
+                cursor = Some(seq);
                 if types.is_empty() || types.contains(&e.event_type) {
                     events.push(e);
                     if events.len() == limit {
-                        return Ok(EventPage { events, next_after: Some(cursor.unwrap_or(last).to_string()) });
+                        return Ok(EventPage { events, next_after: Some(seq.to_string()) });
                     }
                 }
             }

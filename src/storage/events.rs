@@ -15,19 +15,6 @@ fn key(t: &TenantId, seq: u64) -> Vec<u8> {
 }
 
 impl Store {
-    /// Every tenant's id.
-    pub fn tenant_ids(&self) -> Result<Vec<TenantId>, Error> {
-        let mut out = Vec::new();
-        for g in self.ks.get(Ks::Tenants).iter() {
-            let k = g.key()?;
-            let s = String::from_utf8_lossy(&k);
-            if let Ok(t) = TenantId::parse(&s) {
-                out.push(t);
-            }
-        }
-        Ok(out)
-    }
-
     pub fn add_event(batch: &mut Batch, e: &Event) {
         batch.put(Ks::Events, key(&e.tenant, e.seq), encode(e));
     }

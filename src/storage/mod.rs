@@ -535,6 +535,19 @@ impl Store {
         }
     }
 
+    /// Every tenant's id.
+    pub fn tenant_ids(&self) -> Result<Vec<TenantId>, Error> {
+        let mut out = Vec::new();
+        for g in self.ks.get(Ks::Tenants).iter() {
+            let k = g.key()?;
+            let s = String::from_utf8_lossy(&k);
+            if let Ok(t) = TenantId::parse(&s) {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
     pub fn tenant(&self, tenant: &TenantId) -> Result<Option<TenantRecord>, Error> {
         self.get_decoded(Ks::Tenants, "tenant", tenant.as_str().as_bytes())
     }
@@ -640,11 +653,9 @@ impl Store {
         let Some(oldest_kept) = current.checked_sub(1) else { return Ok(0) };
         let dedupe = self.ks.get(Ks::Dedupe);
         let mut removed = 0;
-        for tenant in self.ks.get(Ks::Tenants).iter() {
-            let tenant_key = tenant.key()?;
-            let tenant = String::from_utf8_lossy(&tenant_key).into_owned();
-            let lo = keys::dedupe_bucket_prefix(&tenant, 0);
-            let hi = keys::dedupe_bucket_prefix(&tenant, oldest_kept);
+        for tenant in self.tenant_ids()? {
+            let lo = keys::dedupe_bucket_prefix(tenant.as_str(), 0);
+            let hi = keys::dedupe_bucket_prefix(tenant.as_str(), oldest_kept);
             let stale: Vec<_> = dedupe.range(lo..hi).map(|g| g.key()).collect::<Result<_, _>>()?;
             for chunk in stale.chunks(10_000) {
                 let mut wb = self.db.batch();
