@@ -17,12 +17,13 @@ use tokio::task::JoinHandle;
 use crate::actors::{Fleet, OrbCtx};
 use crate::api::Api;
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, parse_duration};
 use crate::limits::SHUTDOWN_GRACE_MS;
 use crate::metrics::Metrics;
 use crate::net::http::{HttpCtx, Readiness};
 use crate::net::ingest::Ingest;
 use crate::net::mqtt::{MqttCtx, MqttListener};
+use crate::storage::cold::{Cold, ObjectTarget, SpillOptions};
 use crate::storage::{Store, StoreOptions};
 
 /// Start-up failures.
@@ -68,6 +69,8 @@ pub struct Server {
     grpc: (Option<oneshot::Sender<()>>, Option<JoinHandle<()>>),
     sweeper: JoinHandle<()>,
     pruner: JoinHandle<()>,
+    /// Spills, checkpoints and cold retention on their intervals.
+    maintenance: JoinHandle<()>,
     /// Ends live streams when draining starts.
     closing: tokio::sync::watch::Sender<bool>,
 }
@@ -112,6 +115,13 @@ impl Server {
             .map_err(|e| AppError::Start { what: "store", message: e.to_string() })??;
         let orb_count = store.orb_count()?;
         tracing::info!(data_dir = %config.data_dir.display(), orbs = orb_count, "store open");
+        let target = ObjectTarget::parse(&config.object_store, &config.data_dir, &config.storage.s3)
+            .map_err(|e| AppError::Start { what: "object store", message: e.to_string() })?;
+        let cold = Arc::new(
+            Cold::open(store.clone(), &target)
+                .map_err(|e| AppError::Start { what: "object store", message: e.to_string() })?,
+        );
+        tracing::info!(object_store = %cold.url(), "cold tier");
 
         let fleet = Fleet::start(
             OrbCtx::new(
@@ -162,7 +172,17 @@ impl Server {
             .map_err(|e| AppError::Start { what: "mqtt listener", message: e.to_string() })?;
         readiness.mqtt.store(true, Ordering::Release);
 
-        let api = Arc::new(Api::new(ingest, config.dev, config.auth.admin_token.clone(), closing));
+        let spill_opts = SpillOptions {
+            hot_window_ms: parse_duration(&config.storage.hot_window).unwrap_or(6 * 3_600_000),
+            buffer_bytes: config.storage.spill_buffer_mb * 1024 * 1024,
+        };
+        let storage = crate::api::storage::StorageApi::new(cold.clone(), spill_opts.clone());
+        let api = Arc::new(Api::new(ingest, config.dev, config.auth.admin_token.clone(), closing, storage));
+        match api.resume_exports() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(jobs = n, "resuming export jobs"),
+            Err(e) => tracing::warn!(error = %e.message, "resuming export jobs failed"),
+        }
         let (grpc_tx, grpc_rx) = oneshot::channel::<()>();
         let grpc_api = api.clone();
         let grpc_l = tokio::net::TcpListener::from_std(grpc_l).map_err(|source| AppError::Bind {
@@ -235,6 +255,15 @@ impl Server {
             }
         });
 
+        let maintenance = tokio::spawn(cold_maintenance(
+            cold.clone(),
+            clock.clone(),
+            spill_opts,
+            config.storage.spill_interval_s,
+            config.storage.checkpoint_interval_s,
+            parse_duration(&config.storage.cold_retention).unwrap_or(0),
+        ));
+
         write_endpoints(&config.data_dir, &endpoints)?;
         if config.dev {
             tracing::warn!("dev mode: tenant \"default\" admits anonymous clients and registers orbs on first contact");
@@ -254,6 +283,7 @@ impl Server {
             grpc: (Some(grpc_tx), Some(grpc_task)),
             sweeper,
             pruner,
+            maintenance,
             closing: closing_tx,
         })
     }
@@ -301,11 +331,92 @@ impl Server {
         let _ = (&mut self.sweeper).await;
         self.pruner.abort();
         let _ = (&mut self.pruner).await;
+        self.maintenance.abort();
+        let _ = (&mut self.maintenance).await;
         self.fleet.stop().await;
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.close()).await;
         tracing::info!("stopped; everything acknowledged is on disk");
     }
+}
+
+/// Spills telemetry past the hot window, writes checkpoints and deletes cold files past the
+/// retention, each on its own interval (0 turns one off). A failed round is logged and tried
+/// again next interval; nothing is lost by a failed spill (the hot copy stays until a file is
+/// committed).
+async fn cold_maintenance(
+    cold: Arc<Cold>,
+    clock: Clock,
+    spill: SpillOptions,
+    spill_every_s: u64,
+    checkpoint_every_s: u64,
+    retention_ms: u64,
+) {
+    let every = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+    let (spill_every, ckpt_every) = (every(spill_every_s), every(checkpoint_every_s));
+    let mut next_spill = spill_every.map(|d| tokio::time::Instant::now() + d);
+    let mut next_ckpt = ckpt_every.map(|d| tokio::time::Instant::now() + d);
+    loop {
+        let wake = match (next_spill, next_ckpt) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => return,
+        };
+        tokio::time::sleep_until(wake).await;
+        let now = tokio::time::Instant::now();
+        if let (Some(at), Some(d)) = (next_spill, spill_every)
+            && at <= now
+        {
+            if let Err(e) = cold.spill(clock.now_ms(), &spill, None).await {
+                tracing::warn!(error = %e, "spill failed; the points stay hot and are retried");
+            }
+            if retention_ms > 0 {
+                let cutoff = clock.now_ms().saturating_sub(retention_ms);
+                for t in cold.store().tenant_ids().unwrap_or_default() {
+                    match cold.expire(&t, cutoff).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(tenant = %t, files = n, "cold retention removed files"),
+                        Err(e) => tracing::warn!(tenant = %t, error = %e, "cold retention failed"),
+                    }
+                }
+            }
+            next_spill = Some(tokio::time::Instant::now() + d);
+        }
+        if let (Some(at), Some(d)) = (next_ckpt, ckpt_every)
+            && at <= now
+        {
+            if let Err(e) = cold.checkpoint(clock.now_ms()).await {
+                tracing::warn!(error = %e, "checkpoint failed");
+            }
+            next_ckpt = Some(tokio::time::Instant::now() + d);
+        }
+    }
+}
+
+/// `orbmanager restore`: rebuilds an empty data directory from a checkpoint in the object
+/// store (and the cold files spilled after it). Returns a one-line JSON report.
+pub async fn restore(config: &Config, checkpoint: Option<&str>) -> Result<String, AppError> {
+    let metrics = Arc::new(Metrics::default());
+    let opts = StoreOptions { cache_bytes: config.storage.cache_mb * 1024 * 1024, ..Default::default() };
+    let dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir, &opts, metrics))
+        .await
+        .map_err(|e| AppError::Start { what: "store", message: e.to_string() })??;
+    let target = ObjectTarget::parse(&config.object_store, &config.data_dir, &config.storage.s3)
+        .map_err(|e| AppError::Start { what: "object store", message: e.to_string() })?;
+    let cold = Cold::open(store.clone(), &target)
+        .map_err(|e| AppError::Start { what: "object store", message: e.to_string() })?;
+    let result = cold.restore(checkpoint, &config.data_dir).await;
+    let s = store.clone();
+    let _ = tokio::task::spawn_blocking(move || s.close()).await;
+    let (info, entries) = result.map_err(|e| AppError::Start { what: "restore", message: e.to_string() })?;
+    let report = serde_json::json!({
+        "restored_from": format!("{}/{}", cold.url(), info.path),
+        "checkpoint_created_ms": info.created_ms,
+        "entries": entries,
+        "orbs": store.orb_count().unwrap_or(0),
+    });
+    Ok(report.to_string())
 }
 
 /// Waits for SIGINT or SIGTERM.

@@ -70,6 +70,72 @@ pub enum Command {
         #[command(subcommand)]
         cmd: EventsCmd,
     },
+    /// The cold tier: spill now, checkpoint now.
+    Storage {
+        #[command(flatten)]
+        conn: ClientArgs,
+        #[command(subcommand)]
+        cmd: StorageCmd,
+    },
+    /// Batch export jobs (telemetry of a fleet query and time range to Parquet or JSON lines).
+    Exports {
+        #[command(flatten)]
+        conn: ClientArgs,
+        #[command(subcommand)]
+        cmd: ExportsCmd,
+    },
+    /// Rebuild an empty data directory from the newest checkpoint in the object store.
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum StorageCmd {
+    /// Spill telemetry older than the hot window to Parquet in the object store now.
+    Spill {
+        /// Override storage.hot_window for this spill (30m, 6h, ...).
+        #[arg(long)]
+        hot_window: Option<String>,
+    },
+    /// Write a checkpoint of registry, state and command queues now.
+    Checkpoint,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ExportsCmd {
+    /// Start an export job.
+    Create {
+        /// Start of the range, unix ms.
+        #[arg(long)]
+        from: u64,
+        /// End of the range, unix ms.
+        #[arg(long)]
+        to: u64,
+        /// Fleet query (search language); default: every orb.
+        #[arg(long, default_value = "")]
+        query: String,
+        /// parquet or jsonl.
+        #[arg(long, default_value = "parquet")]
+        format: String,
+        /// Relative path under exports/tenant=<t>/ in the object store.
+        #[arg(long)]
+        destination: String,
+    },
+    Get {
+        export_id: String,
+    },
+    List,
+    Cancel {
+        export_id: String,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// A checkpoint path under the object store (default: the one checkpoints/LATEST names).
+    #[arg(long)]
+    pub checkpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -319,6 +385,10 @@ pub struct ServeArgs {
     /// HTTP listener [default: 127.0.0.1:8080].
     #[arg(long)]
     pub http_addr: Option<String>,
+    /// Object store for cold telemetry, checkpoints and exports: file://DIR or
+    /// s3://BUCKET/PREFIX [default: file://<data-dir>/objects].
+    #[arg(long)]
+    pub object_store: Option<String>,
     /// Development mode: open dev tenant `default`, anonymous clients, auto-registration.
     #[arg(long)]
     pub dev: bool,
@@ -328,6 +398,7 @@ impl ServeArgs {
     pub fn overrides(&self) -> Overrides {
         Overrides {
             data_dir: self.data_dir.clone(),
+            object_store: self.object_store.clone(),
             mqtt_addr: self.mqtt_addr.clone(),
             grpc_addr: self.grpc_addr.clone(),
             http_addr: self.http_addr.clone(),

@@ -6,12 +6,15 @@ use std::fmt::Write as _;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 
-use crate::cli::{AlertsCmd, ClientArgs, CommandsCmd, EventsCmd, OrbsCmd, TelemetryCmd, TenantsCmd, TokensCmd};
+use crate::cli::{
+    AlertsCmd, ClientArgs, CommandsCmd, EventsCmd, ExportsCmd, OrbsCmd, StorageCmd, TelemetryCmd, TenantsCmd, TokensCmd,
+};
 use crate::net::grpc::pb;
 use pb::alert_service_client::AlertServiceClient;
 use pb::command_service_client::CommandServiceClient;
 use pb::event_service_client::EventServiceClient;
 use pb::registry_service_client::RegistryServiceClient;
+use pb::storage_service_client::StorageServiceClient;
 use pb::telemetry_service_client::TelemetryServiceClient;
 use pb::tenant_service_client::TenantServiceClient;
 
@@ -627,6 +630,106 @@ pub async fn commands(args: &ClientArgs, cmd: &CommandsCmd) -> Result<String, Cl
                 .await?
                 .into_inner();
             Ok(if args.json { json(&b) } else { broadcast_text(&b) })
+        }
+    }
+}
+
+pub async fn storage(args: &ClientArgs, cmd: &StorageCmd) -> Result<String, ClientError> {
+    let c = connect(args).await?;
+    let mut svc = StorageServiceClient::new(c.ch.clone());
+    match cmd {
+        StorageCmd::Spill { hot_window } => {
+            let r = svc
+                .spill(c.req(pb::SpillRequest {
+                    tenant_id: c.tenant(),
+                    hot_window: hot_window.clone().unwrap_or_default(),
+                }))
+                .await?
+                .into_inner();
+            Ok(if args.json {
+                format!(
+                    "{}\n",
+                    serde_json::json!({"objects": r.objects, "rows": r.rows, "bytes": r.bytes, "tenants": r.tenants, "elapsed_ms": r.elapsed_ms})
+                )
+            } else {
+                format!(
+                    "spilled {} points into {} files ({} bytes) in {} ms\n",
+                    r.rows, r.objects, r.bytes, r.elapsed_ms
+                )
+            })
+        }
+        StorageCmd::Checkpoint => {
+            let r = svc.checkpoint(c.req(pb::CheckpointRequest {})).await?.into_inner();
+            Ok(if args.json {
+                format!(
+                    "{}\n",
+                    serde_json::json!({"path": r.path, "created_ms": r.created_ms, "entries": r.entries, "bytes": r.bytes, "sha256": r.sha256})
+                )
+            } else {
+                format!("checkpoint {} ({} entries, {} bytes)\n", r.path, r.entries, r.bytes)
+            })
+        }
+    }
+}
+
+fn export_row(j: &pb::ExportJob) -> Vec<String> {
+    vec![
+        j.export_id.clone(),
+        j.status.clone(),
+        format!("{}/{}", j.orbs_done, j.orbs_total),
+        j.files.to_string(),
+        j.rows.to_string(),
+        j.destination.clone(),
+    ]
+}
+
+fn export_out(j: &pb::ExportJob, json: bool) -> String {
+    if json {
+        let v = serde_json::json!({
+            "export_id": j.export_id, "tenant_id": j.tenant_id, "from": j.from, "to": j.to,
+            "query": j.query, "format": j.format, "destination": j.destination, "status": j.status,
+            "orbs_total": j.orbs_total, "orbs_done": j.orbs_done, "files": j.files, "rows": j.rows,
+            "created_ms": j.created_ms, "updated_ms": j.updated_ms, "error": j.error,
+        });
+        format!("{v}\n")
+    } else {
+        table(&["EXPORT", "STATUS", "ORBS", "FILES", "ROWS", "DESTINATION"], &[export_row(j)])
+    }
+}
+
+pub async fn exports(args: &ClientArgs, cmd: &ExportsCmd) -> Result<String, ClientError> {
+    let c = connect(args).await?;
+    let mut svc = StorageServiceClient::new(c.ch.clone());
+    let req = |id: &str| pb::ExportRequest { tenant_id: c.tenant(), export_id: id.to_string() };
+    match cmd {
+        ExportsCmd::Create { from, to, query, format, destination } => {
+            let j = svc
+                .create_export(c.req(pb::CreateExportRequest {
+                    tenant_id: c.tenant(),
+                    from: *from,
+                    to: *to,
+                    query: query.clone(),
+                    format: format.clone(),
+                    destination: destination.clone(),
+                }))
+                .await?
+                .into_inner();
+            Ok(export_out(&j, args.json))
+        }
+        ExportsCmd::Get { export_id } => {
+            Ok(export_out(&svc.get_export(c.req(req(export_id))).await?.into_inner(), args.json))
+        }
+        ExportsCmd::Cancel { export_id } => {
+            Ok(export_out(&svc.cancel_export(c.req(req(export_id))).await?.into_inner(), args.json))
+        }
+        ExportsCmd::List => {
+            let r = svc.list_exports(c.req(pb::ListExportsRequest { tenant_id: c.tenant() })).await?.into_inner();
+            if args.json {
+                Ok(r.exports.iter().map(|j| export_out(j, true)).collect())
+            } else {
+                let rows: Vec<_> = r.exports.iter().map(export_row).collect();
+                Ok(table(&["EXPORT", "STATUS", "ORBS", "FILES", "ROWS", "DESTINATION"], &rows))
+            }
         }
     }
 }

@@ -23,6 +23,9 @@ pub struct Config {
     pub mqtt_addr: String,
     pub grpc_addr: String,
     pub http_addr: String,
+    /// Where cold telemetry, checkpoints and exports go: `file://<dir>` or `s3://bucket/prefix`
+    /// (empty: `file://<data_dir>/objects`).
+    pub object_store: String,
     /// Log filter in `tracing` syntax (`info`, `orbmanager=debug,info`).
     pub log: String,
     pub mqtt: MqttConfig,
@@ -103,6 +106,19 @@ pub struct StorageConfig {
     /// Size of each of the two in-memory `msg_id` filters, in MiB (about 1% false positives
     /// at 10 million ids per 10-minute bucket with 16 MiB).
     pub dedupe_filter_mb: usize,
+    /// Telemetry older than this (device time) moves to the cold tier: a duration such as
+    /// `90s`, `30m`, `6h`, `7d`.
+    pub hot_window: String,
+    /// How often eligible telemetry is spilled, in seconds (0: only on request).
+    pub spill_interval_s: u64,
+    /// Points a spill buffers before writing a file, in MiB (estimated decoded size).
+    pub spill_buffer_mb: usize,
+    /// How often a checkpoint is written to the object store, in seconds (0: only on request).
+    pub checkpoint_interval_s: u64,
+    /// Cold telemetry older than this is deleted (a duration; `0` keeps it forever).
+    pub cold_retention: String,
+    /// S3 connection for an `s3://` object store.
+    pub s3: crate::storage::cold::S3Settings,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -133,6 +149,7 @@ impl Default for Config {
             mqtt_addr: "127.0.0.1:1883".into(),
             grpc_addr: "127.0.0.1:50051".into(),
             http_addr: "127.0.0.1:8080".into(),
+            object_store: String::new(),
             log: "info".into(),
             mqtt: MqttConfig::default(),
             telemetry: TelemetryConfig::default(),
@@ -172,6 +189,12 @@ impl Default for StorageConfig {
             commit_queue_max: limits::COMMIT_QUEUE_MAX,
             dedupe_sweep_interval_s: 60,
             dedupe_filter_mb: 16,
+            hot_window: "6h".into(),
+            spill_interval_s: 300,
+            spill_buffer_mb: 64,
+            checkpoint_interval_s: 300,
+            cold_retention: "0".into(),
+            s3: Default::default(),
         }
     }
 }
@@ -203,10 +226,30 @@ pub enum ConfigError {
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {
     pub data_dir: Option<PathBuf>,
+    pub object_store: Option<String>,
     pub mqtt_addr: Option<String>,
     pub grpc_addr: Option<String>,
     pub http_addr: Option<String>,
     pub dev: bool,
+}
+
+/// Parses a duration: a whole number with a unit `s`, `m`, `h` or `d` (`0` alone is zero).
+/// Returns milliseconds.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if t == "0" {
+        return Ok(0);
+    }
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration such as 90s, 30m, 6h or 7d"))?;
+    let ms = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("{s:?} is not a duration such as 90s, 30m, 6h or 7d")),
+    };
+    n.checked_mul(ms).ok_or_else(|| format!("{s:?} is too long"))
 }
 
 /// Environment variable name of a config path.
@@ -306,6 +349,7 @@ impl Config {
             ("mqtt_addr", o.mqtt_addr.clone()),
             ("grpc_addr", o.grpc_addr.clone()),
             ("http_addr", o.http_addr.clone()),
+            ("object_store", o.object_store.clone()),
         ];
         for (k, v) in string_overrides {
             if let Some(v) = v {
@@ -372,6 +416,17 @@ impl Config {
         if !(1..=4096).contains(&s.dedupe_filter_mb) {
             return invalid(format!("storage.dedupe_filter_mb = {} must be 1..4096", s.dedupe_filter_mb));
         }
+        let hot =
+            parse_duration(&s.hot_window).map_err(|e| ConfigError::Invalid(format!("storage.hot_window: {e}")))?;
+        if hot < 60_000 {
+            return invalid(format!("storage.hot_window = {:?} must be at least 1m", s.hot_window));
+        }
+        parse_duration(&s.cold_retention).map_err(|e| ConfigError::Invalid(format!("storage.cold_retention: {e}")))?;
+        if !(1..=4096).contains(&s.spill_buffer_mb) {
+            return invalid(format!("storage.spill_buffer_mb = {} must be 1..4096", s.spill_buffer_mb));
+        }
+        crate::storage::cold::ObjectTarget::parse(&self.object_store, &self.data_dir, &s.s3)
+            .map_err(|e| ConfigError::Invalid(format!("object_store: {e}")))?;
         if s.dedupe_sweep_interval_s == 0 {
             return invalid("storage.dedupe_sweep_interval_s must be at least 1".into());
         }

@@ -36,6 +36,8 @@ pub enum ErrorCode {
     Internal,
     /// What was asked for is no longer kept (an event id older than the retention).
     OutOfRange,
+    /// The target is in a state that does not allow this (a finished export canceled).
+    FailedPrecondition,
 }
 
 impl ErrorCode {
@@ -56,6 +58,7 @@ impl ErrorCode {
             ErrorCode::NotImplemented => "not_implemented",
             ErrorCode::Internal => "internal",
             ErrorCode::OutOfRange => "out_of_range",
+            ErrorCode::FailedPrecondition => "failed_precondition",
         }
     }
 
@@ -73,6 +76,7 @@ impl ErrorCode {
             ErrorCode::NotImplemented => 501,
             ErrorCode::Internal => 500,
             ErrorCode::OutOfRange => 410,
+            ErrorCode::FailedPrecondition => 409,
         }
     }
 
@@ -93,6 +97,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => 14,
             ErrorCode::Unauthenticated => 16,
             ErrorCode::OutOfRange => 11,
+            ErrorCode::FailedPrecondition => 9,
         }
     }
 
@@ -107,7 +112,8 @@ impl ErrorCode {
             | ErrorCode::Unavailable
             | ErrorCode::NotImplemented
             | ErrorCode::Internal
-            | ErrorCode::OutOfRange => 0x80,
+            | ErrorCode::OutOfRange
+            | ErrorCode::FailedPrecondition => 0x80,
         }
     }
 
@@ -117,7 +123,7 @@ impl ErrorCode {
     }
 
     /// Every code, in `metric_index` order.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::InvalidArgument,
         ErrorCode::MalformedPayload,
         ErrorCode::PayloadTooLarge,
@@ -132,6 +138,7 @@ impl ErrorCode {
         ErrorCode::NotImplemented,
         ErrorCode::Internal,
         ErrorCode::OutOfRange,
+        ErrorCode::FailedPrecondition,
     ];
 }
 

@@ -91,6 +91,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Commands { conn, cmd } => client_out(runtime()?.block_on(orbmanager::client::commands(&conn, &cmd)))?,
         Command::Alerts { conn, cmd } => client_out(runtime()?.block_on(orbmanager::client::alerts(&conn, &cmd)))?,
         Command::Events { conn, cmd } => client_out(runtime()?.block_on(orbmanager::client::events(&conn, &cmd)))?,
+        Command::Storage { conn, cmd } => client_out(runtime()?.block_on(orbmanager::client::storage(&conn, &cmd)))?,
+        Command::Exports { conn, cmd } => client_out(runtime()?.block_on(orbmanager::client::exports(&conn, &cmd)))?,
+        Command::Restore(args) => {
+            let config = load_config(&args.serve)?;
+            let report = runtime()?.block_on(orbmanager::app::restore(&config, args.checkpoint.as_deref()))?;
+            println!("{report}");
+        }
         Command::Sim(args) => {
             init_tracing(&std::env::var("ORBMANAGER_LOG").unwrap_or_else(|_| "warn".into()));
             let cfg = sim_config(&args)?;

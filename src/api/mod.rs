@@ -8,6 +8,7 @@ pub mod auth;
 pub mod commands;
 pub mod events;
 pub mod orbs;
+pub mod storage;
 pub mod tenants;
 
 use std::sync::Arc;
@@ -29,6 +30,8 @@ pub struct Api {
     pub tenant_lock: tokio::sync::Mutex<()>,
     /// Turns true when the server drains: live streams end so listeners can stop.
     pub closing: tokio::sync::watch::Receiver<bool>,
+    /// The cold tier: history across tiers, spills, checkpoints, exports.
+    pub storage: storage::StorageApi,
 }
 
 impl Api {
@@ -37,8 +40,9 @@ impl Api {
         dev: bool,
         admin_token: String,
         closing: tokio::sync::watch::Receiver<bool>,
+        storage: storage::StorageApi,
     ) -> Api {
-        Api { ingest, dev, admin_token, tenant_lock: tokio::sync::Mutex::new(()), closing }
+        Api { ingest, dev, admin_token, tenant_lock: tokio::sync::Mutex::new(()), closing, storage }
     }
 }
 

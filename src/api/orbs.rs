@@ -246,9 +246,9 @@ impl Api {
         Ok(VersionPage { changes, next_page_token })
     }
 
-    /// Telemetry history, ordered by device time; cursor pages never split points that share
-    /// a millisecond.
-    pub fn history(
+    /// Telemetry history from both tiers, ordered by device time; cursor pages never split
+    /// points that share a millisecond.
+    pub async fn history(
         &self,
         p: &Principal,
         tenant_id: Option<&str>,
@@ -266,10 +266,7 @@ impl Api {
         }
         let after = given(page_token).map(decode_page_token).transpose()?;
         self.ensure_orb(&key)?;
-        // One extra point tells whether another page exists.
-        let mut rows = self.store().points(&key, from, to, after, limit + 1).map_err(internal)?;
-        let more = rows.len() > limit;
-        rows.truncate(limit);
+        let (rows, more) = self.history_page(&key, from, to, after, limit).await?;
         let next_page_token = if more {
             rows.last().map(|((ts, suffix), _)| {
                 let mut b = ts.to_be_bytes().to_vec();

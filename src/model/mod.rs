@@ -6,6 +6,7 @@
 pub mod alert;
 pub mod broadcast;
 pub mod command;
+pub mod downsample;
 pub mod event;
 pub mod ids;
 pub mod orb;

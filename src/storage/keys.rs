@@ -19,6 +19,9 @@
 //! | `revoked`   | `t 0 serial`                               | (orb, at_ms)     |
 //! | `versions`  | `t 0 o 0 at_ms:u64 component`              | `VersionChange`  |
 //! | `events`    | `t 0 seq:u64`                              | `Event`          |
+//! | `cold`      | `t 0 hour_ms:u64 path`                     | `ColdObject`     |
+//! | `exports`   | `t 0 id`                                   | `ExportJob`      |
+//! | `export_targets` | `t 0 id`                              | `Vec<OrbId>`     |
 //! | `meta`      | ascii name                                 | per name         |
 //!
 //! Rules, alerts, webhooks and their outbox are laid out in `alerts.rs`.

@@ -5,6 +5,7 @@
 
 mod alerts;
 mod codec;
+pub mod cold;
 mod commit;
 mod dedupe;
 mod events;
@@ -75,10 +76,13 @@ pub enum Ks {
     Outbox,
     Deliveries,
     Events,
+    Cold,
+    Exports,
+    ExportTargets,
 }
 
 impl Ks {
-    const ALL: [Ks; 24] = [
+    const ALL: [Ks; 27] = [
         Ks::Meta,
         Ks::Tenants,
         Ks::Orbs,
@@ -103,6 +107,9 @@ impl Ks {
         Ks::Outbox,
         Ks::Deliveries,
         Ks::Events,
+        Ks::Cold,
+        Ks::Exports,
+        Ks::ExportTargets,
     ];
 
     fn name(self) -> &'static str {
@@ -131,6 +138,9 @@ impl Ks {
             Ks::Outbox => "outbox",
             Ks::Deliveries => "deliveries",
             Ks::Events => "events",
+            Ks::Cold => "cold",
+            Ks::Exports => "exports",
+            Ks::ExportTargets => "export_targets",
         }
     }
 }
@@ -571,6 +581,18 @@ impl Store {
                 let v = guard.value()?;
                 decode("telemetry", &v).map(Some)
             }
+            None => Ok(None),
+        }
+    }
+
+    /// The orb's point with the greatest device time in `[from, to]`.
+    pub fn latest_point_between(&self, key: &OrbKey, from: u64, to: u64) -> Result<Option<StoredPoint>, Error> {
+        if from > to {
+            return Ok(None);
+        }
+        let (lo, hi) = (keys::telemetry(key, from, 0), keys::telemetry(key, to, u64::MAX));
+        match self.ks.get(Ks::Telemetry).range(lo..=hi).next_back() {
+            Some(guard) => decode("telemetry", &guard.value()?).map(Some),
             None => Ok(None),
         }
     }

@@ -49,7 +49,8 @@ pub async fn serve(
         .add_service(bounded!(pb::telemetry_service_server::TelemetryServiceServer::new(s.clone())))
         .add_service(bounded!(pb::command_service_server::CommandServiceServer::new(s.clone())))
         .add_service(bounded!(pb::alert_service_server::AlertServiceServer::new(s.clone())))
-        .add_service(bounded!(pb::event_service_server::EventServiceServer::new(s)))
+        .add_service(bounded!(pb::event_service_server::EventServiceServer::new(s.clone())))
+        .add_service(bounded!(pb::storage_service_server::StorageServiceServer::new(s)))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await
 }

