@@ -174,9 +174,14 @@ impl Server {
 
         let spill_opts = SpillOptions {
             hot_window_ms: parse_duration(&config.storage.hot_window).unwrap_or(6 * 3_600_000),
+            tenant_windows: true,
             buffer_bytes: config.storage.spill_buffer_mb * 1024 * 1024,
         };
-        let storage = crate::api::storage::StorageApi::new(cold.clone(), spill_opts.clone());
+        let storage = crate::api::storage::StorageApi::new(
+            cold.clone(),
+            spill_opts.clone(),
+            parse_duration(&config.storage.cold_retention).unwrap_or(0),
+        );
         let api = Arc::new(Api::new(ingest, config.dev, config.auth.admin_token.clone(), closing, storage));
         match api.resume_exports() {
             Ok(0) => {}
@@ -370,15 +375,22 @@ async fn cold_maintenance(
             if let Err(e) = cold.spill(clock.now_ms(), &spill, None).await {
                 tracing::warn!(error = %e, "spill failed; the points stay hot and are retried");
             }
-            if retention_ms > 0 {
-                let cutoff = clock.now_ms().saturating_sub(retention_ms);
-                for t in cold.store().tenant_ids().unwrap_or_default() {
-                    match cold.expire(&t, cutoff).await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(tenant = %t, files = n, "cold retention removed files"),
-                        Err(e) => tracing::warn!(tenant = %t, error = %e, "cold retention failed"),
-                    }
+            for t in cold.store().tenant_ids().unwrap_or_default() {
+                let own = cold.store().retention(&t).ok().flatten().and_then(|r| r.cold_retention_ms);
+                let keep = own.unwrap_or(retention_ms);
+                if keep == 0 {
+                    continue;
                 }
+                match cold.expire(&t, clock.now_ms().saturating_sub(keep)).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(tenant = %t, files = n, "cold retention removed files"),
+                    Err(e) => tracing::warn!(tenant = %t, error = %e, "cold retention failed"),
+                }
+            }
+            match cold.collect_orphans(clock.now_ms()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(objects = n, "removed unreferenced cold files left by interrupted spills"),
+                Err(e) => tracing::warn!(error = %e, "collecting unreferenced cold files failed"),
             }
             next_spill = Some(tokio::time::Instant::now() + d);
         }

@@ -98,6 +98,16 @@ pub enum StorageCmd {
     },
     /// Write a checkpoint of registry, state and command queues now.
     Checkpoint,
+    /// Show the tenant's hot window and cold retention; with a flag, set it (`default` returns
+    /// to the node's setting).
+    Retention {
+        /// How long telemetry stays hot (30m, 6h, 2d).
+        #[arg(long)]
+        hot_window: Option<String>,
+        /// How long cold telemetry is kept (90d; 0 keeps it forever).
+        #[arg(long)]
+        cold_retention: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Subcommand)]

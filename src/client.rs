@@ -658,6 +658,40 @@ pub async fn storage(args: &ClientArgs, cmd: &StorageCmd) -> Result<String, Clie
                 )
             })
         }
+        StorageCmd::Retention { hot_window, cold_retention } => {
+            let r = if hot_window.is_none() && cold_retention.is_none() {
+                svc.get_retention(c.req(pb::GetRetentionRequest { tenant_id: c.tenant() })).await?.into_inner()
+            } else {
+                let keep = |v: &Option<String>| v.clone().filter(|v| v != "default").unwrap_or_default();
+                svc.set_retention(c.req(pb::SetRetentionRequest {
+                    tenant_id: c.tenant(),
+                    hot_window: keep(hot_window),
+                    cold_retention: keep(cold_retention),
+                }))
+                .await?
+                .into_inner()
+            };
+            let mark = |default: bool| if default { " (node default)" } else { "" };
+            Ok(if args.json {
+                format!(
+                    "{}\n",
+                    serde_json::json!({"tenant_id": r.tenant_id, "hot_window_ms": r.hot_window_ms, "hot_window_is_default": r.hot_window_is_default, "cold_retention_ms": r.cold_retention_ms, "cold_retention_is_default": r.cold_retention_is_default})
+                )
+            } else {
+                format!(
+                    "tenant {}: hot window {} s{}, cold retention {}{}\n",
+                    r.tenant_id,
+                    r.hot_window_ms / 1000,
+                    mark(r.hot_window_is_default),
+                    if r.cold_retention_ms == 0 {
+                        "forever".to_string()
+                    } else {
+                        format!("{} s", r.cold_retention_ms / 1000)
+                    },
+                    mark(r.cold_retention_is_default)
+                )
+            })
+        }
         StorageCmd::Checkpoint => {
             let r = svc.checkpoint(c.req(pb::CheckpointRequest {})).await?.into_inner();
             Ok(if args.json {

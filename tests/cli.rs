@@ -155,3 +155,75 @@ async fn operators_drive_the_fleet_from_the_command_line() {
     assert!(!o.ok && o.stderr.contains("permission_denied"), "{}", o.stderr);
     ts.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cold_tier_from_the_command_line() {
+    let ts = TestServer::start_with(false, |c| {
+        c.storage.spill_interval_s = 0;
+        c.storage.checkpoint_interval_s = 0;
+    })
+    .await;
+    ts.register("acme", "k1").await;
+    let now = common::now_ms();
+    let pts: Vec<serde_json::Value> =
+        (0..120u64).map(|i| serde_json::json!({"ts": now - 10 * 3_600_000 + i * 1000, "battery": 50})).collect();
+    let url = ts.url("/v1/orbs/k1/telemetry?tenant_id=acme");
+    assert_eq!(common::http("POST", &url, Some(ADMIN), Some(serde_json::Value::Array(pts))).await.0, 200);
+
+    let o = cli(&ts, ADMIN, &["storage", "spill", "--tenant", "acme", "--hot-window", "1h"]).await;
+    assert!(o.ok && o.stdout.contains("spilled 120 points into 1 files"), "{} {}", o.stdout, o.stderr);
+    let o = cli(&ts, ADMIN, &["storage", "checkpoint", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap_or_else(|_| panic!("{} {}", o.stdout, o.stderr));
+    assert!(v["path"].as_str().unwrap().starts_with("checkpoints/") && v["entries"].as_u64().unwrap() > 0, "{v}");
+
+    let to = now.to_string();
+    let o = cli(
+        &ts,
+        ADMIN,
+        &[
+            "exports",
+            "create",
+            "--tenant",
+            "acme",
+            "--from",
+            "0",
+            "--to",
+            &to,
+            "--format",
+            "jsonl",
+            "--destination",
+            "cli/run1",
+            "--json",
+        ],
+    )
+    .await;
+    let job: serde_json::Value =
+        serde_json::from_str(&o.stdout).unwrap_or_else(|_| panic!("{} {}", o.stdout, o.stderr));
+    let id = job["export_id"].as_str().unwrap().to_string();
+    let mut done = serde_json::Value::Null;
+    for _ in 0..200 {
+        let o = cli(&ts, ADMIN, &["exports", "get", &id, "--tenant", "acme", "--json"]).await;
+        done = serde_json::from_str(&o.stdout).unwrap();
+        if done["status"] != "running" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!((done["status"].as_str(), done["rows"].as_u64()), (Some("succeeded"), Some(120)), "{done}");
+    let o = cli(&ts, ADMIN, &["exports", "list", "--tenant", "acme"]).await;
+    assert!(
+        o.ok && o.stdout.starts_with("EXPORT") && o.stdout.contains(&id) && o.stdout.contains("succeeded"),
+        "{}",
+        o.stdout
+    );
+    let o = cli(&ts, ADMIN, &["exports", "cancel", &id, "--tenant", "acme"]).await;
+    assert!(!o.ok && o.stderr.contains("failed_precondition"), "{}", o.stderr);
+    let o = cli(
+        &ts,
+        ADMIN,
+        &["exports", "create", "--tenant", "acme", "--from", "0", "--to", "1", "--destination", "../up"],
+    )
+    .await;
+    assert!(!o.ok && o.stderr.contains("destination"), "{}", o.stderr);
+    ts.stop().await;
+}

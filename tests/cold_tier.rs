@@ -430,3 +430,72 @@ async fn storage_refusals_name_the_problem_and_change_nothing() {
         http("GET", &ts.url(&format!("/v1/exports/{}", job["export_id"].as_str().unwrap())), Some(&beta), None).await;
     assert_eq!(s, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_retention_and_the_maintenance_loop() {
+    // The maintenance loop runs every second: spill, retention, orphan collection.
+    let ts = TestServer::start_with(false, |c| {
+        c.storage.spill_interval_s = 1;
+        c.storage.checkpoint_interval_s = 0;
+    })
+    .await;
+    ts.register("acme", "t1").await;
+    ts.register("beta", "t1").await;
+    let admin = api_token(&ts, "acme", "admin").await;
+    let viewer = api_token(&ts, "acme", "viewer").await;
+    let url = ts.url("/v1/tenants/acme/retention");
+    let (s, r) = http("GET", &url, Some(&viewer), None).await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!((r["hot_window_ms"].as_u64(), r["hot_window_is_default"].as_bool()), (Some(6 * HOUR), Some(true)));
+    for (body, status) in [
+        (json!({"hot_window": "10s"}), 400),
+        (json!({"hot_window": "2h", "cold_retention": "1h"}), 400),
+        (json!({"hot_window": "two hours"}), 400),
+        (json!({"hot_windows": "2h"}), 400),
+    ] {
+        let (s, e) = http("PUT", &url, Some(&admin), Some(body.clone())).await;
+        assert_eq!(s, status, "{body}: {e}");
+    }
+    let (s, _) = http("PUT", &url, Some(&viewer), Some(json!({"hot_window": "2h"}))).await;
+    assert_eq!(s, 403);
+    let (s, _) =
+        http("PUT", &ts.url("/v1/tenants/beta/retention"), Some(&admin), Some(json!({"hot_window": "2h"}))).await;
+    assert_eq!(s, 403);
+    let (_, r) = http("GET", &url, Some(&viewer), None).await;
+    assert_eq!(r["hot_window_is_default"], true, "refusals changed nothing: {r}");
+
+    // Unreferenced files: one left by an interrupted spill two hours ago (collected), one
+    // written just now (could be a spill in progress elsewhere: kept).
+    let part = ts.dir.path().join("objects/telemetry/tenant=acme/date=2020-01-01/hour=00");
+    std::fs::create_dir_all(&part).unwrap();
+    let (old, fresh) = (part.join("part-1-0000dead.parquet"), part.join("part-2-0000beef.parquet"));
+    std::fs::write(&old, b"PAR1 interrupted").unwrap();
+    std::fs::write(&fresh, b"PAR1 in progress").unwrap();
+    assert!(std::process::Command::new("touch").args(["-d", "2 hours ago"]).arg(&old).status().unwrap().success());
+
+    let (s, r) = http("PUT", &url, Some(&admin), Some(json!({"hot_window": "2h", "cold_retention": "1d"}))).await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!((r["hot_window_ms"].as_u64(), r["cold_retention_ms"].as_u64()), (Some(2 * HOUR), Some(24 * HOUR)));
+    let now = now_ms();
+    for tenant in ["acme", "beta"] {
+        ingest(&ts, tenant, "t1", &[point(now - 30 * HOUR, 1), point(now - 3 * HOUR, 2), point(now - 10 * MIN, 3)])
+            .await;
+    }
+    let hot = |t: &str| hot_count(&ts, t, "t1");
+    common::wait_until("acme's 3 h old point spilled and its 30 h old file expired", 20, || {
+        let ts = &ts;
+        async move { hot_count(ts, "acme", "t1") == 1 && history(ts, "acme", "t1").await.len() == 2 }
+    })
+    .await;
+    let acme: Vec<u64> = history(&ts, "acme", "t1").await.iter().map(|p| p["ts"].as_u64().unwrap()).collect();
+    assert_eq!(acme, vec![now - 3 * HOUR, now - 10 * MIN], "the 30 h old point is past acme's retention");
+    // beta: the node defaults (6 h hot, cold kept forever).
+    common::wait_until("beta's 30 h old point spilled", 20, || async { hot("beta") == 2 }).await;
+    assert_eq!(history(&ts, "beta", "t1").await.len(), 3);
+    common::wait_until("the old orphan collected", 20, || {
+        let old = old.clone();
+        async move { !old.exists() }
+    })
+    .await;
+    assert!(fresh.exists(), "a recent unreferenced file is left alone");
+}

@@ -291,6 +291,8 @@ async fn reflection_lists_the_services_and_health_is_serving() {
         "orbmanager.v1.TelemetryService",
         "orbmanager.v1.CommandService",
         "orbmanager.v1.AlertService",
+        "orbmanager.v1.EventService",
+        "orbmanager.v1.StorageService",
         "grpc.health.v1.Health",
     ] {
         assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");

@@ -14,7 +14,7 @@ use crate::storage::StoredPoint;
 use crate::storage::cold::export::{
     EXPORT_ORBS_MAX, EXPORTS_RUNNING_MAX, ExportFormat, ExportJob, ExportStatus, validate_destination,
 };
-use crate::storage::cold::{CheckpointInfo, ColdError, SpillOptions, SpillReport};
+use crate::storage::cold::{CheckpointInfo, ColdError, SpillOptions, SpillReport, TenantRetention};
 
 /// Points a trajectory query reads at most (before downsampling): 24 h at 1 Hz is 86,400.
 pub const TRAJECTORY_SCAN_MAX: usize = 1_000_000;
@@ -133,6 +133,7 @@ impl Api {
         let mut o = self.storage.spill.clone();
         if let Some(w) = given(hot_window) {
             o.hot_window_ms = crate::config::parse_duration(w).map_err(|e| invalid(format!("hot_window: {e}")))?;
+            o.tenant_windows = false;
         }
         Ok(o)
     }
@@ -432,15 +433,87 @@ impl Api {
     }
 }
 
+/// A tenant's effective retention and whether each value is its own or the node default.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RetentionView {
+    pub tenant_id: TenantId,
+    pub hot_window_ms: u64,
+    pub hot_window_is_default: bool,
+    /// 0: kept forever.
+    pub cold_retention_ms: u64,
+    pub cold_retention_is_default: bool,
+}
+
+/// Longest hot window a tenant may set.
+pub const HOT_WINDOW_MAX_MS: u64 = 30 * 24 * 3_600_000;
+
+impl Api {
+    fn retention_view(&self, tenant: TenantId, own: Option<TenantRetention>) -> RetentionView {
+        let own = own.unwrap_or_default();
+        RetentionView {
+            tenant_id: tenant,
+            hot_window_ms: own.hot_window_ms.unwrap_or(self.storage.spill.hot_window_ms),
+            hot_window_is_default: own.hot_window_ms.is_none(),
+            cold_retention_ms: own.cold_retention_ms.unwrap_or(self.storage.cold_retention_ms),
+            cold_retention_is_default: own.cold_retention_ms.is_none(),
+        }
+    }
+
+    pub fn get_retention(&self, p: &Principal, tenant_id: Option<&str>) -> Result<RetentionView, ApiError> {
+        let tenant = self.tenant_for(p, tenant_id, Access::Read)?;
+        let own = self.store().retention(&tenant).map_err(internal)?;
+        Ok(self.retention_view(tenant, own))
+    }
+
+    /// Sets (or with `None`, returns to the node default) a tenant's hot window and cold
+    /// retention, given as durations. Tenant admins only.
+    pub fn set_retention(
+        &self,
+        p: &Principal,
+        tenant_id: Option<&str>,
+        hot_window: Option<&str>,
+        cold_retention: Option<&str>,
+    ) -> Result<RetentionView, ApiError> {
+        let tenant = self.tenant_for(p, tenant_id, Access::Admin)?;
+        let parse = |what: &str, v: Option<&str>| {
+            v.map(|v| crate::config::parse_duration(v).map_err(|e| invalid(format!("{what}: {e}")))).transpose()
+        };
+        let hot = parse("hot_window", hot_window)?;
+        let cold = parse("cold_retention", cold_retention)?;
+        if let Some(h) = hot
+            && !(60_000..=HOT_WINDOW_MAX_MS).contains(&h)
+        {
+            return Err(invalid("hot_window must be 1m..30d"));
+        }
+        let effective_hot = hot.unwrap_or(self.storage.spill.hot_window_ms);
+        if let Some(c) = cold
+            && c != 0
+            && c < effective_hot
+        {
+            return Err(invalid("cold_retention must be 0 (forever) or at least the hot window"));
+        }
+        let r = TenantRetention { hot_window_ms: hot, cold_retention_ms: cold, updated_ms: self.now_ms() };
+        self.store().set_retention(&tenant, &r).map_err(internal)?;
+        Ok(self.retention_view(tenant, Some(r)))
+    }
+}
+
 /// The cold tier and its settings, as the API holds them.
 pub struct StorageApi {
     pub cold: Arc<crate::storage::cold::Cold>,
     pub spill: SpillOptions,
+    /// The node's `storage.cold_retention` (0: forever).
+    pub cold_retention_ms: u64,
     pub export_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl StorageApi {
-    pub fn new(cold: Arc<crate::storage::cold::Cold>, spill: SpillOptions) -> StorageApi {
-        StorageApi { cold, spill, export_slots: Arc::new(tokio::sync::Semaphore::new(EXPORTS_RUNNING_MAX)) }
+    pub fn new(cold: Arc<crate::storage::cold::Cold>, spill: SpillOptions, cold_retention_ms: u64) -> StorageApi {
+        StorageApi {
+            cold,
+            spill,
+            cold_retention_ms,
+            export_slots: Arc::new(tokio::sync::Semaphore::new(EXPORTS_RUNNING_MAX)),
+        }
     }
 }

@@ -4,7 +4,7 @@
 
 pub mod client;
 mod webhook;
-mod workload;
+pub mod workload;
 
 use std::collections::HashMap;
 use std::path::Path;

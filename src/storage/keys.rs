@@ -22,6 +22,7 @@
 //! | `cold`      | `t 0 hour_ms:u64 path`                     | `ColdObject`     |
 //! | `exports`   | `t 0 id`                                   | `ExportJob`      |
 //! | `export_targets` | `t 0 id`                              | `Vec<OrbId>`     |
+//! | `retention` | `t`                                        | `TenantRetention`|
 //! | `meta`      | ascii name                                 | per name         |
 //!
 //! Rules, alerts, webhooks and their outbox are laid out in `alerts.rs`.

@@ -79,10 +79,11 @@ pub enum Ks {
     Cold,
     Exports,
     ExportTargets,
+    Retention,
 }
 
 impl Ks {
-    const ALL: [Ks; 27] = [
+    const ALL: [Ks; 28] = [
         Ks::Meta,
         Ks::Tenants,
         Ks::Orbs,
@@ -110,6 +111,7 @@ impl Ks {
         Ks::Cold,
         Ks::Exports,
         Ks::ExportTargets,
+        Ks::Retention,
     ];
 
     fn name(self) -> &'static str {
@@ -141,6 +143,7 @@ impl Ks {
             Ks::Cold => "cold",
             Ks::Exports => "exports",
             Ks::ExportTargets => "export_targets",
+            Ks::Retention => "retention",
         }
     }
 }

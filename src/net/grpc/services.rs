@@ -631,6 +631,16 @@ impl pb::event_service_server::EventService for Services {
     }
 }
 
+fn retention_to_pb(v: crate::api::storage::RetentionView) -> pb::Retention {
+    pb::Retention {
+        tenant_id: v.tenant_id.to_string(),
+        hot_window_ms: v.hot_window_ms,
+        hot_window_is_default: v.hot_window_is_default,
+        cold_retention_ms: v.cold_retention_ms,
+        cold_retention_is_default: v.cold_retention_is_default,
+    }
+}
+
 fn export_to_pb(j: &crate::storage::cold::export::ExportJob) -> pb::ExportJob {
     pb::ExportJob {
         export_id: j.id.clone(),
@@ -763,6 +773,22 @@ impl pb::storage_service_server::StorageService for Services {
         let p = self.principal(&req)?;
         let jobs = self.api.list_exports(&p, opt(&req.get_ref().tenant_id)).map_err(status)?;
         Ok(Response::new(pb::ListExportsResponse { exports: jobs.iter().map(export_to_pb).collect() }))
+    }
+
+    async fn get_retention(&self, req: Request<pb::GetRetentionRequest>) -> R<pb::Retention> {
+        let p = self.principal(&req)?;
+        let v = self.api.get_retention(&p, opt(&req.get_ref().tenant_id)).map_err(status)?;
+        Ok(Response::new(retention_to_pb(v)))
+    }
+
+    async fn set_retention(&self, req: Request<pb::SetRetentionRequest>) -> R<pb::Retention> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let v = self
+            .api
+            .set_retention(&p, opt(&r.tenant_id), opt(&r.hot_window), opt(&r.cold_retention))
+            .map_err(status)?;
+        Ok(Response::new(retention_to_pb(v)))
     }
 
     async fn cancel_export(&self, req: Request<pb::ExportRequest>) -> R<pb::ExportJob> {

@@ -118,6 +118,7 @@ pub fn router(ctx: Arc<HttpCtx>) -> Router {
         .route("/v1/fleet/at", get(storage::fleet_at))
         .route("/v1/storage/spill", post(storage::spill))
         .route("/v1/storage/checkpoint", post(storage::checkpoint))
+        .route("/v1/tenants/{tenant}/retention", get(storage::get_retention).put(storage::put_retention))
         .route("/v1/exports", get(storage::list_exports).post(storage::create_export))
         .route("/v1/exports/{id}", get(storage::get_export))
         .route("/v1/exports/{id}/cancel", post(storage::cancel_export))

@@ -180,3 +180,34 @@ pub async fn cancel_export(
     let p = caller(&ctx, &headers)?;
     Ok(Json(export_json(&ctx.api.cancel_export(&p, q.tenant_id.as_deref(), &id)?)).into_response())
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetentionBody {
+    hot_window: Option<String>,
+    cold_retention: Option<String>,
+}
+
+/// `GET /v1/tenants/{tenant}/retention`: the effective hot window and cold retention.
+pub async fn get_retention(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+) -> Result<Response, Problem> {
+    let p = caller(&ctx, &headers)?;
+    Ok(Json(ctx.api.get_retention(&p, Some(&tenant))?).into_response())
+}
+
+/// `PUT /v1/tenants/{tenant}/retention` `{"hot_window": "2h"|null, "cold_retention": "90d"|null}`
+/// (null or absent: the node default).
+pub async fn put_retention(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let p = caller(&ctx, &headers)?;
+    let b: RetentionBody = parse_json(&body)?;
+    Ok(Json(ctx.api.set_retention(&p, Some(&tenant), b.hot_window.as_deref(), b.cold_retention.as_deref())?)
+        .into_response())
+}

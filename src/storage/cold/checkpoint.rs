@@ -219,6 +219,11 @@ impl Cold {
         let newer: Vec<_> = self.read_mirrors().await?.into_iter().filter(|o| !known.contains(&o.path)).collect();
         let store = self.store().clone();
         task(tokio::task::spawn_blocking(move || store.import_cold_objects(&newer)).await)??;
+        // Files deleted by retention after the checkpoint are no longer referenced.
+        let missing = self.drop_missing().await?;
+        if missing > 0 {
+            tracing::info!(files = missing, "restore: dropped manifest entries of files retention has deleted");
+        }
         Ok((CheckpointInfo { created_ms, entries: n, ..info }, n))
     }
 }

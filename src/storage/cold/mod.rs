@@ -112,11 +112,25 @@ pub struct SpillReport {
     pub elapsed_ms: u64,
 }
 
+/// A tenant's own retention, overriding `storage.hot_window` / `storage.cold_retention`
+/// (keyspace `retention`, key `t`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TenantRetention {
+    /// How long telemetry stays in the hot tier.
+    pub hot_window_ms: Option<u64>,
+    /// How long cold telemetry is kept (0: forever).
+    pub cold_retention_ms: Option<u64>,
+    pub updated_ms: u64,
+}
+
 /// Spill tuning.
 #[derive(Clone, Debug)]
 pub struct SpillOptions {
-    /// Points older than this (device time relative to now) are spilled.
+    /// Points older than this (device time relative to now) are spilled, unless the tenant has
+    /// its own window and `tenant_windows` is set.
     pub hot_window_ms: u64,
+    /// Use each tenant's own hot window where it has one (off for an explicit one-off window).
+    pub tenant_windows: bool,
     /// Buffered points (estimated decoded bytes) before the biggest hour is written out.
     pub buffer_bytes: usize,
 }
@@ -179,7 +193,6 @@ impl Cold {
     ) -> Result<SpillReport, ColdError> {
         let _one = self.spill_lock.lock().await;
         let started = std::time::Instant::now();
-        let cutoff = now_ms.saturating_sub(opts.hot_window_ms);
         let mut report = SpillReport::default();
         let tenants = match only {
             Some(t) => vec![t.clone()],
@@ -187,6 +200,11 @@ impl Cold {
         };
         for tenant in tenants {
             let before = report.rows;
+            let window = match opts.tenant_windows {
+                true => self.store.retention(&tenant)?.and_then(|r| r.hot_window_ms).unwrap_or(opts.hot_window_ms),
+                false => opts.hot_window_ms,
+            };
+            let cutoff = now_ms.saturating_sub(window);
             self.spill_tenant(&tenant, cutoff, now_ms, opts, &mut report).await?;
             if report.rows > before {
                 report.tenants += 1;
@@ -552,6 +570,54 @@ impl Cold {
         Ok(n)
     }
 
+    /// Deletes Parquet files and manifest mirrors that no manifest entry references and that
+    /// are older than an hour: what a spill interrupted between its `put` and its commit left.
+    /// Holds the spill lock, so a spill in progress is never mistaken for one.
+    pub async fn collect_orphans(&self, now_ms: u64) -> Result<u64, ColdError> {
+        let _one = self.spill_lock.lock().await;
+        let known: std::collections::HashSet<String> = self.all_objects()?.into_iter().map(|o| o.path).collect();
+        let listing: Vec<_> = self.objects.list(Some(&self.path("telemetry"))).try_collect().await?;
+        let prefix_len = if self.prefix.as_ref().is_empty() { 0 } else { self.prefix.as_ref().len() + 1 };
+        let mut n = 0;
+        for meta in listing {
+            let loc = meta.location.as_ref();
+            let rel = loc.get(prefix_len..).unwrap_or(loc);
+            let referenced = if rel.contains("/_manifest/") {
+                // `<hour_ms>-<stem>.json` names the file `.../<stem>.parquet` of that hour.
+                let stem = rel.rsplit('/').next().unwrap_or_default().trim_end_matches(".json");
+                let stem = stem.split_once('-').map_or(stem, |(_, s)| s);
+                known.iter().any(|p| p.ends_with(&format!("/{stem}.parquet")))
+            } else {
+                known.contains(rel)
+            };
+            let age_ms = now_ms.saturating_sub(meta.last_modified.timestamp_millis().max(0) as u64);
+            if !referenced && age_ms > HOUR_MS {
+                self.objects.delete(&meta.location).await?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Drops manifest entries whose file is missing (a checkpoint older than a retention
+    /// pass); returns how many.
+    pub async fn drop_missing(&self) -> Result<u64, ColdError> {
+        let mut n = 0;
+        for o in self.all_objects()? {
+            match self.objects.head(&self.path(&o.path)).await {
+                Ok(_) => {}
+                Err(object_store::Error::NotFound { .. }) => {
+                    let store = self.store.clone();
+                    let key = o.key();
+                    task(tokio::task::spawn_blocking(move || store.delete_durable(Ks::Cold, &key)).await)??;
+                    n += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(n)
+    }
+
     /// Reads the manifest mirrors from the object store (for a restore onto an empty disk).
     pub async fn read_mirrors(&self) -> Result<Vec<ColdObject>, ColdError> {
         let mut out = Vec::new();
@@ -572,6 +638,18 @@ impl Cold {
 }
 
 impl Store {
+    /// A tenant's own retention settings, if it has any.
+    pub fn retention(&self, tenant: &TenantId) -> Result<Option<TenantRetention>, StoreError> {
+        self.get_decoded(Ks::Retention, "retention", tenant.as_str().as_bytes())
+    }
+
+    /// Sets a tenant's retention durably.
+    pub fn set_retention(&self, tenant: &TenantId, r: &TenantRetention) -> Result<(), StoreError> {
+        self.ks.get(Ks::Retention).insert(tenant.as_str().as_bytes(), encode(r))?;
+        self.db.persist(fjall::PersistMode::SyncAll)?;
+        Ok(())
+    }
+
     /// Appends the points of one orb with `ts < before`, in key order.
     pub(crate) fn points_before(&self, key: &OrbKey, before: u64, out: &mut Vec<ColdRow>) -> Result<(), StoreError> {
         if before == 0 {
