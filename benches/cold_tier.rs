@@ -109,11 +109,20 @@ fn bench(c: &mut Criterion) {
     let end = now_ms();
     let (hot_store, _hot_dir, _) = filled(1, 43_200, 2000, end, 256);
     let hot_cold = Cold::open(hot_store.clone(), &ObjectTarget::Local(_hot_dir.path().join("objects"))).unwrap();
-    let (store, dir, _) = filled(1, 43_200, 2000, end, 256);
+    let (store, dir, json_bytes) = filled(1, 43_200, 2000, end, 256);
     let cold = Cold::open(store.clone(), &ObjectTarget::Local(dir.path().join("objects"))).unwrap();
     let opts = SpillOptions { hot_window_ms: HOUR, tenant_windows: false, buffer_bytes: 64 << 20 };
     let report = rt.block_on(cold.spill(end, &opts, None)).unwrap();
     assert!(report.rows > 40_000, "{report:?}");
+    eprintln!(
+        "spilled {} points of 256 B JSON into {} files: {} Parquet bytes for {} JSON bytes ({:.1}x) and {} LSM bytes",
+        report.rows,
+        report.objects,
+        report.bytes,
+        json_bytes * report.rows / 43_200,
+        (json_bytes * report.rows / 43_200) as f64 / report.bytes as f64,
+        report.hot_bytes
+    );
     let key = OrbKey::parse_path("bench/orb-00000").unwrap();
     g.throughput(Throughput::Elements(43_200));
     let trajectory = |c: &Cold| {

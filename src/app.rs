@@ -181,6 +181,7 @@ impl Server {
             cold.clone(),
             spill_opts.clone(),
             parse_duration(&config.storage.cold_retention).unwrap_or(0),
+            config.storage.export_file_rows,
         );
         let api = Arc::new(Api::new(ingest, config.dev, config.auth.admin_token.clone(), closing, storage));
         match api.resume_exports() {

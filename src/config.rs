@@ -117,6 +117,8 @@ pub struct StorageConfig {
     pub checkpoint_interval_s: u64,
     /// Cold telemetry older than this is deleted (a duration; `0` keeps it forever).
     pub cold_retention: String,
+    /// Rows per file of an export job.
+    pub export_file_rows: u64,
     /// S3 connection for an `s3://` object store.
     pub s3: crate::storage::cold::S3Settings,
 }
@@ -194,6 +196,7 @@ impl Default for StorageConfig {
             spill_buffer_mb: 64,
             checkpoint_interval_s: 300,
             cold_retention: "0".into(),
+            export_file_rows: crate::storage::cold::export::EXPORT_FILE_ROWS as u64,
             s3: Default::default(),
         }
     }
@@ -422,6 +425,9 @@ impl Config {
             return invalid(format!("storage.hot_window = {:?} must be at least 1m", s.hot_window));
         }
         parse_duration(&s.cold_retention).map_err(|e| ConfigError::Invalid(format!("storage.cold_retention: {e}")))?;
+        if !(100..=10_000_000).contains(&s.export_file_rows) {
+            return invalid(format!("storage.export_file_rows = {} must be 100..10000000", s.export_file_rows));
+        }
         if !(1..=4096).contains(&s.spill_buffer_mb) {
             return invalid(format!("storage.spill_buffer_mb = {} must be 1..4096", s.spill_buffer_mb));
         }

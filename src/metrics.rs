@@ -114,6 +114,15 @@ pub struct Metrics {
     pub webhook_dead: Counter,
     /// Event time (its cause decided) to a receiver's 2xx.
     pub webhook_latency: Histogram,
+    /// Points moved to the cold tier, files written, Parquet bytes, failed spills.
+    pub spill_rows: Counter,
+    pub spill_files: Counter,
+    pub spill_bytes: Counter,
+    pub spill_failures: Counter,
+    pub checkpoints: Counter,
+    pub checkpoint_failures: Counter,
+    /// Cold files opened by reads (history, playback, exports).
+    pub cold_files_read: Counter,
 }
 
 impl Metrics {
@@ -233,6 +242,17 @@ impl Metrics {
             "Webhook deliveries dead-lettered.",
             self.webhook_dead.get().to_string(),
         );
+        for (name, help, c) in [
+            ("spill_rows_total", "Telemetry points moved to the cold tier.", &self.spill_rows),
+            ("spill_files_total", "Parquet files written by spills.", &self.spill_files),
+            ("spill_bytes_total", "Parquet bytes written by spills.", &self.spill_bytes),
+            ("spill_failures_total", "Spills that failed (their points stay hot).", &self.spill_failures),
+            ("checkpoints_total", "Checkpoints written to the object store.", &self.checkpoints),
+            ("checkpoint_failures_total", "Checkpoints that failed.", &self.checkpoint_failures),
+            ("cold_files_read_total", "Cold Parquet files opened by reads.", &self.cold_files_read),
+        ] {
+            simple(name, "counter", help, c.get().to_string());
+        }
 
         let _ = writeln!(
             out,

@@ -116,6 +116,8 @@ async fn spill_moves_old_points_and_history_spans_both_tiers_exactly_once() {
     assert_eq!(cold_each, 280);
     assert_eq!(report["rows"], (3 * cold_each + 1) as u64, "{report}");
     assert_eq!(report["tenants"], 2);
+    assert_eq!(ts.metric("orbmanager_spill_rows_total").await, (3 * cold_each + 1) as f64);
+    assert_eq!(ts.metric("orbmanager_spill_files_total").await, report["objects"].as_f64().unwrap());
     for orb in orbs {
         assert_eq!(hot_count(&ts, "acme", orb), 400 - cold_each, "the hot tier keeps only the last 6 h");
     }
@@ -498,4 +500,57 @@ async fn tenant_retention_and_the_maintenance_loop() {
     })
     .await;
     assert!(fresh.exists(), "a recent unreferenced file is left alone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_interrupted_by_a_restart_resumes_and_writes_each_point_once() {
+    let tweak = |c: &mut orbmanager::config::Config| {
+        cold_config(c);
+        c.storage.export_file_rows = 100;
+    };
+    let ts = TestServer::start_with(false, tweak).await;
+    let now = now_ms();
+    let stamps = times(now - 5 * HOUR, 1000, 1500);
+    for orb in ["x1", "x2", "x3", "x4"] {
+        ts.register("acme", orb).await;
+        let pts: Vec<Value> = stamps.iter().enumerate().map(|(i, t)| point(*t, i)).collect();
+        ingest(&ts, "acme", orb, &pts).await;
+    }
+    spill(&ts, json!({"hot_window": "2h"})).await;
+    let (s, job) = http(
+        "POST",
+        &ts.url("/v1/exports"),
+        Some(ADMIN),
+        Some(json!({"tenant_id": "acme", "from": 0, "to": now, "format": "jsonl", "destination": "resume"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{job}");
+    let id = job["export_id"].as_str().unwrap().to_string();
+    // Stop the server as soon as the first files are written (60 are due).
+    let mut interrupted = false;
+    for _ in 0..2000 {
+        let (_, j) = ts.get(&format!("/v1/exports/{id}?tenant_id=acme")).await;
+        if j["files"].as_u64().unwrap() >= 1 {
+            interrupted = j["status"] == "running";
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let dir = ts.stop().await;
+    let ts = TestServer::start_in(dir, false, tweak).await;
+    let done = wait_export(&ts, &id).await;
+    assert_eq!((done["status"].as_str(), done["rows"].as_u64()), (Some("succeeded"), Some(4 * 1500)), "{done}");
+    assert_eq!(done["files"], 60);
+    let out = ts.dir.path().join("objects/exports/tenant=acme/resume");
+    let mut seen = BTreeSet::new();
+    let mut files = 0;
+    for e in std::fs::read_dir(&out).unwrap() {
+        files += 1;
+        for line in std::fs::read_to_string(e.unwrap().path()).unwrap().lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            assert!(seen.insert((v["orb_id"].as_str().unwrap().to_string(), v["ts"].as_u64().unwrap())), "twice: {v}");
+        }
+    }
+    assert_eq!((files, seen.len()), (60, 4 * 1500));
+    eprintln!("export interrupted mid-way by the restart: {interrupted}");
 }

@@ -334,6 +334,7 @@ impl Api {
             next_after: None,
             files: 0,
             rows: 0,
+            file_rows: self.storage.export_file_rows,
             created_ms: now,
             updated_ms: now,
             error: None,
@@ -504,15 +505,23 @@ pub struct StorageApi {
     pub spill: SpillOptions,
     /// The node's `storage.cold_retention` (0: forever).
     pub cold_retention_ms: u64,
+    /// Rows per exported file (`storage.export_file_rows`).
+    pub export_file_rows: u64,
     pub export_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl StorageApi {
-    pub fn new(cold: Arc<crate::storage::cold::Cold>, spill: SpillOptions, cold_retention_ms: u64) -> StorageApi {
+    pub fn new(
+        cold: Arc<crate::storage::cold::Cold>,
+        spill: SpillOptions,
+        cold_retention_ms: u64,
+        export_file_rows: u64,
+    ) -> StorageApi {
         StorageApi {
             cold,
             spill,
             cold_retention_ms,
+            export_file_rows,
             export_slots: Arc::new(tokio::sync::Semaphore::new(EXPORTS_RUNNING_MAX)),
         }
     }

@@ -99,6 +99,16 @@ impl Cold {
     /// Writes a checkpoint and makes it `LATEST`; deletes checkpoints beyond the newest
     /// [`CHECKPOINTS_KEPT`].
     pub async fn checkpoint(&self, now_ms: u64) -> Result<CheckpointInfo, ColdError> {
+        let r = self.write_checkpoint(now_ms).await;
+        let m = self.store().metrics();
+        match &r {
+            Ok(_) => m.checkpoints.inc(),
+            Err(_) => m.checkpoint_failures.inc(),
+        }
+        r
+    }
+
+    async fn write_checkpoint(&self, now_ms: u64) -> Result<CheckpointInfo, ColdError> {
         let rel = format!("checkpoints/{now_ms:013}.ckpt");
         let upload = self.objects().put_multipart(&self.path(&rel)).await?;
         let mut w = WriteMultipart::new_with_chunk_size(upload, CHUNK);

@@ -2,7 +2,8 @@
 //! tiers, to Parquet or JSON lines under `exports/tenant=<t>/<destination>/`.
 //!
 //! A job is a record (keyspace `exports`, key `t 0 id`) plus its target orbs, resolved once at
-//! creation (keyspace `export_targets`). It writes files of at most [`EXPORT_FILE_ROWS`] rows
+//! creation (keyspace `export_targets`). It writes files of at most `file_rows` rows (fixed per
+//! job from `storage.export_file_rows`, default [`EXPORT_FILE_ROWS`])
 //! named by their index (`part-00000.parquet`, ...); after each file the cursor (orb index,
 //! point cursor within that orb, files written) is committed. A restart resumes at the cursor
 //! and rewrites the file that was in flight under the same name, so every point is exported
@@ -82,6 +83,8 @@ pub struct ExportJob {
     pub next_after: Option<PointCursor>,
     pub files: u64,
     pub rows: u64,
+    /// Rows per file, fixed at creation (so a resumed job names its files the same way).
+    pub file_rows: u64,
     pub created_ms: u64,
     pub updated_ms: u64,
     pub error: Option<String>,
@@ -184,9 +187,10 @@ impl Cold {
         while job.status == ExportStatus::Running && (job.next_orb as usize) < targets.len() {
             let (mut orb_i, mut after) = (job.next_orb as usize, job.next_after);
             let mut rows: Vec<ColdRow> = Vec::new();
-            while rows.len() < EXPORT_FILE_ROWS && orb_i < targets.len() {
+            let file_rows = (job.file_rows as usize).max(1);
+            while rows.len() < file_rows && orb_i < targets.len() {
                 let key = OrbKey::new(job.tenant.clone(), targets[orb_i].clone());
-                let want = (EXPORT_FILE_ROWS - rows.len()).min(10_000);
+                let want = (file_rows - rows.len()).min(10_000);
                 let (page, more) = self.history_page(&key, job.from, job.to, after, want).await?;
                 for (cursor, point) in page {
                     after = Some(cursor);

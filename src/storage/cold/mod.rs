@@ -106,7 +106,7 @@ pub struct SpillReport {
     pub rows: u64,
     /// Parquet bytes written.
     pub bytes: u64,
-    /// Hot points moved, as stored in the LSM (encoded size), for throughput figures.
+    /// Keys and values read from the hot tier (their encoded size in the LSM).
     pub hot_bytes: u64,
     pub tenants: u64,
     pub elapsed_ms: u64,
@@ -194,22 +194,11 @@ impl Cold {
         let _one = self.spill_lock.lock().await;
         let started = std::time::Instant::now();
         let mut report = SpillReport::default();
-        let tenants = match only {
-            Some(t) => vec![t.clone()],
-            None => self.store.tenant_ids()?,
-        };
-        for tenant in tenants {
-            let before = report.rows;
-            let window = match opts.tenant_windows {
-                true => self.store.retention(&tenant)?.and_then(|r| r.hot_window_ms).unwrap_or(opts.hot_window_ms),
-                false => opts.hot_window_ms,
-            };
-            let cutoff = now_ms.saturating_sub(window);
-            self.spill_tenant(&tenant, cutoff, now_ms, opts, &mut report).await?;
-            if report.rows > before {
-                report.tenants += 1;
-            }
+        let result = self.spill_tenants(now_ms, opts, only, &mut report).await;
+        if result.is_err() {
+            self.store.metrics().spill_failures.inc();
         }
+        result?;
         report.elapsed_ms = started.elapsed().as_millis() as u64;
         if report.rows > 0 {
             tracing::info!(
@@ -221,6 +210,32 @@ impl Cold {
             );
         }
         Ok(report)
+    }
+
+    async fn spill_tenants(
+        &self,
+        now_ms: u64,
+        opts: &SpillOptions,
+        only: Option<&TenantId>,
+        report: &mut SpillReport,
+    ) -> Result<(), ColdError> {
+        let tenants = match only {
+            Some(t) => vec![t.clone()],
+            None => self.store.tenant_ids()?,
+        };
+        for tenant in tenants {
+            let before = report.rows;
+            let window = match opts.tenant_windows {
+                true => self.store.retention(&tenant)?.and_then(|r| r.hot_window_ms).unwrap_or(opts.hot_window_ms),
+                false => opts.hot_window_ms,
+            };
+            let cutoff = now_ms.saturating_sub(window);
+            self.spill_tenant(&tenant, cutoff, now_ms, opts, report).await?;
+            if report.rows > before {
+                report.tenants += 1;
+            }
+        }
+        Ok(())
     }
 
     async fn spill_tenant(
@@ -241,16 +256,17 @@ impl Cold {
             let chunk = task(
                 tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
                     let orbs = store.orb_ids_after(&t, a.as_deref(), 256)?;
-                    let mut rows = Vec::new();
+                    let (mut rows, mut bytes) = (Vec::new(), 0);
                     for orb in &orbs {
                         let key = OrbKey::new(t.clone(), orb.clone());
-                        store.points_before(&key, cutoff, &mut rows)?;
+                        bytes += store.points_before(&key, cutoff, &mut rows)?;
                     }
-                    Ok((orbs, rows))
+                    Ok((orbs, rows, bytes))
                 })
                 .await,
             )??;
-            let (orbs, rows) = chunk;
+            let (orbs, rows, bytes) = chunk;
+            report.hot_bytes += bytes;
             for row in rows {
                 let hour = row.point.point.ts / HOUR_MS * HOUR_MS;
                 let size = estimate(&row.point);
@@ -326,11 +342,14 @@ impl Cold {
         let json = serde_json::to_vec(&object).map_err(|e| ColdError::Invalid(e.to_string()))?;
         self.objects.put(&self.path(&mirror), json.into()).await?;
         let store = self.store.clone();
-        let hot_bytes = task(tokio::task::spawn_blocking(move || store.commit_spill(&object, &rows)).await)??;
+        let moved = task(tokio::task::spawn_blocking(move || store.commit_spill(&object, &rows)).await)??;
         report.objects += 1;
-        report.rows += hot_bytes.0;
+        report.rows += moved;
         report.bytes += size;
-        report.hot_bytes += hot_bytes.1;
+        let m = self.store.metrics();
+        m.spill_files.inc();
+        m.spill_rows.add(moved);
+        m.spill_bytes.add(size);
         Ok(())
     }
 
@@ -369,6 +388,7 @@ impl Cold {
         mut keep: impl FnMut(&str, u64) -> bool,
         out: &mut Vec<ColdRow>,
     ) -> Result<(), ColdError> {
+        self.store.metrics().cold_files_read.inc();
         let reader = ObjectReader { store: self.objects.clone(), path: self.path(&o.path), size: o.bytes };
         let builder = ParquetRecordBatchStreamBuilder::new(reader).await?;
         let groups: Vec<usize> = builder
@@ -650,38 +670,37 @@ impl Store {
         Ok(())
     }
 
-    /// Appends the points of one orb with `ts < before`, in key order.
-    pub(crate) fn points_before(&self, key: &OrbKey, before: u64, out: &mut Vec<ColdRow>) -> Result<(), StoreError> {
+    /// Appends the points of one orb with `ts < before`, in key order; returns the bytes read.
+    pub(crate) fn points_before(&self, key: &OrbKey, before: u64, out: &mut Vec<ColdRow>) -> Result<u64, StoreError> {
         if before == 0 {
-            return Ok(());
+            return Ok(0);
         }
+        let mut bytes = 0;
         let lo = keys::telemetry(key, 0, 0);
         let hi = keys::telemetry(key, before, 0);
         for g in self.ks.get(Ks::Telemetry).range(lo..hi) {
             let (k, v) = g.into_inner()?;
             let (_, suffix) = keys::telemetry_cursor(&k)
                 .ok_or_else(|| StoreError::Corrupt { what: "telemetry key", detail: format!("{} bytes", k.len()) })?;
+            bytes += (k.len() + v.len()) as u64;
             out.push(ColdRow { orb: key.orb.clone(), suffix, point: decode("telemetry", &v)? });
         }
-        Ok(())
+        Ok(bytes)
     }
 
     /// Commits a spilled file's manifest entry and removes exactly its rows from the hot tier,
-    /// in one atomic batch with fsync. Returns (rows removed, their stored bytes).
-    fn commit_spill(&self, object: &ColdObject, rows: &[ColdRow]) -> Result<(u64, u64), StoreError> {
+    /// in one atomic batch with fsync. Returns the rows removed.
+    fn commit_spill(&self, object: &ColdObject, rows: &[ColdRow]) -> Result<u64, StoreError> {
         let tel = self.ks.get(Ks::Telemetry);
         let mut wb = self.db.batch();
         wb.insert(self.ks.get(Ks::Cold), object.key(), encode(object));
-        let mut bytes = 0u64;
         for r in rows {
             let key = OrbKey::new(object.tenant.clone(), r.orb.clone());
-            let k = keys::telemetry(&key, r.point.point.ts, r.suffix);
-            bytes += (k.len() + 64) as u64;
-            wb.remove(tel, k);
+            wb.remove(tel, keys::telemetry(&key, r.point.point.ts, r.suffix));
         }
         wb.commit()?;
         self.db.persist(fjall::PersistMode::SyncAll)?;
-        Ok((rows.len() as u64, bytes))
+        Ok(rows.len() as u64)
     }
 
     /// Removes one key durably (outside the group committer: rare administrative writes).
