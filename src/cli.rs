@@ -98,8 +98,8 @@ pub enum StorageCmd {
     },
     /// Write a checkpoint of registry, state and command queues now.
     Checkpoint,
-    /// Show the tenant's hot window and cold retention; with a flag, set it (`default` returns
-    /// to the node's setting).
+    /// Show the tenant's hot window and cold retention; with a flag, set both (an omitted one,
+    /// or `default`, returns to the node's setting).
     Retention {
         /// How long telemetry stays hot (30m, 6h, 2d).
         #[arg(long)]
