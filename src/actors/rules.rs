@@ -338,7 +338,7 @@ pub struct PartitionState {
     /// checkpointed: rates and warm-ups start over after a restart).
     history: HashMap<OrbKey, Recent>,
     /// CEL's functions and ours, built once; each observation is a child scope of it.
-    root: Context<'static>,
+    root: Conditions,
     /// The open (or acknowledged) alert of each (rule, orb): the partition is their only
     /// writer, so memory is the truth and the store its durable copy.
     open: HashMap<WinKey, Alert>,
@@ -377,7 +377,7 @@ impl Actor for RulePartition {
             windows: a.windows,
             queued: a.queued,
             history: HashMap::new(),
-            root: root_context(),
+            root: Conditions::default(),
             open: a.open,
             pending: Batch::new(),
             pending_ops: 0,
@@ -420,6 +420,26 @@ impl Actor for RulePartition {
 
     async fn post_stop(&self, _myself: ActorRef<RuleMsg>, st: &mut PartitionState) -> Result<(), ActorProcessingErr> {
         flush(st).await
+    }
+}
+
+/// The environment rule conditions run in: the functions, built once; each observation binds
+/// its values in a child scope. (Public so `benches/rule_eval.rs` measures this very path.)
+pub struct Conditions(Context<'static>);
+
+impl Default for Conditions {
+    fn default() -> Self {
+        Conditions(root_context())
+    }
+}
+
+impl Conditions {
+    /// The scope of one observation, holding only the variables some rule reads (`vars`, the
+    /// union of [`Compiled::vars`] of the rules evaluated).
+    pub fn scope(&self, vars: u16, row: &Row, metrics: &[(String, f64)]) -> Context<'_> {
+        let mut c = self.0.new_inner_scope();
+        bind(&mut c, vars, row, metrics);
+        c
     }
 }
 
@@ -485,7 +505,7 @@ fn bind(c: &mut Context<'_>, vars: u16, row: &Row, metrics: &[(String, f64)]) {
 
 /// A condition that does not evaluate to `true` (including one naming a value the orb has not
 /// reported) does not hold.
-fn holds(p: &Program, c: &Context<'_>) -> bool {
+pub fn holds(p: &Program, c: &Context<'_>) -> bool {
     matches!(p.execute(c), Ok(Value::Bool(true)))
 }
 
@@ -509,8 +529,7 @@ async fn observe(
 ) -> Result<(), ActorProcessingErr> {
     let Some(rules) = st.ctx.book.of(&key.tenant) else { return Ok(()) };
     let vars = vars_of(&rules);
-    let mut cel = st.root.new_inner_scope();
-    bind(&mut cel, vars, row, metrics);
+    let mut cel = st.root.scope(vars, row, metrics);
     if rules.iter().any(|c| c.needs_history) {
         let mut fields: Vec<(&str, f64)> = metrics.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         fields.extend(row.battery.map(|v| ("battery", v)));
