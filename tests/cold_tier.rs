@@ -500,6 +500,19 @@ async fn tenant_retention_and_the_maintenance_loop() {
     })
     .await;
     assert!(fresh.exists(), "a recent unreferenced file is left alone");
+    // Referenced files and their mirrors are never collected, however old.
+    let acme_dir = ts.dir.path().join("objects/telemetry/tenant=acme");
+    let mut referenced: Vec<PathBuf> = parquet_files(&acme_dir).into_iter().filter(|p| !p.starts_with(&part)).collect();
+    referenced.extend(std::fs::read_dir(acme_dir.join("_manifest")).unwrap().map(|e| e.unwrap().path()));
+    assert!(referenced.len() >= 2, "{referenced:?}");
+    for f in &referenced {
+        assert!(std::process::Command::new("touch").args(["-d", "3 hours ago"]).arg(f).status().unwrap().success());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    for f in &referenced {
+        assert!(f.exists(), "{} was collected", f.display());
+    }
+    assert_eq!(history(&ts, "acme", "t1").await.len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

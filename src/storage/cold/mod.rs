@@ -596,6 +596,9 @@ impl Cold {
     pub async fn collect_orphans(&self, now_ms: u64) -> Result<u64, ColdError> {
         let _one = self.spill_lock.lock().await;
         let known: std::collections::HashSet<String> = self.all_objects()?.into_iter().map(|o| o.path).collect();
+        // A mirror is named after its file's stem (`part-<ms>-<rand>`), unique per file.
+        let stems: std::collections::HashSet<&str> =
+            known.iter().filter_map(|p| p.rsplit('/').next().map(|f| f.trim_end_matches(".parquet"))).collect();
         let listing: Vec<_> = self.objects.list(Some(&self.path("telemetry"))).try_collect().await?;
         let prefix_len = if self.prefix.as_ref().is_empty() { 0 } else { self.prefix.as_ref().len() + 1 };
         let mut n = 0;
@@ -606,7 +609,7 @@ impl Cold {
                 // `<hour_ms>-<stem>.json` names the file `.../<stem>.parquet` of that hour.
                 let stem = rel.rsplit('/').next().unwrap_or_default().trim_end_matches(".json");
                 let stem = stem.split_once('-').map_or(stem, |(_, s)| s);
-                known.iter().any(|p| p.ends_with(&format!("/{stem}.parquet")))
+                stems.contains(stem)
             } else {
                 known.contains(rel)
             };
