@@ -415,6 +415,14 @@ async fn storage_refusals_name_the_problem_and_change_nothing() {
         let (s, e) = http("GET", &ts.url(path), Some(&admin), None).await;
         assert_eq!(s, status, "{path}: {e}");
     }
+    // Malformed and unknown query parameters are problem documents too.
+    for path in
+        ["/v1/fleet/at?t=abc", "/v1/fleet/at", "/v1/orbs/r1/trajectory?max_points=-1", "/v1/orbs/r1/telemetry?frm=1"]
+    {
+        let (s, e) = http("GET", &ts.url(path), Some(&admin), None).await;
+        assert_eq!((s, e["code"].as_str()), (400, Some("invalid_argument")), "{path}: {e}");
+        assert!(!e["detail"].as_str().unwrap_or("").is_empty(), "{path}: {e}");
+    }
     // Nothing moved, nothing was created.
     assert_eq!(hot_count(&ts, "acme", "r1"), 1);
     assert_eq!(hot_count(&ts, "beta", "r1"), 1);

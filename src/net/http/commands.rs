@@ -6,12 +6,12 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::{HttpCtx, Problem, TenantQuery, bad, caller, parse_json};
+use super::{HttpCtx, Problem, Query, TenantQuery, bad, caller, parse_json};
 use crate::api::Principal;
 use crate::error::ErrorCode;
 use crate::model::OrbKey;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, patch, post};
@@ -79,6 +79,21 @@ impl IntoResponse for Problem {
 
 fn bad(code: ErrorCode, msg: impl Into<String>) -> Problem {
     Problem(ApiError::new(code, msg))
+}
+
+/// The query-string extractor of every handler: a malformed or unknown parameter is a problem
+/// document (`invalid_argument`, naming it) like every other refusal, not axum's plain text.
+pub struct Query<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Problem> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Query(v)),
+            Err(e) => Err(bad(ErrorCode::InvalidArgument, e.body_text())),
+        }
+    }
 }
 
 /// The router with every route.

@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::{HttpCtx, Problem, TenantQuery, caller, parse_json};
+use super::{HttpCtx, Problem, Query, TenantQuery, caller, parse_json};
 use crate::api::storage::{ExportParams, SpillParams, TrajectoryParams};
 use crate::storage::cold::export::ExportJob;
 
