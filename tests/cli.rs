@@ -165,8 +165,10 @@ async fn the_cold_tier_from_the_command_line() {
     .await;
     ts.register("acme", "k1").await;
     let now = common::now_ms();
+    // Two minutes inside one hour (spills write one file per hour of device time).
+    let hour = (now - 10 * 3_600_000) / 3_600_000 * 3_600_000;
     let pts: Vec<serde_json::Value> =
-        (0..120u64).map(|i| serde_json::json!({"ts": now - 10 * 3_600_000 + i * 1000, "battery": 50})).collect();
+        (0..120u64).map(|i| serde_json::json!({"ts": hour + 60_000 + i * 1000, "battery": 50})).collect();
     let url = ts.url("/v1/orbs/k1/telemetry?tenant_id=acme");
     assert_eq!(common::http("POST", &url, Some(ADMIN), Some(serde_json::Value::Array(pts))).await.0, 200);
 
