@@ -84,6 +84,16 @@ impl ColdObject {
     fn key(&self) -> Vec<u8> {
         manifest_key(self.tenant.as_str(), self.hour_ms, &self.path)
     }
+
+    /// The file's stem (`part-<created_ms>-<rand>`), unique per file.
+    fn stem(&self) -> &str {
+        self.path.rsplit('/').next().unwrap_or_default().trim_end_matches(".parquet")
+    }
+
+    /// Where its manifest mirror lives: `telemetry/tenant=<t>/_manifest/<hour_ms>-<stem>.json`.
+    fn mirror_path(&self) -> String {
+        format!("telemetry/tenant={}/_manifest/{}-{}.json", self.tenant.as_str(), self.hour_ms, self.stem())
+    }
 }
 
 fn manifest_key(tenant: &str, hour_ms: u64, path: &str) -> Vec<u8> {
@@ -334,11 +344,7 @@ impl Cold {
         let size = bytes.len() as u64;
         self.objects.put(&self.path(&rel), bytes.into()).await?;
         // The manifest mirror lets a node that lost its disk find the files again.
-        let mirror = format!(
-            "telemetry/tenant={}/_manifest/{hour_ms}-{}.json",
-            tenant.as_str(),
-            rel.rsplit('/').next().unwrap_or_default().trim_end_matches(".parquet")
-        );
+        let mirror = object.mirror_path();
         let json = serde_json::to_vec(&object).map_err(|e| ColdError::Invalid(e.to_string()))?;
         self.objects.put(&self.path(&mirror), json.into()).await?;
         let store = self.store.clone();
@@ -582,9 +588,7 @@ impl Cold {
             let key = o.key();
             task(tokio::task::spawn_blocking(move || store.delete_durable(Ks::Cold, &key)).await)??;
             let _ = self.objects.delete(&self.path(&o.path)).await;
-            let stem = o.path.rsplit('/').next().unwrap_or_default().trim_end_matches(".parquet").to_string();
-            let mirror = format!("telemetry/tenant={}/_manifest/{}-{stem}.json", o.tenant.as_str(), o.hour_ms);
-            let _ = self.objects.delete(&self.path(&mirror)).await;
+            let _ = self.objects.delete(&self.path(&o.mirror_path())).await;
             n += 1;
         }
         Ok(n)
@@ -595,10 +599,10 @@ impl Cold {
     /// Holds the spill lock, so a spill in progress is never mistaken for one.
     pub async fn collect_orphans(&self, now_ms: u64) -> Result<u64, ColdError> {
         let _one = self.spill_lock.lock().await;
-        let known: std::collections::HashSet<String> = self.all_objects()?.into_iter().map(|o| o.path).collect();
+        let objects = self.all_objects()?;
+        let known: std::collections::HashSet<&str> = objects.iter().map(|o| o.path.as_str()).collect();
         // A mirror is named after its file's stem (`part-<ms>-<rand>`), unique per file.
-        let stems: std::collections::HashSet<&str> =
-            known.iter().filter_map(|p| p.rsplit('/').next().map(|f| f.trim_end_matches(".parquet"))).collect();
+        let stems: std::collections::HashSet<&str> = objects.iter().map(ColdObject::stem).collect();
         let listing: Vec<_> = self.objects.list(Some(&self.path("telemetry"))).try_collect().await?;
         let prefix_len = if self.prefix.as_ref().is_empty() { 0 } else { self.prefix.as_ref().len() + 1 };
         let mut n = 0;
