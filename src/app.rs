@@ -149,7 +149,15 @@ impl Server {
 
         let draining = Arc::new(AtomicBool::new(false));
         let readiness = Arc::new(Readiness { draining: draining.clone(), ..Default::default() });
+        let broker = crate::broker::Broker::load(
+            store.clone(),
+            clock.clone(),
+            metrics.clone(),
+            config.mqtt.session_expiry_max_s,
+        )
+        .map_err(|e| AppError::Start { what: "broker", message: e.to_string() })?;
         let ingest = Arc::new(Ingest {
+            broker,
             fleet: fleet.clone(),
             store: store.clone(),
             clock: clock.clone(),

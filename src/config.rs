@@ -85,6 +85,9 @@ pub struct MqttConfig {
     pub max_connections: usize,
     /// Worker threads (0: one per core).
     pub workers: usize,
+    /// Longest session expiry granted to persistent sessions (v3 clean session 0, v5 session
+    /// expiry), in seconds; longer requests are capped and v5 clients told.
+    pub session_expiry_max_s: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -174,6 +177,7 @@ impl Default for MqttConfig {
             connect_timeout_s: limits::MQTT_CONNECT_TIMEOUT_S,
             max_connections: limits::MQTT_CONNECTIONS_MAX,
             workers: 0,
+            session_expiry_max_s: limits::MQTT_SESSION_EXPIRY_MAX_S,
         }
     }
 }
@@ -388,6 +392,12 @@ impl Config {
             return invalid(format!(
                 "mqtt.inflight_bytes_max = {} must be at least mqtt.max_packet_size",
                 m.inflight_bytes_max
+            ));
+        }
+        if m.session_expiry_max_s > 30 * 86_400 {
+            return invalid(format!(
+                "mqtt.session_expiry_max_s = {} must be at most 2592000 (30 days)",
+                m.session_expiry_max_s
             ));
         }
         if !(5..=3600).contains(&m.keepalive_max_s) {

@@ -8,6 +8,7 @@ pub mod actors;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod clock;

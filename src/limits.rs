@@ -24,6 +24,22 @@ pub const MQTT_CONNECTIONS_MAX: usize = 18_000;
 pub const MQTT_CLIENT_ID_LEN_MAX: usize = 128;
 /// Longest password (device token) accepted at CONNECT, in bytes.
 pub const MQTT_PASSWORD_LEN_MAX: usize = 256;
+/// Default longest session expiry granted, in seconds (one day).
+pub const MQTT_SESSION_EXPIRY_MAX_S: u32 = 86_400;
+/// Most topic filters in one SUBSCRIBE; more is refused (v5 0x97 for each, v3 0x80).
+pub const MQTT_FILTERS_PER_SUBSCRIBE_MAX: usize = 32;
+
+/// Messages queued for one session (online or offline) before the broker sheds QoS 0 and
+/// disconnects a slow QoS 1 subscriber (v5 0x97); offline sessions then lose new messages.
+pub const BROKER_SESSION_QUEUE_MAX: usize = 1_000;
+/// Sessions (online and offline) per node.
+pub const BROKER_SESSIONS_MAX: usize = 100_000;
+/// Subscriptions per session.
+pub const BROKER_SUBSCRIPTIONS_MAX: usize = 100;
+/// Retained messages per tenant.
+pub const BROKER_RETAINED_MAX: usize = 10_000;
+/// Bytes of retained topics and payloads per tenant.
+pub const BROKER_RETAINED_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// Default largest telemetry payload, in bytes (JSON as received).
 pub const TELEMETRY_PAYLOAD_MAX_BYTES: usize = 64 * 1024;

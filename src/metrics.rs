@@ -37,6 +37,15 @@ impl Gauge {
     pub fn dec(&self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n as i64, Ordering::Relaxed);
+    }
+    pub fn sub(&self, n: u64) {
+        self.0.fetch_sub(n as i64, Ordering::Relaxed);
+    }
     pub fn get(&self) -> i64 {
         self.0.load(Ordering::Relaxed)
     }
@@ -123,6 +132,14 @@ pub struct Metrics {
     pub checkpoint_failures: Counter,
     /// Cold files opened by reads (history, playback, exports).
     pub cold_files_read: Counter,
+    /// Messages queued for broker sessions.
+    pub broker_routed: Counter,
+    /// Messages a full session queue could not take.
+    pub broker_shed: Counter,
+    /// PUBLISHes and subscriptions refused by a topic policy.
+    pub broker_denied: Counter,
+    pub broker_sessions: Gauge,
+    pub broker_retained: Gauge,
 }
 
 impl Metrics {
@@ -188,6 +205,13 @@ impl Metrics {
             self.commit_groups.get().to_string(),
         );
         simple("commit_requests_total", "counter", "Write requests committed.", self.commit_requests.get().to_string());
+        simple(
+            "broker_sessions",
+            "gauge",
+            "MQTT sessions, online and offline.",
+            self.broker_sessions.get().to_string(),
+        );
+        simple("broker_retained", "gauge", "Retained MQTT messages.", self.broker_retained.get().to_string());
         simple("live_actors", "gauge", "Orb actors currently active.", self.live_actors.get().to_string());
         simple(
             "telemetry_in_flight",
@@ -250,6 +274,9 @@ impl Metrics {
             ("checkpoints_total", "Checkpoints written to the object store.", &self.checkpoints),
             ("checkpoint_failures_total", "Checkpoints that failed.", &self.checkpoint_failures),
             ("cold_files_read_total", "Cold Parquet files opened by reads.", &self.cold_files_read),
+            ("broker_routed_total", "Messages queued for MQTT subscribers.", &self.broker_routed),
+            ("broker_shed_total", "Messages a full session queue could not take.", &self.broker_shed),
+            ("broker_denied_total", "PUBLISHes and SUBSCRIBEs refused by topic policy.", &self.broker_denied),
         ] {
             simple(name, "counter", help, c.get().to_string());
         }

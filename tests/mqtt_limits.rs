@@ -37,7 +37,16 @@ async fn connack_announces_the_limits_and_caps_keepalive() {
     assert_eq!(p.receive_max, Some(32));
     assert_eq!(p.max_qos, Some(1));
     assert_eq!(p.server_keep_alive, Some(120), "keep-alive above the cap is lowered");
-    assert_eq!(p.retain_available, Some(0));
+    // Retained messages, wildcards, shared subscriptions and subscription ids are offered
+    // (absent means available).
+    for (what, v) in [
+        ("retain", p.retain_available),
+        ("wildcards", p.wildcard_subscription_available),
+        ("shared subscriptions", p.shared_subscription_available),
+        ("subscription ids", p.subscription_identifiers_available),
+    ] {
+        assert!(v.is_none() || v == Some(1), "{what} available: {v:?}");
+    }
 
     let ack = connack(&ts, "dev-orb-2", 30).await;
     assert_eq!(ack.properties.and_then(|p| p.server_keep_alive), None, "a keep-alive within the cap is kept");

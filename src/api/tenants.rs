@@ -120,3 +120,66 @@ impl Api {
         Ok(t)
     }
 }
+
+/// A tenant's MQTT topic policy and, for operators, what its broker holds now.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MqttView {
+    pub tenant_id: String,
+    pub policy: crate::model::topics::TopicPolicy,
+    /// Sessions on this node: client id, online, filters.
+    pub sessions: Vec<MqttSessionView>,
+    /// Retained topics and payload sizes.
+    pub retained: Vec<RetainedView>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MqttSessionView {
+    pub client_id: String,
+    pub online: bool,
+    pub subscriptions: Vec<String>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RetainedView {
+    pub topic: String,
+    pub payload_bytes: usize,
+    pub qos: u8,
+}
+
+impl Api {
+    /// The tenant's topic policy, sessions and retained messages (viewers and up).
+    pub fn mqtt_view(&self, p: &Principal, tenant_id: Option<&str>) -> Result<MqttView, ApiError> {
+        let tenant = self.tenant_for(p, tenant_id, Access::Read)?;
+        let broker = &self.ingest.broker;
+        Ok(MqttView {
+            tenant_id: tenant.to_string(),
+            policy: (*broker.policy(&tenant)).clone(),
+            sessions: broker
+                .sessions(&tenant)
+                .into_iter()
+                .map(|(client_id, online, subscriptions)| MqttSessionView { client_id, online, subscriptions })
+                .collect(),
+            retained: broker
+                .retained(&tenant)
+                .iter()
+                .map(|m| RetainedView { topic: m.topic.clone(), payload_bytes: m.payload.len(), qos: m.qos })
+                .collect(),
+        })
+    }
+
+    /// Replaces the tenant's topic policy (tenant admins). Entries are topic filters, `{orb}`
+    /// standing for the connecting orb's id; an empty policy allows only platform topics.
+    pub async fn set_topic_policy(
+        &self,
+        p: &Principal,
+        tenant_id: Option<&str>,
+        policy: crate::model::topics::TopicPolicy,
+    ) -> Result<crate::model::topics::TopicPolicy, ApiError> {
+        let tenant = self.tenant_for(p, tenant_id, Access::Admin)?;
+        if self.store().tenant(&tenant).map_err(internal)?.is_none() && !tenant.is_dev() {
+            return Err(ApiError::new(ErrorCode::NotFound, format!("tenant {tenant} does not exist")));
+        }
+        self.ingest.broker.set_policy(&tenant, policy.clone()).await?;
+        Ok(policy)
+    }
+}

@@ -15,6 +15,7 @@ pub mod rule;
 pub mod state_report;
 pub mod telemetry;
 pub mod tenant;
+pub mod topics;
 
 pub use ids::{IdError, OrbId, OrbKey, TenantId};
 pub use telemetry::{PayloadError, TelemetryPoint};

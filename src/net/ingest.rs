@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use crate::actors::Fleet;
+use crate::broker::{Broker, Message, Props};
 use crate::clock::Clock;
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Metrics;
@@ -13,6 +14,8 @@ use crate::storage::{Batch, Outcome, Store};
 
 /// What the write path needs.
 pub struct Ingest {
+    /// The tenant-scoped MQTT broker: durable platform messages are routed to its subscribers.
+    pub broker: Arc<Broker>,
     pub fleet: Fleet,
     pub store: Store,
     pub clock: Clock,
@@ -49,9 +52,27 @@ impl Ingest {
             Outcome::Stored => {
                 self.metrics.telemetry_stored.inc();
                 self.fleet.telemetry(key, Arc::new(point)).await;
+                self.forward(key, "telemetry", raw);
             }
             Outcome::Duplicate => self.metrics.telemetry_duplicates.inc(),
         }
         Ok(outcome)
+    }
+
+    /// Routes a durable platform message (`{kind}/{tenant}/{orb}`) to the tenant's MQTT
+    /// subscribers of its topic, at QoS 1 (the platform acknowledged it).
+    pub fn forward(&self, key: &OrbKey, kind: &str, raw: &[u8]) {
+        if !self.broker.has_subscribers(&key.tenant) {
+            return;
+        }
+        let msg = Message {
+            topic: format!("{kind}/{}/{}", key.tenant, key.orb),
+            payload: ntex::util::Bytes::copy_from_slice(raw),
+            qos: 1,
+            retain: false,
+            props: Props::default(),
+            origin: 0,
+        };
+        self.broker.route(&key.tenant, &Arc::new(msg));
     }
 }

@@ -25,7 +25,8 @@
 //! | `retention` | `t`                                        | `TenantRetention`|
 //! | `meta`      | ascii name                                 | per name         |
 //!
-//! Rules, alerts, webhooks and their outbox are laid out in `alerts.rs`.
+//! Rules, alerts, webhooks and their outbox are laid out in `alerts.rs`; retained messages and
+//! topic policies in `broker.rs`.
 
 use crate::model::OrbKey;
 

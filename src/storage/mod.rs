@@ -4,6 +4,7 @@
 //! group committer (`commit.rs`) and is durable when its future resolves.
 
 mod alerts;
+mod broker;
 mod codec;
 pub mod cold;
 mod commit;
@@ -80,10 +81,12 @@ pub enum Ks {
     Exports,
     ExportTargets,
     Retention,
+    Retained,
+    TopicPolicies,
 }
 
 impl Ks {
-    const ALL: [Ks; 28] = [
+    const ALL: [Ks; 30] = [
         Ks::Meta,
         Ks::Tenants,
         Ks::Orbs,
@@ -112,6 +115,8 @@ impl Ks {
         Ks::Exports,
         Ks::ExportTargets,
         Ks::Retention,
+        Ks::Retained,
+        Ks::TopicPolicies,
     ];
 
     fn name(self) -> &'static str {
@@ -144,6 +149,8 @@ impl Ks {
             Ks::Exports => "exports",
             Ks::ExportTargets => "export_targets",
             Ks::Retention => "retention",
+            Ks::Retained => "retained",
+            Ks::TopicPolicies => "topic_policies",
         }
     }
 }

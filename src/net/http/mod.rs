@@ -17,7 +17,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, patch, post};
+use axum::routing::{delete, get, patch, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 
@@ -134,6 +134,8 @@ pub fn router(ctx: Arc<HttpCtx>) -> Router {
         .route("/v1/storage/spill", post(storage::spill))
         .route("/v1/storage/checkpoint", post(storage::checkpoint))
         .route("/v1/tenants/{tenant}/retention", get(storage::get_retention).put(storage::put_retention))
+        .route("/v1/tenants/{tenant}/mqtt", get(storage::get_mqtt))
+        .route("/v1/tenants/{tenant}/mqtt/policy", put(storage::put_mqtt_policy))
         .route("/v1/exports", get(storage::list_exports).post(storage::create_export))
         .route("/v1/exports/{id}", get(storage::get_export))
         .route("/v1/exports/{id}/cancel", post(storage::cancel_export))

@@ -211,3 +211,21 @@ pub async fn put_retention(
     Ok(Json(ctx.api.set_retention(&p, Some(&tenant), b.hot_window.as_deref(), b.cold_retention.as_deref())?)
         .into_response())
 }
+
+/// `GET /v1/tenants/{tenant}/mqtt`: the topic policy, sessions and retained messages.
+pub async fn get_mqtt(State(ctx): Ctx, headers: HeaderMap, Path(tenant): Path<String>) -> Result<Response, Problem> {
+    let p = caller(&ctx, &headers)?;
+    Ok(Json(ctx.api.mqtt_view(&p, Some(&tenant))?).into_response())
+}
+
+/// `PUT /v1/tenants/{tenant}/mqtt/policy` `{"publish": [filter...], "subscribe": [filter...]}`.
+pub async fn put_mqtt_policy(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let p = caller(&ctx, &headers)?;
+    let policy: crate::model::topics::TopicPolicy = parse_json(&body)?;
+    Ok(Json(ctx.api.set_topic_policy(&p, Some(&tenant), policy).await?).into_response())
+}

@@ -132,6 +132,8 @@ fn service(
         }))
         .control(fn_factory_with_config(async |conn: ntex_mqtt::v3::Session<Conn>| {
             let conn = Conn::clone(&conn);
+            // Built once per connection, after the CONNACK is written.
+            conn.start_delivery();
             Ok::<_, CloseConnection>(fn_service(async move |c| v3::control(&conn, c).await))
         }))
         .publish(fn_factory_with_config(async |conn: ntex_mqtt::v3::Session<Conn>| {
@@ -145,6 +147,7 @@ fn service(
         }))
         .control(fn_factory_with_config(async |conn: ntex_mqtt::v5::Session<Conn>| {
             let conn = Conn::clone(&conn);
+            conn.start_delivery();
             Ok::<_, CloseConnection>(fn_service(async move |c| v5::control(&conn, c).await))
         }))
         .publish(fn_factory_with_config(async |conn: ntex_mqtt::v5::Session<Conn>| {

@@ -5,7 +5,9 @@
 //! only by sending owned messages through `Fleet`, and holds no lock across an `.await`.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -15,11 +17,13 @@ use tokio::sync::oneshot;
 use super::MqttCtx;
 use super::topic::{self, Topic};
 use crate::actors::orb::Outbound;
+use crate::broker::{AttachError, Delivery, Message, Props, Session, SubOpts, Will};
 use crate::error::{ApiError, ErrorCode};
 use crate::limits::{COMMAND_OUTBOX_MAX, MQTT_CLIENT_ID_LEN_MAX, MQTT_PASSWORD_LEN_MAX};
 use crate::metrics::MsgKind;
 use crate::model::orb::{ConnectRequest, Credential, DisconnectReason, OrbStatus};
-use crate::model::{OrbKey, state_report};
+use crate::model::topics;
+use crate::model::{OrbKey, TenantId, state_report};
 
 /// Who is on the other end.
 #[derive(Clone, Debug)]
@@ -37,6 +41,16 @@ pub struct Conn(pub(super) Rc<ConnInner>);
 pub struct ConnInner {
     pub(super) ctx: Arc<MqttCtx>,
     pub(super) identity: Identity,
+    /// The tenant whose topic space this connection lives in.
+    tenant: TenantId,
+    /// Its broker session and this connection's tenure of it.
+    session: Arc<Session>,
+    generation: u64,
+    /// The will, published unless the client ends with a normal DISCONNECT.
+    will: RefCell<Option<Will>>,
+    /// v5 DISCONNECT may change the session expiry.
+    expiry_on_disconnect: Cell<Option<u32>>,
+    delivery_started: Cell<bool>,
     sink: Sink,
     /// Whether this connection's command outbox runs (started by its first SUBSCRIBE to the
     /// orb's command topic).
@@ -48,6 +62,9 @@ pub struct ConnInner {
     reported: Cell<bool>,
     /// Dropped with the connection: ends its closer task.
     _ended: oneshot::Sender<()>,
+    /// Dropped with the connection: ends its delivery task.
+    _delivery_ended: oneshot::Sender<()>,
+    delivery_ended: RefCell<Option<oneshot::Receiver<()>>>,
 }
 
 /// What may close an accepted connection from the server side; see [`spawn_closer`].
@@ -55,6 +72,8 @@ pub struct Closer {
     /// The orb's actor closing the connection (takeover, decommission); `None` for anonymous
     /// dev connections.
     kick: Option<oneshot::Receiver<DisconnectReason>>,
+    /// The broker closing the connection: another connection took its session over.
+    session_kick: oneshot::Receiver<DisconnectReason>,
     /// Fires when the connection ends on its own.
     ended: oneshot::Receiver<()>,
     /// Flips to `true` when the server starts draining.
@@ -103,16 +122,31 @@ pub fn check_client_id(client_id: &str) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// What a CONNECT asks for, independent of the protocol version.
+pub struct ConnectInfo<'a> {
+    pub protocol: u8,
+    pub client_id: &'a str,
+    pub username: Option<&'a str>,
+    pub password: Option<&'a [u8]>,
+    pub clean_start: bool,
+    /// Session expiry asked for (v3: 0 with a clean session, the maximum without).
+    pub expiry_s: u32,
+    pub will: Option<Will>,
+}
+
+/// An accepted CONNECT.
+pub struct Accepted {
+    pub conn: Conn,
+    pub closer: Closer,
+    pub session_present: bool,
+    pub expiry_s: u32,
+}
+
 /// Authenticates a CONNECT and, for an orb identity, registers the connection with the orb's
-/// actor. `kick` closes the connection when the actor says so (takeover, decommission).
-pub async fn authenticate(
-    ctx: &Arc<MqttCtx>,
-    sink: Sink,
-    protocol: u8,
-    client_id: &str,
-    username: Option<&str>,
-    password: Option<&[u8]>,
-) -> Result<(Conn, Closer), Refusal> {
+/// actor; then opens or resumes its broker session. `kick` closes the connection when the
+/// actor says so (takeover, decommission).
+pub async fn authenticate(ctx: &Arc<MqttCtx>, sink: Sink, info: ConnectInfo<'_>) -> Result<Accepted, Refusal> {
+    let ConnectInfo { protocol, client_id, username, password, clean_start, expiry_s, will } = info;
     check_client_id(client_id)?;
     if ctx.draining.load(Ordering::Acquire) {
         return Err(refusal(ErrorCode::Unavailable, "server is shutting down"));
@@ -151,21 +185,84 @@ pub async fn authenticate(
         }
     };
     let (identity, kick) = identity_and_kick;
+    let (tenant, owner) = match &identity {
+        Identity::Orb { key, .. } => (key.tenant.clone(), Some(key)),
+        Identity::Anonymous => (TenantId::dev(), None),
+    };
+    if let Some(w) = &will {
+        check_will(ctx, &identity, &tenant, &w.msg.topic)?;
+    }
+    let (session_kick_tx, session_kick) = oneshot::channel();
+    let attached =
+        ctx.ingest.broker.attach(&tenant, client_id, owner, clean_start, expiry_s, session_kick_tx).map_err(
+            |e| match e {
+                AttachError::ClientIdInUse => {
+                    refusal(ErrorCode::InvalidArgument, "client id is in use by another identity in this tenant")
+                }
+                AttachError::TooManySessions => refusal(ErrorCode::Overloaded, "too many sessions on this server"),
+            },
+        )?;
     ctx.ingest.metrics.mqtt_connects.inc();
     ctx.ingest.metrics.mqtt_connections.inc();
     let (ended_tx, ended) = oneshot::channel();
-    let closer = Closer { kick, ended, shutdown: ctx.shutdown.clone() };
+    let (delivery_ended_tx, delivery_ended) = oneshot::channel();
+    let closer = Closer { kick, session_kick, ended, shutdown: ctx.shutdown.clone() };
     let conn = Conn(Rc::new(ConnInner {
         ctx: ctx.clone(),
         identity,
+        tenant,
+        session: attached.session,
+        generation: attached.generation,
+        will: RefCell::new(will),
+        expiry_on_disconnect: Cell::new(None),
+        delivery_started: Cell::new(false),
         sink,
         end_reason: Cell::new(None),
         ensured: RefCell::new(HashSet::new()),
         reported: Cell::new(false),
         commands_started: Cell::new(false),
         _ended: ended_tx,
+        _delivery_ended: delivery_ended_tx,
+        delivery_ended: RefCell::new(Some(delivery_ended)),
     }));
-    Ok((conn, closer))
+    Ok(Accepted { conn, closer, session_present: attached.present, expiry_s: attached.expiry_s })
+}
+
+/// A will must name a topic its client may publish to, and not a platform topic (presence
+/// already reports a device going away; a will cannot bypass payload validation).
+fn check_will(ctx: &MqttCtx, identity: &Identity, tenant: &TenantId, name: &str) -> Result<(), Refusal> {
+    topics::check_name(name).map_err(|e| refusal(ErrorCode::TopicInvalid, format!("will topic: {e}")))?;
+    if !matches!(topic::parse(name), Topic::Other) || !may_publish_other(ctx, identity, tenant, name) {
+        ctx.ingest.metrics.broker_denied.inc();
+        return Err(refusal(ErrorCode::PermissionDenied, format!("will topic {name:?} is not allowed")));
+    }
+    Ok(())
+}
+
+/// The orb id a policy's `{orb}` binds to.
+fn orb_of(identity: &Identity) -> Option<&str> {
+    match identity {
+        Identity::Orb { key, .. } => Some(key.orb.as_str()),
+        Identity::Anonymous => None,
+    }
+}
+
+/// Is the tenant open to any topic (`--dev` and the dev tenant)?
+fn open_tenant(ctx: &MqttCtx, tenant: &TenantId) -> bool {
+    ctx.dev && tenant.is_dev()
+}
+
+/// May this identity publish to a non-platform topic?
+fn may_publish_other(ctx: &MqttCtx, identity: &Identity, tenant: &TenantId, name: &str) -> bool {
+    open_tenant(ctx, tenant) || ctx.ingest.broker.policy(tenant).allows_publish(orb_of(identity), name)
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubRefusal {
+    FilterInvalid,
+    NotAuthorized,
+    Quota,
 }
 
 /// Runs on the connection's worker until the connection ends: closes it when its orb's actor
@@ -174,7 +271,7 @@ pub async fn authenticate(
 pub fn spawn_closer(conn: &Conn, closer: Closer) {
     let weak = Rc::downgrade(&conn.0);
     let sink = conn.0.sink.clone();
-    let Closer { kick, mut ended, mut shutdown } = closer;
+    let Closer { kick, session_kick, mut ended, mut shutdown } = closer;
     ntex::rt::spawn(async move {
         let kicked = async {
             match kick {
@@ -184,6 +281,7 @@ pub fn spawn_closer(conn: &Conn, closer: Closer) {
         };
         let reason = tokio::select! {
             Some(reason) = kicked => reason,
+            Ok(reason) = session_kick => reason,
             Ok(_) = shutdown.wait_for(|draining| *draining) => DisconnectReason::ServerShutdown,
             _ = &mut ended => return,
         };
@@ -200,6 +298,10 @@ pub fn spawn_closer(conn: &Conn, closer: Closer) {
 }
 
 impl Conn {
+    pub fn now_ms(&self) -> u64 {
+        self.0.ctx.ingest.clock.now_ms()
+    }
+
     /// Records why the connection is ending (the first reason wins).
     pub fn set_end_reason(&self, reason: DisconnectReason) {
         if self.0.end_reason.get().is_none() {
@@ -224,7 +326,7 @@ impl Conn {
 
     /// Called for every granted subscription: the orb's own command topic starts delivery of
     /// its queue to this connection.
-    pub fn subscribed(&self, filter: &str) {
+    fn subscribed(&self, filter: &str) {
         let Identity::Orb { key, conn_seq } = &self.0.identity else { return };
         if filter != format!("commands/{}/{}", key.tenant, key.orb) || self.0.commands_started.replace(true) {
             return;
@@ -246,14 +348,64 @@ impl Conn {
         });
     }
 
-    /// May this connection subscribe to `filter`?
-    pub fn may_subscribe(&self, filter: &str) -> bool {
-        let ctx = &self.0.ctx;
-        match &self.0.identity {
-            Identity::Orb { key, .. } if ctx.dev && key.tenant.is_dev() => true,
-            Identity::Orb { key, .. } => topic::may_subscribe(filter, key),
-            Identity::Anonymous => ctx.dev,
+    /// Handles one filter of a SUBSCRIBE: the orb's own downstream platform topics (its
+    /// commands start the command outbox), or a broker subscription allowed by the tenant's
+    /// policy. Returns the granted QoS.
+    pub fn subscribe(&self, filter: &str, opts: SubOpts) -> Result<u8, SubRefusal> {
+        let inner = &self.0;
+        if let Identity::Orb { key, .. } = &inner.identity
+            && topic::may_subscribe(filter, key)
+        {
+            self.subscribed(filter);
+            return Ok(opts.qos.min(1));
         }
+        let sub = topics::parse_subscription(filter).map_err(|_| SubRefusal::FilterInvalid)?;
+        let allowed = open_tenant(&inner.ctx, &inner.tenant)
+            || inner.ctx.ingest.broker.policy(&inner.tenant).allows_subscribe(orb_of(&inner.identity), sub.filter);
+        if !allowed {
+            inner.ctx.ingest.metrics.broker_denied.inc();
+            return Err(SubRefusal::NotAuthorized);
+        }
+        let opts = SubOpts { qos: opts.qos.min(1), ..opts };
+        match inner.ctx.ingest.broker.subscribe(&inner.session, filter, opts) {
+            Ok(_) => Ok(opts.qos),
+            Err(e) if e.code == ErrorCode::Overloaded => Err(SubRefusal::Quota),
+            Err(_) => Err(SubRefusal::FilterInvalid),
+        }
+    }
+
+    /// Handles one filter of an UNSUBSCRIBE; returns whether the subscription existed.
+    pub fn unsubscribe(&self, filter: &str) -> bool {
+        if let Identity::Orb { key, .. } = &self.0.identity
+            && topic::may_subscribe(filter, key)
+        {
+            // The command outbox runs for the connection's lifetime.
+            return true;
+        }
+        self.0.ctx.ingest.broker.unsubscribe(&self.0.session, filter)
+    }
+
+    /// The client sent DISCONNECT: a normal one drops the will (v5 0x04 keeps it); v5 may
+    /// change the session expiry.
+    pub fn disconnecting(&self, keep_will: bool, expiry_s: Option<u32>) {
+        self.set_end_reason(DisconnectReason::ClientDisconnect);
+        if !keep_will {
+            self.0.will.borrow_mut().take();
+        }
+        self.0.expiry_on_disconnect.set(expiry_s);
+    }
+
+    /// Starts sending the session's queue (and first what an earlier connection left
+    /// unacknowledged) to this connection. Called once the CONNACK is out.
+    pub fn start_delivery(&self) {
+        if self.0.delivery_started.replace(true) {
+            return;
+        }
+        let Some(ended) = self.0.delivery_ended.borrow_mut().take() else { return };
+        let session = self.0.session.clone();
+        let sink = self.0.sink.clone();
+        let ctx = self.0.ctx.clone();
+        ntex::rt::spawn(deliver(ctx, session, sink, ended));
     }
 
     /// Makes sure a dev-tenant orb this connection publishes for exists (registering it on
@@ -281,8 +433,10 @@ impl Conn {
     }
 
     /// Handles one PUBLISH. Returns only after the effect is durable.
-    pub async fn publish(&self, topic_name: &str, payload: &[u8]) -> Verdict {
+    pub async fn publish(&self, incoming: Incoming) -> Verdict {
         let ingest = &self.0.ctx.ingest;
+        let topic_name = incoming.topic.as_str();
+        let payload = &incoming.payload[..];
         let topic = topic::parse(topic_name);
         let kind = match &topic {
             Topic::Telemetry(_) => MsgKind::Telemetry,
@@ -298,13 +452,7 @@ impl Conn {
                 ingest.metrics.refused(err.code);
                 return Verdict::Refused(err);
             }
-            Topic::Other if self.0.ctx.dev => return Verdict::Accepted,
-            Topic::Other => {
-                let err =
-                    ApiError::new(ErrorCode::PermissionDenied, format!("devices may not publish to {topic_name:?}"));
-                ingest.metrics.refused(err.code);
-                return Verdict::NotAuthorized(err);
-            }
+            Topic::Other => return self.publish_other(incoming).await,
         };
         if !self.authorized_for(&key) {
             let err = ApiError::new(ErrorCode::PermissionDenied, format!("not authorized to publish for orb {key}"));
@@ -336,7 +484,10 @@ impl Conn {
                     }
                 };
                 match ingest.fleet.report(&key, report).await {
-                    Ok(()) => Verdict::Accepted,
+                    Ok(()) => {
+                        ingest.forward(&key, "state", payload);
+                        Verdict::Accepted
+                    }
                     Err(err) => {
                         ingest.refuse(&key, &err);
                         Verdict::Refused(err)
@@ -364,6 +515,133 @@ impl Conn {
             Topic::Invalid(_) | Topic::Other => unreachable!("handled above"),
         }
     }
+
+    /// A PUBLISH to a topic outside the platform's: checked against the tenant's policy and
+    /// handed to the broker (a retained one is durable before this returns).
+    async fn publish_other(&self, incoming: Incoming) -> Verdict {
+        let inner = &self.0;
+        let metrics = &inner.ctx.ingest.metrics;
+        if let Err(e) = topics::check_name(&incoming.topic) {
+            let err = ApiError::new(ErrorCode::TopicInvalid, format!("topic {:?}: {e}", incoming.topic));
+            metrics.refused(err.code);
+            return Verdict::Refused(err);
+        }
+        if !may_publish_other(&inner.ctx, &inner.identity, &inner.tenant, &incoming.topic) {
+            metrics.broker_denied.inc();
+            let err = ApiError::new(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "the topic policy of tenant {} does not allow publishing to {:?}",
+                    inner.tenant, incoming.topic
+                ),
+            );
+            metrics.refused(err.code);
+            return Verdict::NotAuthorized(err);
+        }
+        let msg = Message {
+            topic: incoming.topic,
+            payload: incoming.payload,
+            qos: incoming.qos.min(1),
+            retain: incoming.retain,
+            props: incoming.props,
+            origin: inner.session.id,
+        };
+        match inner.ctx.ingest.broker.publish(&inner.tenant, msg).await {
+            Ok(_) => Verdict::Accepted,
+            Err(err) => {
+                metrics.refused(err.code);
+                Verdict::Refused(err)
+            }
+        }
+    }
+}
+
+/// A PUBLISH as the version adapters hand it over.
+pub struct Incoming {
+    pub topic: String,
+    pub payload: ntex::util::Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    pub props: Props,
+}
+
+/// The delivery task of one connection: takes the session's queue (waiting for a connection
+/// it took over to give it back), sends first what an earlier connection left unacknowledged,
+/// then every queued message; QoS 1 publishes are pipelined up to the client's receive
+/// maximum. When the connection ends, what was sent without a PUBACK goes back to the
+/// session, to be sent again (DUP) on its next connection.
+async fn deliver(ctx: Arc<MqttCtx>, session: Arc<Session>, sink: Sink, mut ended: oneshot::Receiver<()>) {
+    let rx = session.rx.clone();
+    let mut rx = tokio::select! {
+        guard = rx.lock_owned() => guard,
+        _ = &mut ended => return,
+    };
+    let clock = ctx.ingest.clock.clone();
+    let unacked: Rc<RefCell<BTreeMap<u64, Delivery>>> = Rc::default();
+    let mut next = 0u64;
+    let mut pending = session.take_redeliver();
+    loop {
+        if !sink.is_open() {
+            break;
+        }
+        let d = match pending.pop_front() {
+            Some(d) => d,
+            None => tokio::select! {
+                d = rx.recv() => match d {
+                    Some(d) => d,
+                    None => break,
+                },
+                _ = session.overflow.notified() => {
+                    sink.close_quota();
+                    break;
+                }
+                _ = &mut ended => break,
+            },
+        };
+        let now = clock.now_ms();
+        if d.msg.remaining_s(now) == Some(0) {
+            continue;
+        }
+        if d.qos == 0 {
+            sink.send_qos0(&d, now);
+            ctx.ingest.metrics.messages_out.inc();
+            continue;
+        }
+        // Waiting for the client's receive maximum to free a slot: a session whose queue
+        // overflows meanwhile is closed.
+        let ready = tokio::select! {
+            ready = sink.ready() => ready,
+            _ = session.overflow.notified() => {
+                sink.close_quota();
+                false
+            }
+            _ = &mut ended => false,
+        };
+        if !ready {
+            pending.push_front(d);
+            break;
+        }
+        next += 1;
+        let id = next;
+        let mut fut = sink.send_qos1(&d, now);
+        unacked.borrow_mut().insert(id, d);
+        // The first poll writes the PUBLISH (credit is available), so the order on the wire is
+        // the queue's; the PUBACK is awaited by its own task.
+        if futures::poll!(fut.as_mut()).is_ready() {
+            unacked.borrow_mut().remove(&id);
+            continue;
+        }
+        ctx.ingest.metrics.messages_out.inc();
+        let unacked = unacked.clone();
+        ntex::rt::spawn(async move {
+            if fut.await {
+                unacked.borrow_mut().remove(&id);
+            }
+        });
+    }
+    let left: Vec<Delivery> = std::mem::take(&mut *unacked.borrow_mut()).into_values().chain(pending).collect();
+    session.return_unacked(left);
+    drop(rx);
 }
 
 /// Why a connection ended, as far as ntex-mqtt tells (the orb's own reason wins, see
@@ -379,9 +657,18 @@ pub fn stop_reason<E>(reason: &ntex_mqtt::Reason<E>) -> DisconnectReason {
     }
 }
 
-/// The QoS granted to an allowed subscription: what was asked, at most 1.
-pub fn granted_qos(requested: ntex_mqtt::QoS) -> ntex_mqtt::QoS {
-    if requested == ntex_mqtt::QoS::AtMostOnce { ntex_mqtt::QoS::AtMostOnce } else { ntex_mqtt::QoS::AtLeastOnce }
+/// A QoS as a number.
+pub fn qos_u8(q: ntex_mqtt::QoS) -> u8 {
+    match q {
+        ntex_mqtt::QoS::AtMostOnce => 0,
+        ntex_mqtt::QoS::AtLeastOnce => 1,
+        ntex_mqtt::QoS::ExactlyOnce => 2,
+    }
+}
+
+/// A granted QoS (0 or 1).
+pub fn qos_of(q: u8) -> ntex_mqtt::QoS {
+    if q == 0 { ntex_mqtt::QoS::AtMostOnce } else { ntex_mqtt::QoS::AtLeastOnce }
 }
 
 /// The connection's sink, for publishing to the device.
@@ -392,6 +679,72 @@ pub enum Sink {
 }
 
 impl Sink {
+    fn is_open(&self) -> bool {
+        match self {
+            Sink::V3(s) => s.is_open(),
+            Sink::V5(s) => s.is_open(),
+        }
+    }
+
+    async fn ready(&self) -> bool {
+        match self {
+            Sink::V3(s) => s.ready().await,
+            Sink::V5(s) => s.ready().await,
+        }
+    }
+
+    /// Closes a subscriber that cannot keep up (v5: DISCONNECT 0x97 quota exceeded).
+    fn close_quota(&self) {
+        match self {
+            Sink::V3(s) => s.close(),
+            Sink::V5(s) => s.close_with_reason(ntex_mqtt::v5::codec::Disconnect::new(
+                ntex_mqtt::v5::codec::DisconnectReasonCode::QuotaExceeded,
+            )),
+        }
+    }
+
+    fn v5_builder(s: &ntex_mqtt::v5::MqttSink, d: &Delivery, now_ms: u64) -> ntex_mqtt::v5::PublishBuilder {
+        let m = &d.msg;
+        let remaining = m.remaining_s(now_ms);
+        s.publish(ntex::util::ByteString::from(m.topic.as_str())).dup(d.dup).retain(d.retain).properties(|p| {
+            p.user_properties = m.props.user.iter().map(|(k, v)| (k.as_str().into(), v.as_str().into())).collect();
+            p.content_type = m.props.content_type.as_deref().map(Into::into);
+            p.response_topic = m.props.response_topic.as_deref().map(Into::into);
+            p.correlation_data = m.props.correlation.as_deref().map(ntex::util::Bytes::copy_from_slice);
+            p.is_utf8_payload = m.props.utf8;
+            p.message_expiry_interval = remaining.and_then(std::num::NonZeroU32::new);
+            p.subscription_ids = d.sub_ids.iter().filter_map(|id| std::num::NonZeroU32::new(*id)).collect();
+        })
+    }
+
+    fn v3_builder(s: &ntex_mqtt::v3::MqttSink, d: &Delivery) -> ntex_mqtt::v3::PublishBuilder {
+        let b = s.publish(ntex::util::ByteString::from(d.msg.topic.as_str())).dup(d.dup);
+        if d.retain { b.retain() } else { b }
+    }
+
+    fn send_qos0(&self, d: &Delivery, now_ms: u64) {
+        let payload = d.msg.payload.clone();
+        let _ = match self {
+            Sink::V3(s) => Self::v3_builder(s, d).send_at_most_once(payload),
+            Sink::V5(s) => Self::v5_builder(s, d, now_ms).send_at_most_once(payload),
+        };
+    }
+
+    /// A QoS 1 publish; resolves to whether the client acknowledged it.
+    fn send_qos1(&self, d: &Delivery, now_ms: u64) -> Pin<Box<dyn Future<Output = bool>>> {
+        let payload = d.msg.payload.clone();
+        match self {
+            Sink::V3(s) => {
+                let f = Self::v3_builder(s, d).send_at_least_once(payload);
+                Box::pin(async move { f.await.is_ok() })
+            }
+            Sink::V5(s) => {
+                let f = Self::v5_builder(s, d, now_ms).send_at_least_once(payload);
+                Box::pin(async move { f.await.is_ok() })
+            }
+        }
+    }
+
     /// Publishes at QoS 1 and waits for the device's PUBACK.
     async fn publish_qos1(&self, topic: &str, payload: Vec<u8>) -> Result<(), ()> {
         let topic = ntex::util::ByteString::from(topic);
@@ -412,6 +765,8 @@ impl ConnInner {
             return;
         }
         self.ctx.ingest.metrics.mqtt_connections.dec();
+        let will = self.will.borrow_mut().take();
+        self.ctx.ingest.broker.detach(&self.session, self.generation, will, self.expiry_on_disconnect.get());
         if let Identity::Orb { key, conn_seq } = &self.identity {
             let reason = if self.ctx.draining.load(Ordering::Acquire) {
                 DisconnectReason::ServerShutdown

@@ -7,8 +7,10 @@ use ntex_mqtt::Control;
 use ntex_mqtt::v3::{self, codec};
 
 use super::MqttCtx;
-use super::session::{self, CloseConnection, Conn, Verdict};
+use super::session::{self, CloseConnection, Conn, Incoming, Verdict};
+use crate::broker::{Message, Props, SubOpts, Will};
 use crate::error::ErrorCode;
+use crate::limits::MQTT_FILTERS_PER_SUBSCRIBE_MAX;
 use crate::model::orb::DisconnectReason;
 
 pub async fn handshake(ctx: Arc<MqttCtx>, h: v3::Handshake) -> Result<v3::HandshakeAck<Conn>, CloseConnection> {
@@ -22,19 +24,32 @@ pub async fn handshake(ctx: Arc<MqttCtx>, h: v3::Handshake) -> Result<v3::Handsh
     let username = pkt.username.as_ref().map(|u| u.to_string());
     let password = pkt.password.as_ref().map(|p| p.to_vec());
     let keepalive = super::idle_timeout_s(pkt.keep_alive, ctx.keepalive_max_s);
-    match session::authenticate(
-        &ctx,
-        session::Sink::V3(h.sink()),
-        4,
-        &client_id,
-        username.as_deref(),
-        password.as_deref(),
-    )
-    .await
-    {
-        Ok((conn, closer)) => {
-            session::spawn_closer(&conn, closer);
-            Ok(h.ack(conn, false).idle_timeout(Seconds(keepalive)))
+    let will = pkt.last_will.as_ref().map(|w| Will {
+        msg: Message {
+            topic: w.topic.to_string(),
+            payload: w.message.clone(),
+            qos: session::qos_u8(w.qos).min(1),
+            retain: w.retain,
+            props: Props::default(),
+            origin: 0,
+        },
+        delay_s: 0,
+    });
+    let clean_session = pkt.clean_session;
+    let info = session::ConnectInfo {
+        protocol: 4,
+        client_id: &client_id,
+        username: username.as_deref(),
+        password: password.as_deref(),
+        clean_start: clean_session,
+        // MQTT 3.1.1 sessions without clean session last until the server's maximum.
+        expiry_s: if clean_session { 0 } else { u32::MAX },
+        will,
+    };
+    match session::authenticate(&ctx, session::Sink::V3(h.sink()), info).await {
+        Ok(accepted) => {
+            session::spawn_closer(&accepted.conn, accepted.closer);
+            Ok(h.ack(accepted.conn, accepted.session_present).idle_timeout(Seconds(keepalive)))
         }
         Err(refusal) => {
             ctx.ingest.metrics.connect_refused(refusal.code);
@@ -42,7 +57,7 @@ pub async fn handshake(ctx: Arc<MqttCtx>, h: v3::Handshake) -> Result<v3::Handsh
             Ok(match refusal.code {
                 ErrorCode::InvalidArgument => h.identifier_rejected(),
                 ErrorCode::Unauthenticated => h.bad_username_or_pwd(),
-                ErrorCode::PermissionDenied | ErrorCode::Decommissioned => h.not_authorized(),
+                ErrorCode::PermissionDenied | ErrorCode::Decommissioned | ErrorCode::TopicInvalid => h.not_authorized(),
                 _ => h.service_unavailable(),
             })
         }
@@ -51,7 +66,14 @@ pub async fn handshake(ctx: Arc<MqttCtx>, h: v3::Handshake) -> Result<v3::Handsh
 
 pub async fn publish(conn: &Conn, p: v3::Publish) -> Result<(), CloseConnection> {
     let payload = p.read_all().await.map_err(|e| CloseConnection(format!("payload: {e:?}")))?;
-    match conn.publish(p.publish_topic(), &payload).await {
+    let incoming = Incoming {
+        topic: p.publish_topic().to_string(),
+        payload,
+        qos: session::qos_u8(p.qos()),
+        retain: p.retain(),
+        props: Props::default(),
+    };
+    match conn.publish(incoming).await {
         Verdict::Accepted => Ok(()),
         // MQTT 3.1.1 cannot carry a reason: acknowledge so the device does not resend forever;
         // the refusal is counted and shown on the orb.
@@ -68,19 +90,28 @@ pub async fn publish(conn: &Conn, p: v3::Publish) -> Result<(), CloseConnection>
 pub async fn protocol(conn: &Conn, msg: v3::ProtocolMessage) -> Result<v3::ProtocolMessageAck, CloseConnection> {
     Ok(match msg {
         v3::ProtocolMessage::Subscribe(mut sub) => {
-            for mut s in sub.iter_mut() {
-                if conn.may_subscribe(s.topic()) {
-                    s.confirm(session::granted_qos(s.qos()));
-                    conn.subscribed(s.topic());
+            for (i, mut s) in sub.iter_mut().enumerate() {
+                let opts = SubOpts { qos: session::qos_u8(s.qos()), ..SubOpts::default() };
+                let granted = if i < MQTT_FILTERS_PER_SUBSCRIBE_MAX {
+                    conn.subscribe(s.topic(), opts)
                 } else {
-                    s.fail();
+                    Err(session::SubRefusal::Quota)
+                };
+                match granted {
+                    Ok(qos) => s.confirm(session::qos_of(qos)),
+                    Err(_) => s.fail(),
                 }
             }
             sub.ack()
         }
-        v3::ProtocolMessage::Unsubscribe(unsub) => unsub.ack(),
+        v3::ProtocolMessage::Unsubscribe(unsub) => {
+            for f in unsub.iter() {
+                conn.unsubscribe(f);
+            }
+            unsub.ack()
+        }
         v3::ProtocolMessage::Disconnect(d) => {
-            conn.set_end_reason(DisconnectReason::ClientDisconnect);
+            conn.disconnecting(false, None);
             d.ack()
         }
         v3::ProtocolMessage::Ping(p) => p.ack(),

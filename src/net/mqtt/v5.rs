@@ -8,8 +8,10 @@ use ntex_mqtt::v5::{self, codec};
 use ntex_mqtt::{Control, QoS};
 
 use super::MqttCtx;
-use super::session::{self, CloseConnection, Conn, Verdict};
+use super::session::{self, CloseConnection, Conn, Incoming, SubRefusal, Verdict};
+use crate::broker::{Message, Props, SubOpts, Will};
 use crate::error::{ApiError, ErrorCode};
+use crate::limits::MQTT_FILTERS_PER_SUBSCRIBE_MAX;
 use crate::model::orb::DisconnectReason;
 
 impl TryFrom<CloseConnection> for v5::PublishAck {
@@ -24,6 +26,7 @@ fn connack_reason(code: ErrorCode) -> codec::ConnectAckReason {
         ErrorCode::InvalidArgument => codec::ConnectAckReason::ClientIdentifierNotValid,
         ErrorCode::Unauthenticated => codec::ConnectAckReason::BadUserNameOrPassword,
         ErrorCode::PermissionDenied | ErrorCode::Decommissioned => codec::ConnectAckReason::NotAuthorized,
+        ErrorCode::TopicInvalid => codec::ConnectAckReason::TopicNameInvalid,
         ErrorCode::Overloaded => codec::ConnectAckReason::ServerBusy,
         _ => codec::ConnectAckReason::ServerUnavailable,
     }
@@ -57,26 +60,51 @@ pub async fn handshake(ctx: Arc<MqttCtx>, h: v5::Handshake) -> Result<v5::Handsh
     let username = pkt.username.as_ref().map(|u| u.to_string());
     let password = pkt.password.as_ref().map(|p| p.to_vec());
     let requested_ka = pkt.keep_alive;
-    match session::authenticate(
-        &ctx,
-        session::Sink::V5(h.sink()),
-        5,
-        &client_id,
-        username.as_deref(),
-        password.as_deref(),
-    )
-    .await
-    {
-        Ok((conn, closer)) => {
+    let now = ctx.ingest.clock.now_ms();
+    let will = pkt.last_will.as_ref().map(|w| Will {
+        msg: Message {
+            topic: w.topic.to_string(),
+            payload: w.message.clone(),
+            qos: session::qos_u8(w.qos).min(1),
+            retain: w.retain,
+            props: Props {
+                user: w.user_properties.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                content_type: w.content_type.as_ref().map(|c| c.to_string()),
+                response_topic: w.response_topic.as_ref().map(|c| c.to_string()),
+                correlation: w.correlation_data.as_ref().map(|c| c.to_vec()),
+                utf8: w.is_utf8_payload.unwrap_or(false),
+                expires_at_ms: w.message_expiry_interval.map(|s| now + s.get() as u64 * 1000),
+            },
+            origin: 0,
+        },
+        delay_s: w.will_delay_interval_sec.unwrap_or(0),
+    });
+    let asked_expiry = pkt.session_expiry_interval_secs;
+    let info = session::ConnectInfo {
+        protocol: 5,
+        client_id: &client_id,
+        username: username.as_deref(),
+        password: password.as_deref(),
+        clean_start: pkt.clean_start,
+        expiry_s: asked_expiry,
+        will,
+    };
+    match session::authenticate(&ctx, session::Sink::V5(h.sink()), info).await {
+        Ok(accepted) => {
+            let session::Accepted { conn, closer, session_present, expiry_s } = accepted;
             session::spawn_closer(&conn, closer);
             let cap = ctx.keepalive_max_s;
             let mut ack = h.ack(conn).with(|a| {
+                a.session_present = session_present;
                 a.assigned_client_id = assigned.map(ByteString::from);
-                a.retain_available = false;
-                a.wildcard_subscription_available = false;
-                a.subscription_identifiers_available = false;
-                a.shared_subscription_available = false;
+                a.retain_available = true;
+                a.wildcard_subscription_available = true;
+                a.subscription_identifiers_available = true;
+                a.shared_subscription_available = true;
                 a.max_qos = QoS::AtLeastOnce;
+                if expiry_s != asked_expiry {
+                    a.session_expiry_interval_secs = Some(expiry_s);
+                }
             });
             if requested_ka == 0 || requested_ka > cap {
                 // Tell the client the keep-alive it must use; expire at 1.5x of it.
@@ -102,7 +130,23 @@ fn refused_ack(p: v5::Publish, err: &ApiError) -> v5::PublishAck {
 
 pub async fn publish(conn: &Conn, p: v5::Publish) -> Result<v5::PublishAck, CloseConnection> {
     let payload = p.read_all().await.map_err(|e| CloseConnection(format!("payload: {e:?}")))?;
-    match conn.publish(p.publish_topic(), &payload).await {
+    let pp = &p.packet().properties;
+    let props = Props {
+        user: pp.user_properties.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        content_type: pp.content_type.as_ref().map(|c| c.to_string()),
+        response_topic: pp.response_topic.as_ref().map(|c| c.to_string()),
+        correlation: pp.correlation_data.as_ref().map(|c| c.to_vec()),
+        utf8: pp.is_utf8_payload,
+        expires_at_ms: pp.message_expiry_interval.map(|s| conn.now_ms() + s.get() as u64 * 1000),
+    };
+    let incoming = Incoming {
+        topic: p.publish_topic().to_string(),
+        payload,
+        qos: session::qos_u8(p.qos()),
+        retain: p.retain(),
+        props,
+    };
+    match conn.publish(incoming).await {
         Verdict::Accepted => Ok(p.ack()),
         Verdict::Refused(err) | Verdict::NotAuthorized(err) => Ok(refused_ack(p, &err)),
     }
@@ -111,19 +155,48 @@ pub async fn publish(conn: &Conn, p: v5::Publish) -> Result<v5::PublishAck, Clos
 pub async fn protocol(conn: &Conn, msg: v5::ProtocolMessage) -> Result<v5::ProtocolMessageAck, CloseConnection> {
     Ok(match msg {
         v5::ProtocolMessage::Subscribe(mut sub) => {
-            for mut s in sub.iter_mut() {
-                if conn.may_subscribe(s.topic()) {
-                    s.confirm(session::granted_qos(s.options().qos));
-                    conn.subscribed(s.topic());
+            let id = sub.packet().id.map(|i| i.get());
+            for (i, mut s) in sub.iter_mut().enumerate() {
+                let o = s.options();
+                let opts = SubOpts {
+                    qos: session::qos_u8(o.qos),
+                    no_local: o.no_local,
+                    retain_as_published: o.retain_as_published,
+                    retain_handling: match o.retain_handling {
+                        codec::RetainHandling::AtSubscribe => 0,
+                        codec::RetainHandling::AtSubscribeNew => 1,
+                        codec::RetainHandling::NoAtSubscribe => 2,
+                    },
+                    id,
+                };
+                let granted = if i < MQTT_FILTERS_PER_SUBSCRIBE_MAX {
+                    conn.subscribe(s.topic(), opts)
                 } else {
-                    s.fail(codec::SubscribeAckReason::NotAuthorized);
+                    Err(SubRefusal::Quota)
+                };
+                match granted {
+                    Ok(qos) => s.confirm(session::qos_of(qos)),
+                    Err(SubRefusal::FilterInvalid) => s.fail(codec::SubscribeAckReason::TopicFilterInvalid),
+                    Err(SubRefusal::NotAuthorized) => s.fail(codec::SubscribeAckReason::NotAuthorized),
+                    Err(SubRefusal::Quota) => s.fail(codec::SubscribeAckReason::QuotaExceeded),
                 }
             }
             sub.ack()
         }
-        v5::ProtocolMessage::Unsubscribe(unsub) => unsub.ack(),
+        v5::ProtocolMessage::Unsubscribe(mut unsub) => {
+            for mut f in unsub.iter_mut() {
+                if conn.unsubscribe(f.topic()) {
+                    f.success();
+                } else {
+                    f.fail(codec::UnsubscribeAckReason::NoSubscriptionExisted);
+                }
+            }
+            unsub.ack()
+        }
         v5::ProtocolMessage::Disconnect(d) => {
-            conn.set_end_reason(DisconnectReason::ClientDisconnect);
+            let pkt = d.packet();
+            let keep_will = pkt.reason_code == codec::DisconnectReasonCode::DisconnectWithWillMessage;
+            conn.disconnecting(keep_will, pkt.session_expiry_interval_secs);
             d.ack()
         }
         v5::ProtocolMessage::Ping(p) => p.ack(),
