@@ -223,6 +223,15 @@ async fn wildcards_overlaps_and_dollar_topics() {
         assert!(!got.topic.starts_with(b"$"), "# matched {:?}", got.topic);
     }
 
+    // A topic alias set by one PUBLISH names the topic of the next one.
+    let alias = PublishProperties { topic_alias: Some(1), ..Default::default() };
+    assert_eq!(p.publish_props("fleet/r2/status", b"aliased", false, alias.clone()).await, PubAckReason::Success);
+    assert_eq!(p.publish_props("", b"via alias", false, alias).await, PubAckReason::Success);
+    for want in ["aliased", "via alias"] {
+        let got = a.next_publish(5.0).await.expect("aliased publish");
+        assert_eq!((text(&got.topic), text(&got.payload)), ("fleet/r2/status".into(), want.into()));
+    }
+
     // Unsubscribe: nothing more on that filter; v5 says whether it existed.
     a.client.unsubscribe("fleet/#").await.unwrap();
     loop {

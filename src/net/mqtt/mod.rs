@@ -4,6 +4,7 @@
 //! worker builds its services and keeps its connections. Limits are set explicitly here
 //! (ntex-mqtt's max packet size defaults to unlimited).
 
+mod framing;
 mod session;
 pub mod topic;
 mod v3;
@@ -154,7 +155,11 @@ fn service(
             let conn = Conn::clone(&conn);
             Ok::<_, CloseConnection>(fn_service(async move |p| v5::publish(&conn, p).await))
         }));
-    MqttServer::new().v3(v3).v5(v5)
+    // Every connection gets the framing guard under the MQTT codec.
+    ntex::service::chain_factory(fn_service(async |io: ntex::io::Io| {
+        Ok::<_, ntex_mqtt::MqttError<CloseConnection>>(io.add_filter(framing::Framing::default()))
+    }))
+    .and_then(MqttServer::new().v3(v3).v5(v5))
 }
 
 #[cfg(test)]

@@ -65,6 +65,10 @@ pub async fn handshake(ctx: Arc<MqttCtx>, h: v3::Handshake) -> Result<v3::Handsh
 }
 
 pub async fn publish(conn: &Conn, p: v3::Publish) -> Result<(), CloseConnection> {
+    if p.publish_topic().is_empty() {
+        // A protocol error, not a refusal: no topic and (v5) no topic alias naming one.
+        return Err(CloseConnection("PUBLISH with an empty topic and no topic alias".into()));
+    }
     let payload = p.read_all().await.map_err(|e| CloseConnection(format!("payload: {e:?}")))?;
     let incoming = Incoming {
         topic: p.publish_topic().to_string(),
@@ -90,6 +94,10 @@ pub async fn publish(conn: &Conn, p: v3::Publish) -> Result<(), CloseConnection>
 pub async fn protocol(conn: &Conn, msg: v3::ProtocolMessage) -> Result<v3::ProtocolMessageAck, CloseConnection> {
     Ok(match msg {
         v3::ProtocolMessage::Subscribe(mut sub) => {
+            // Without filters it is a protocol violation [MQTT-3.8.3-3]: close.
+            if sub.iter_mut().next().is_none() {
+                return Err(CloseConnection("SUBSCRIBE without topic filters".into()));
+            }
             for (i, mut s) in sub.iter_mut().enumerate() {
                 let opts = SubOpts { qos: session::qos_u8(s.qos()), ..SubOpts::default() };
                 let granted = if i < MQTT_FILTERS_PER_SUBSCRIBE_MAX {
@@ -105,6 +113,9 @@ pub async fn protocol(conn: &Conn, msg: v3::ProtocolMessage) -> Result<v3::Proto
             sub.ack()
         }
         v3::ProtocolMessage::Unsubscribe(unsub) => {
+            if unsub.iter().next().is_none() {
+                return Err(CloseConnection("UNSUBSCRIBE without topic filters".into()));
+            }
             for f in unsub.iter() {
                 conn.unsubscribe(f);
             }

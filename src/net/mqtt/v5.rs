@@ -129,6 +129,10 @@ fn refused_ack(p: v5::Publish, err: &ApiError) -> v5::PublishAck {
 }
 
 pub async fn publish(conn: &Conn, p: v5::Publish) -> Result<v5::PublishAck, CloseConnection> {
+    if p.publish_topic().is_empty() {
+        // A protocol error, not a refusal: no topic and (v5) no topic alias naming one.
+        return Err(CloseConnection("PUBLISH with an empty topic and no topic alias".into()));
+    }
     let payload = p.read_all().await.map_err(|e| CloseConnection(format!("payload: {e:?}")))?;
     let pp = &p.packet().properties;
     let props = Props {
@@ -155,6 +159,10 @@ pub async fn publish(conn: &Conn, p: v5::Publish) -> Result<v5::PublishAck, Clos
 pub async fn protocol(conn: &Conn, msg: v5::ProtocolMessage) -> Result<v5::ProtocolMessageAck, CloseConnection> {
     Ok(match msg {
         v5::ProtocolMessage::Subscribe(mut sub) => {
+            // Without filters it is a protocol violation [MQTT-3.8.3-2]: close.
+            if sub.packet().topic_filters.is_empty() {
+                return Err(CloseConnection("SUBSCRIBE without topic filters".into()));
+            }
             let id = sub.packet().id.map(|i| i.get());
             for (i, mut s) in sub.iter_mut().enumerate() {
                 let o = s.options();
@@ -184,6 +192,9 @@ pub async fn protocol(conn: &Conn, msg: v5::ProtocolMessage) -> Result<v5::Proto
             sub.ack()
         }
         v5::ProtocolMessage::Unsubscribe(mut unsub) => {
+            if unsub.packet().topic_filters.is_empty() {
+                return Err(CloseConnection("UNSUBSCRIBE without topic filters".into()));
+            }
             for mut f in unsub.iter_mut() {
                 if conn.unsubscribe(f.topic()) {
                     f.success();

@@ -1,0 +1,169 @@
+//! Malformed MQTT input closes only the offending connection: raw bytes over TCP, each case on
+//! its own connection, while a well-behaved client keeps publishing through all of them.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestServer, V5};
+use rumqttc::v5::mqttbytes::v5::PubAckReason;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A packet: fixed header byte, remaining length (variable-length encoded), body.
+fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    let mut n = body.len();
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+fn utf8(s: &[u8]) -> Vec<u8> {
+    let mut out = (s.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(s);
+    out
+}
+
+/// CONNECT with a clean session, keep-alive 30 s; `version` 4 (3.1.1) or 5.
+fn connect(version: u8, client_id: &str) -> Vec<u8> {
+    let mut body = utf8(b"MQTT");
+    body.extend_from_slice(&[version, 0x02, 0x00, 0x1e]);
+    if version == 5 {
+        body.push(0); // no properties
+    }
+    body.extend(utf8(client_id.as_bytes()));
+    packet(0x10, &body)
+}
+
+/// PUBLISH with a raw topic (bytes as given), QoS from `flags`, an optional packet id.
+fn publish(version: u8, flags: u8, topic: &[u8], packet_id: Option<u16>, payload: &[u8]) -> Vec<u8> {
+    let mut body = utf8(topic);
+    if let Some(id) = packet_id {
+        body.extend_from_slice(&id.to_be_bytes());
+    }
+    if version == 5 {
+        body.push(0);
+    }
+    body.extend_from_slice(payload);
+    packet(0x30 | flags, &body)
+}
+
+/// Sends `bytes` (after a valid CONNECT when `version` is given) and waits until the server
+/// closes the connection. Returns the bytes it sent before closing.
+async fn closes(ts: &TestServer, what: &str, version: Option<u8>, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(ts.mqtt).await.unwrap();
+    let mut seen = Vec::new();
+    if let Some(v) = version {
+        s.write_all(&connect(v, &format!("bad-{}", what.replace(' ', "-")))).await.unwrap();
+        // CONNACK first.
+        let mut head = [0u8; 2];
+        s.read_exact(&mut head).await.unwrap_or_else(|e| panic!("{what}: no CONNACK: {e}"));
+        assert_eq!(head[0], 0x20, "{what}: CONNACK");
+        let mut rest = vec![0u8; head[1] as usize];
+        s.read_exact(&mut rest).await.unwrap();
+    }
+    let _ = s.write_all(bytes).await;
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(8), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "{what}: the server kept the connection open (sent {seen:02x?})");
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_packets_close_only_their_connection() {
+    let ts = TestServer::start_with(true, |c| c.mqtt.connect_timeout_s = 1).await;
+    let mut calm = V5::connect(ts.mqtt, "calm", None).await.unwrap();
+    let calm_ok = async |calm: &mut V5, what: &str| {
+        let ack = calm.publish("calm/topic", b"still here".to_vec()).await.unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(ack.reason, PubAckReason::Success, "{what}");
+    };
+
+    // Before CONNECT.
+    closes(&ts, "first packet not CONNECT", None, &packet(0xc0, &[])).await;
+    closes(&ts, "publish before CONNECT", None, &publish(4, 0, b"a/b", None, b"x")).await;
+    // A CONNECT cut short, and one dribbled too slowly: the connect deadline closes both.
+    let full = connect(4, "slow");
+    closes(&ts, "truncated CONNECT", None, &full[..5]).await;
+    closes(&ts, "garbage protocol name", None, &packet(0x10, &utf8(b"XQTT"))).await;
+    calm_ok(&mut calm, "after pre-CONNECT garbage").await;
+
+    for v in [4u8, 5] {
+        let case = |name: &str| format!("v{v} {name}");
+        closes(&ts, &case("remaining length FF FF FF 7F"), Some(v), &[0x30, 0xff, 0xff, 0xff, 0x7f]).await;
+        closes(&ts, &case("remaining length over 4 bytes"), Some(v), &[0x30, 0xff, 0xff, 0xff, 0xff, 0x01]).await;
+        closes(&ts, &case("QoS 3"), Some(v), &publish(v, 0x06, b"a/b", Some(1), b"x")).await;
+        closes(&ts, &case("packet id 0"), Some(v), &publish(v, 0x02, b"a/b", Some(0), b"x")).await;
+        closes(&ts, &case("wildcard in PUBLISH topic +"), Some(v), &publish(v, 0x02, b"a/+", Some(1), b"x")).await;
+        closes(&ts, &case("wildcard in PUBLISH topic #"), Some(v), &publish(v, 0x00, b"a/#", None, b"x")).await;
+        closes(&ts, &case("invalid UTF-8 topic"), Some(v), &publish(v, 0x02, &[b'a', 0xc3, 0x28], Some(1), b"x")).await;
+        closes(&ts, &case("second CONNECT"), Some(v), &connect(v, "again")).await;
+        closes(&ts, &case("reserved packet type 0"), Some(v), &packet(0x00, &[])).await;
+        let no_props: &[u8] = if v == 5 { &[0x00] } else { &[] };
+        closes(&ts, &case("SUBSCRIBE without filters"), Some(v), &packet(0x82, &[&[0x00, 0x01], no_props].concat()))
+            .await;
+        closes(&ts, &case("UNSUBSCRIBE without filters"), Some(v), &packet(0xa2, &[&[0x00, 0x02], no_props].concat()))
+            .await;
+        calm_ok(&mut calm, &case("after malformed packets")).await;
+    }
+    // An empty topic (MQTT 5: without a topic alias).
+    closes(&ts, "v5 empty topic without alias", Some(5), &publish(5, 0x02, b"", Some(1), b"x")).await;
+    closes(&ts, "v3 empty topic", Some(4), &publish(4, 0x02, b"", Some(1), b"x")).await;
+    calm_ok(&mut calm, "at the end").await;
+    calm.disconnect().await;
+    ts.stop().await;
+}
+
+/// The packets in `bytes` as (first byte, body).
+fn packets(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while bytes.len() >= 2 {
+        let (mut len, mut shift, mut i) = (0usize, 0, 1);
+        loop {
+            let b = bytes[i];
+            len |= ((b & 0x7f) as usize) << shift;
+            shift += 7;
+            i += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        out.push((bytes[0], bytes[i..i + len].to_vec()));
+        bytes = &bytes[i + len..];
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exceeding_the_receive_maximum_gets_disconnect_0x93() {
+    let ts = TestServer::start_with(true, |c| c.mqtt.receive_maximum = 2).await;
+    // Three QoS 1 telemetry publishes in one write: each waits for its fsync'd commit, so the
+    // third arrives while two are unacknowledged.
+    let mut burst = Vec::new();
+    for id in 1..=3u16 {
+        let body = common::telemetry(common::now_ms(), &format!("rm-{id}"), 50.0);
+        burst.extend(publish(5, 0x02, b"telemetry/default/rm", Some(id), &body));
+    }
+    let seen = closes(&ts, "receive maximum exceeded", Some(5), &burst).await;
+    let disconnect = packets(&seen).into_iter().find(|(h, _)| *h == 0xe0).expect("a DISCONNECT before the close");
+    assert_eq!(disconnect.1.first(), Some(&0x93), "reason: receive maximum exceeded ({seen:02x?})");
+    ts.stop().await;
+}
