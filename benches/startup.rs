@@ -54,6 +54,7 @@ fn main() {
         let config = Config {
             data_dir: dir.path().to_path_buf(),
             mqtt_addr: "127.0.0.1:0".into(),
+            mqtts_addr: "127.0.0.1:0".into(),
             grpc_addr: "127.0.0.1:0".into(),
             http_addr: "127.0.0.1:0".into(),
             log: "warn".into(),

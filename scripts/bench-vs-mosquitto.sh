@@ -61,7 +61,7 @@ CONF
   kill "$MQ"; wait "$MQ" 2>/dev/null || true
 
   rm -rf "$OUT/data"
-  "$B" serve --dev --data-dir "$OUT/data" --mqtt-addr 127.0.0.1:21884 --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 \
+  "$B" serve --dev --data-dir "$OUT/data" --mqtt-addr 127.0.0.1:21884 --http-addr 127.0.0.1:0 --mqtts-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 \
     > "$OUT/orbmanager.log" 2>&1 &
   OM=$!
   sleep 2

@@ -19,7 +19,7 @@ COND=${COND:-"metrics.motor_temp_c > 56.0"}
 OUT=${OUT:-target/webhook-latency}
 SECRET=0123456789abcdef0123
 rm -rf "$OUT"; mkdir -p "$OUT/data"
-$B serve --dev --data-dir "$OUT/data" --mqtt-addr 127.0.0.1:11883 --http-addr 127.0.0.1:18081 --grpc-addr 127.0.0.1:0 \
+$B serve --dev --data-dir "$OUT/data" --mqtt-addr 127.0.0.1:11883 --http-addr 127.0.0.1:18081 --mqtts-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 \
   > "$OUT/server.log" 2>&1 &
 SRV=$!
 trap 'kill $SRV 2>/dev/null || true' EXIT

@@ -43,6 +43,8 @@ pub enum AppError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Endpoints {
     pub mqtt: SocketAddr,
+    /// MQTT over TLS with client certificates; `None` when turned off.
+    pub mqtts: Option<SocketAddr>,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
 }
@@ -51,6 +53,7 @@ impl Endpoints {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "mqtt": self.mqtt.to_string(),
+            "mqtts": self.mqtts.map(|a| a.to_string()),
             "grpc": self.grpc.to_string(),
             "http": self.http.to_string(),
         })
@@ -79,6 +82,20 @@ fn bind(what: &'static str, addr: &str) -> Result<std::net::TcpListener, AppErro
     let l = std::net::TcpListener::bind(addr).map_err(|source| AppError::Bind { what, addr: addr.into(), source })?;
     l.set_nonblocking(true).map_err(|source| AppError::Bind { what, addr: addr.into(), source })?;
     Ok(l)
+}
+
+/// The platform's server CA (it signs the MQTTS server certificate; devices get it as
+/// `server_ca_pem` at registration), created on first start.
+async fn server_ca(store: &Store, now_ms: u64) -> Result<crate::pki::StoredCa, AppError> {
+    let err = |e: String| AppError::Start { what: "server CA", message: e };
+    if let Some(ca) = store.ca(None).map_err(|e| err(e.to_string()))? {
+        return Ok(ca);
+    }
+    let ca = crate::pki::new_ca("OrbManager server CA", now_ms).map_err(|e| err(e.to_string()))?;
+    let mut batch = crate::storage::Batch::new();
+    Store::add_ca(&mut batch, None, &ca);
+    store.commit(batch).await.map_err(|e| err(e.to_string()))?;
+    Ok(ca)
 }
 
 fn local(what: &'static str, l: &std::net::TcpListener) -> Result<SocketAddr, AppError> {
@@ -142,10 +159,31 @@ impl Server {
         .map_err(|e| AppError::Start { what: "shards", message: e.to_string() })?;
 
         let mqtt_l = bind("mqtt", &config.mqtt_addr)?;
+        let mqtts_l = if config.mqtts_addr.is_empty() { None } else { Some(bind("mqtts", &config.mqtts_addr)?) };
         let grpc_l = bind("grpc", &config.grpc_addr)?;
         let http_l = bind("http", &config.http_addr)?;
-        let endpoints =
-            Endpoints { mqtt: local("mqtt", &mqtt_l)?, grpc: local("grpc", &grpc_l)?, http: local("http", &http_l)? };
+        let endpoints = Endpoints {
+            mqtt: local("mqtt", &mqtt_l)?,
+            mqtts: mqtts_l.as_ref().map(|l| local("mqtts", l)).transpose()?,
+            grpc: local("grpc", &grpc_l)?,
+            http: local("http", &http_l)?,
+        };
+        let mqtts = match mqtts_l {
+            None => None,
+            Some(l) => {
+                let server_ca = server_ca(&store, clock.now_ms()).await?;
+                let addr = endpoints.mqtts.map_or(std::net::Ipv4Addr::LOCALHOST.into(), |a| a.ip());
+                let tls = crate::net::mqtt::tls::server_config(
+                    store.clone(),
+                    &server_ca,
+                    addr,
+                    &config.mqtt.tls_server_names,
+                    clock.now_ms(),
+                )
+                .map_err(|message| AppError::Start { what: "mqtts listener", message })?;
+                Some((l, tls))
+            }
+        };
 
         let draining = Arc::new(AtomicBool::new(false));
         let readiness = Arc::new(Readiness { draining: draining.clone(), ..Default::default() });
@@ -177,7 +215,7 @@ impl Server {
             draining: draining.clone(),
             shutdown: closing.clone(),
         });
-        let mqtt = MqttListener::start(mqtt_l, mqtt_ctx, &config.mqtt, workers)
+        let mqtt = MqttListener::start(mqtt_l, mqtts, mqtt_ctx, &config.mqtt, workers)
             .map_err(|e| AppError::Start { what: "mqtt listener", message: e.to_string() })?;
         readiness.mqtt.store(true, Ordering::Release);
 

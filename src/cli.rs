@@ -389,6 +389,9 @@ pub struct ServeArgs {
     /// MQTT listener, ip:port (port 0 picks one) [default: 127.0.0.1:1883].
     #[arg(long)]
     pub mqtt_addr: Option<String>,
+    /// MQTTS (mTLS) listener, ip:port; an empty value disables it [default: 127.0.0.1:8883].
+    #[arg(long)]
+    pub mqtts_addr: Option<String>,
     /// gRPC listener [default: 127.0.0.1:50051].
     #[arg(long)]
     pub grpc_addr: Option<String>,
@@ -410,6 +413,7 @@ impl ServeArgs {
             data_dir: self.data_dir.clone(),
             object_store: self.object_store.clone(),
             mqtt_addr: self.mqtt_addr.clone(),
+            mqtts_addr: self.mqtts_addr.clone(),
             grpc_addr: self.grpc_addr.clone(),
             http_addr: self.http_addr.clone(),
             dev: self.dev,

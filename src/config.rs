@@ -21,6 +21,9 @@ pub struct Config {
     /// Development mode: the dev tenant `default` is open (see DESIGN.md).
     pub dev: bool,
     pub mqtt_addr: String,
+    /// The MQTTS listener: TLS with a client certificate issued at registration (mTLS);
+    /// empty: none.
+    pub mqtts_addr: String,
     pub grpc_addr: String,
     pub http_addr: String,
     /// Where cold telemetry, checkpoints and exports go: `file://<dir>` or `s3://bucket/prefix`
@@ -88,6 +91,8 @@ pub struct MqttConfig {
     /// Longest session expiry granted to persistent sessions (v3 clean session 0, v5 session
     /// expiry), in seconds; longer requests are capped and v5 clients told.
     pub session_expiry_max_s: u32,
+    /// DNS names in the MQTTS server certificate besides `localhost` and the listener's IP.
+    pub tls_server_names: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -152,6 +157,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./orbmanager-data"),
             dev: false,
             mqtt_addr: "127.0.0.1:1883".into(),
+            mqtts_addr: "127.0.0.1:8883".into(),
             grpc_addr: "127.0.0.1:50051".into(),
             http_addr: "127.0.0.1:8080".into(),
             object_store: String::new(),
@@ -178,6 +184,7 @@ impl Default for MqttConfig {
             max_connections: limits::MQTT_CONNECTIONS_MAX,
             workers: 0,
             session_expiry_max_s: limits::MQTT_SESSION_EXPIRY_MAX_S,
+            tls_server_names: Vec::new(),
         }
     }
 }
@@ -235,6 +242,7 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub object_store: Option<String>,
     pub mqtt_addr: Option<String>,
+    pub mqtts_addr: Option<String>,
     pub grpc_addr: Option<String>,
     pub http_addr: Option<String>,
     pub dev: bool,
@@ -312,6 +320,10 @@ fn env_value(name: &str, raw: &str, default: &toml::Value) -> Result<toml::Value
         },
         toml::Value::Integer(_) => toml::Value::Integer(raw.trim().parse().map_err(|_| err("expected an integer"))?),
         toml::Value::Float(_) => toml::Value::Float(raw.trim().parse().map_err(|_| err("expected a number"))?),
+        // Lists of strings: comma-separated.
+        toml::Value::Array(_) => toml::Value::Array(
+            raw.split(',').map(str::trim).filter(|v| !v.is_empty()).map(|v| toml::Value::String(v.into())).collect(),
+        ),
         _ => return Err(err("this key cannot be set from the environment")),
     })
 }
@@ -354,6 +366,7 @@ impl Config {
         let string_overrides = [
             ("data_dir", o.data_dir.as_ref().map(|p| p.display().to_string())),
             ("mqtt_addr", o.mqtt_addr.clone()),
+            ("mqtts_addr", o.mqtts_addr.clone()),
             ("grpc_addr", o.grpc_addr.clone()),
             ("http_addr", o.http_addr.clone()),
             ("object_store", o.object_store.clone()),
@@ -379,6 +392,17 @@ impl Config {
         {
             if addr.parse::<SocketAddr>().is_err() {
                 return invalid(format!("{name} = {addr:?} is not an ip:port address"));
+            }
+        }
+        if !self.mqtts_addr.is_empty() && self.mqtts_addr.parse::<SocketAddr>().is_err() {
+            return invalid(format!("mqtts_addr = {:?} is not an ip:port address (or empty: none)", self.mqtts_addr));
+        }
+        for name in &self.mqtt.tls_server_names {
+            if name.is_empty()
+                || name.len() > 253
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            {
+                return invalid(format!("mqtt.tls_server_names: {name:?} is not a DNS name"));
             }
         }
         let m = &self.mqtt;

@@ -131,6 +131,44 @@ pub fn issue_device_cert(
     Ok(IssuedCert { cert_pem: signed.pem(), serial: serial_hex })
 }
 
+/// Validity of a server certificate (issued again at every start).
+pub const SERVER_CERT_DAYS: i64 = 397;
+
+/// A TLS server certificate from `ca` for `dns` names and `ips`, with a new key.
+/// Returns (certificate PEM, private key PEM).
+pub fn issue_server_cert(
+    ca: &StoredCa,
+    dns: &[String],
+    ips: &[std::net::IpAddr],
+    now_ms: u64,
+) -> Result<(String, String), PkiError> {
+    let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(|e| PkiError::Ca(e.to_string()))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key).map_err(|e| PkiError::Ca(e.to_string()))?;
+    let key = KeyPair::generate().map_err(|e| PkiError::Ca(e.to_string()))?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, dns.first().map_or("orbmanager", String::as_str));
+    dn.push(DnType::OrganizationName, "OrbManager");
+    params.distinguished_name = dn;
+    let mut sans = Vec::new();
+    for d in dns {
+        sans.push(SanType::DnsName(
+            d.clone().try_into().map_err(|e: rcgen::Error| PkiError::Unsupported(e.to_string()))?,
+        ));
+    }
+    sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    params.subject_alt_names = sans;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.not_before = datetime(now_ms) - Duration::minutes(5);
+    params.not_after = datetime(now_ms) + Duration::days(SERVER_CERT_DAYS);
+    params.serial_number = Some(random_serial().0);
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&key, &issuer).map_err(|e| PkiError::Ca(e.to_string()))?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

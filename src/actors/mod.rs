@@ -287,6 +287,18 @@ impl Fleet {
         }
     }
 
+    /// Sets the orb's current certificate (`None`: revoked); a live connection is closed.
+    pub async fn set_certificate(&self, key: &OrbKey, serial: Option<String>) -> Result<(), ApiError> {
+        match self
+            .shard(key)
+            .call(|reply| ShardMsg::Route(key.clone(), OrbMsg::Certificate { serial, reply }), timeout())
+            .await
+        {
+            Ok(CallResult::Success(r)) => r,
+            Ok(CallResult::SenderError) | Ok(CallResult::Timeout) | Err(_) => Err(call_failed("certificate change")),
+        }
+    }
+
     pub async fn decommission(&self, key: &OrbKey) -> Result<(), ApiError> {
         match self
             .shard(key)

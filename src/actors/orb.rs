@@ -46,6 +46,8 @@ pub enum OrbMsg {
     Touch { reply: RpcReplyPort<Result<OrbStatus, ErrorCode>> },
     /// Retire the orb and close its connection.
     Decommission { reply: RpcReplyPort<Result<(), ApiError>> },
+    /// The orb's certificate was revoked (`None`) or replaced.
+    Certificate { serial: Option<String>, reply: RpcReplyPort<Result<(), ApiError>> },
     /// Operator attribute update; replies with the new record state when durable.
     SetAttributes { set: BTreeMap<String, String>, remove: Vec<String>, reply: RpcReplyPort<Result<(), ApiError>> },
     /// The registry record and live state.
@@ -225,6 +227,12 @@ impl Actor for OrbActor {
             }
             OrbMsg::Touch { reply } => {
                 let _ = reply.send(Ok(state.orb.record.status));
+            }
+            OrbMsg::Certificate { serial, reply } => {
+                let effects = state.orb.apply(Event::Certificate(serial.as_deref()), now);
+                let result = perform(state, effects).await.map_err(ApiError::internal);
+                publish(state, ChangeKind::Status, now);
+                let _ = reply.send(result);
             }
             OrbMsg::Decommission { reply } => {
                 let effects = state.orb.apply(Event::Decommission, now);

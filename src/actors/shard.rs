@@ -166,6 +166,7 @@ fn reject(msg: OrbMsg, code: ErrorCode, why: &str) {
         }
         OrbMsg::Report { reply, .. }
         | OrbMsg::Decommission { reply }
+        | OrbMsg::Certificate { reply, .. }
         | OrbMsg::CommandAck { reply, .. }
         | OrbMsg::SetAttributes { reply, .. } => {
             let _ = reply.send(Err(ApiError::new(code, why)));

@@ -192,6 +192,62 @@ impl Api {
         self.fleet().view(&key).await?.ok_or_else(|| not_found(&key))
     }
 
+    /// Revokes the orb's current certificate: it is refused in the TLS handshake from now on,
+    /// and a live connection of the orb is closed (DISCONNECT 0x87, presence `auth_revoked`).
+    /// The revocation is durable before the orb hears of it. Operators and admins.
+    pub async fn revoke_certificate(
+        &self,
+        p: &Principal,
+        tenant_id: Option<&str>,
+        orb_id: &str,
+    ) -> Result<OrbState, ApiError> {
+        let key = self.orb_key(p, tenant_id, orb_id, Access::Operate)?;
+        let Some(record) = self.store().orb(&key).map_err(internal)? else { return Err(not_found(&key)) };
+        let Some(serial) = record.cert_serial else {
+            return Err(ApiError::new(
+                ErrorCode::FailedPrecondition,
+                format!("orb {key} has no certificate to revoke"),
+            ));
+        };
+        let mut batch = crate::storage::Batch::new();
+        crate::storage::Store::add_revoked(&mut batch, &key, &serial, self.now_ms());
+        self.store().commit(batch).await.map_err(internal)?;
+        self.fleet().set_certificate(&key, None).await?;
+        self.fleet().view(&key).await?.ok_or_else(|| not_found(&key))
+    }
+
+    /// Issues the orb a new certificate from a CSR (rotation, or after a revocation). The
+    /// previous one stops authenticating at once and a live connection is closed.
+    pub async fn renew_certificate(
+        &self,
+        p: &Principal,
+        tenant_id: Option<&str>,
+        orb_id: &str,
+        csr_pem: &str,
+    ) -> Result<Registration, ApiError> {
+        let key = self.orb_key(p, tenant_id, orb_id, Access::Operate)?;
+        let Some(record) = self.store().orb(&key).map_err(internal)? else { return Err(not_found(&key)) };
+        if record.status == crate::model::orb::OrbStatus::Decommissioned {
+            return Err(ApiError::new(ErrorCode::Decommissioned, format!("orb {key} is decommissioned")));
+        }
+        let ca = self.ca(Some(&key.tenant)).await?;
+        let issued =
+            crate::pki::issue_device_cert(&ca, &key.tenant, &key.orb, csr_pem, self.now_ms()).map_err(|e| match e {
+                crate::pki::PkiError::Ca(_) => internal(e),
+                e => invalid(e.to_string()),
+            })?;
+        self.fleet().set_certificate(&key, Some(issued.serial)).await?;
+        Ok(Registration {
+            tenant: key.tenant.clone(),
+            orb: key.orb.clone(),
+            // The device token is not shown again.
+            device_token: String::new(),
+            certificate_pem: Some(issued.cert_pem),
+            ca_pem: Some(ca.cert_pem),
+            server_ca_pem: Some(self.ca(None).await?.cert_pem),
+        })
+    }
+
     /// Sets and removes operator attributes (tags) of an orb; the answer is the orb after the
     /// change, durable. Refused whole (nothing changes) when any part is invalid.
     pub async fn update_attributes(

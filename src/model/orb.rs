@@ -91,6 +91,8 @@ pub enum DisconnectReason {
     /// The connection was closed because a publish was not authorized (MQTT 3.1.1 has no
     /// other way to refuse one).
     NotAuthorized,
+    /// The orb's certificate was revoked or replaced while it was connected.
+    AuthRevoked,
 }
 
 impl DisconnectReason {
@@ -104,6 +106,7 @@ impl DisconnectReason {
             DisconnectReason::ServerShutdown => "server_shutdown",
             DisconnectReason::Decommissioned => "decommissioned",
             DisconnectReason::NotAuthorized => "not_authorized",
+            DisconnectReason::AuthRevoked => "auth_revoked",
         }
     }
 }
@@ -142,6 +145,9 @@ pub enum Credential {
     Token(Vec<u8>),
     /// No password; only admitted for token-less orbs of the dev tenant in `--dev`.
     None,
+    /// A client certificate verified in the TLS handshake (chain to the tenant CA, validity,
+    /// not revoked): admitted when it is the orb's current certificate (hex serial).
+    Certificate(String),
 }
 
 /// A connection asking to be admitted.
@@ -184,6 +190,9 @@ pub enum Event<'a> {
         reason: &'a str,
     },
     Decommission,
+    /// The orb's current certificate changed: revoked (`None`) or replaced. A live
+    /// connection is closed (it may have authenticated with the old certificate).
+    Certificate(Option<&'a str>),
     /// Operator attributes, merged and validated by [`OrbState::prepare_attributes`].
     Attributes(&'a BTreeMap<String, String>),
 }
@@ -267,6 +276,7 @@ impl OrbState {
     /// Decides whether a connection is admitted and moves presence if it is.
     pub fn admit(&mut self, req: &ConnectRequest, now_ms: u64) -> Admission {
         let authenticated = match (&self.record.token_hash, &req.credential) {
+            (_, Credential::Certificate(serial)) => self.record.cert_serial.as_deref() == Some(serial.as_str()),
             (Some(hash), Credential::Token(password)) => crate::auth::verify_token(password, hash),
             (Some(_), Credential::None) => false,
             // Token-less orbs exist only in the dev tenant; without --dev they are locked.
@@ -374,6 +384,22 @@ impl OrbState {
                     self.record.updated_ms = now_ms;
                     effects.push(Effect::SaveRecord);
                     effects.push(Effect::Emit(OrbEvent::AttributesUpdated));
+                }
+            }
+            Event::Certificate(serial) => {
+                if self.record.cert_serial.as_deref() != serial {
+                    self.record.cert_serial = serial.map(str::to_string);
+                    self.record.updated_ms = now_ms;
+                    effects.push(Effect::SaveRecord);
+                }
+                if self.presence.online {
+                    effects
+                        .push(Effect::Kick { conn_seq: self.presence.conn_seq, reason: DisconnectReason::AuthRevoked });
+                    self.presence.online = false;
+                    self.presence.disconnected_at_ms = Some(now_ms);
+                    self.presence.disconnect_reason = Some(DisconnectReason::AuthRevoked);
+                    effects.push(Effect::SavePresence);
+                    effects.push(Effect::Online(false));
                 }
             }
             Event::Decommission => {
@@ -583,6 +609,25 @@ mod tests {
         assert_eq!(s.last.as_ref().map(|p| p.ts), Some(200));
         assert_eq!(s.last_seen_ms, Some(11));
         assert_eq!(s.record.status, OrbStatus::Active);
+    }
+
+    #[test]
+    fn a_certificate_is_admitted_only_while_it_is_the_current_one() {
+        let mut s = OrbState::new(record("acme", Some("t")));
+        s.record.cert_serial = Some("aa".into());
+        let cert = |serial: &str| ConnectRequest {
+            credential: Credential::Certificate(serial.into()),
+            protocol: 5,
+            client_id: "o".into(),
+            dev: false,
+        };
+        assert!(matches!(s.admit(&cert("bb"), 1), Admission::Refused(ErrorCode::Unauthenticated)));
+        assert!(matches!(s.admit(&cert("aa"), 2), Admission::Accepted { .. }));
+        let eff = s.apply(Event::Certificate(None), 3);
+        assert_eq!(eff[0], Effect::SaveRecord);
+        assert_eq!(eff[1], Effect::Kick { conn_seq: 1, reason: DisconnectReason::AuthRevoked });
+        assert!(!s.presence.online);
+        assert!(matches!(s.admit(&cert("aa"), 4), Admission::Refused(ErrorCode::Unauthenticated)));
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub fn test_config(dir: &std::path::Path, dev: bool) -> Config {
         data_dir: dir.to_path_buf(),
         dev,
         mqtt_addr: "127.0.0.1:0".into(),
+        mqtts_addr: "127.0.0.1:0".into(),
         grpc_addr: "127.0.0.1:0".into(),
         http_addr: "127.0.0.1:0".into(),
         ..Default::default()
@@ -40,6 +41,8 @@ pub struct TestServer {
     pub dir: TempDir,
     pub http: String,
     pub mqtt: SocketAddr,
+    /// The MQTTS (mTLS) listener; `None` when a test turned it off.
+    pub mqtts: Option<SocketAddr>,
     pub grpc: SocketAddr,
 }
 
@@ -60,7 +63,14 @@ impl TestServer {
         tweak(&mut config);
         let server = Server::start(&config, Clock::system()).await.unwrap_or_else(|e| panic!("server starts: {e}"));
         let e = server.endpoints();
-        TestServer { http: format!("http://{}", e.http), mqtt: e.mqtt, grpc: e.grpc, server: Some(server), dir }
+        TestServer {
+            http: format!("http://{}", e.http),
+            mqtt: e.mqtt,
+            mqtts: e.mqtts,
+            grpc: e.grpc,
+            server: Some(server),
+            dir,
+        }
     }
 
     pub fn server(&self) -> &Server {
@@ -372,7 +382,16 @@ impl Proc {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_orbmanager"))
             .args(["serve", "--data-dir"])
             .arg(dir)
-            .args(["--mqtt-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args([
+                "--mqtt-addr",
+                "127.0.0.1:0",
+                "--mqtts-addr",
+                "127.0.0.1:0",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                "127.0.0.1:0",
+            ])
             .args(extra)
             .env("ORBMANAGER_AUTH_ADMIN_TOKEN", ADMIN)
             .env("ORBMANAGER_LOG", std::env::var("OM_TEST_LOG").unwrap_or_else(|_| "warn".into()))

@@ -109,6 +109,8 @@ pub fn router(ctx: Arc<HttpCtx>) -> Router {
         .route("/v1/orbs/register", post(register))
         .route("/v1/orbs/{id}", get(get_orb))
         .route("/v1/orbs/{id}/decommission", post(decommission))
+        .route("/v1/orbs/{id}/certificate", post(renew_certificate))
+        .route("/v1/orbs/{id}/certificate/revoke", post(revoke_certificate))
         .route("/v1/orbs/{id}/attributes", patch(update_attributes))
         .route("/v1/orbs/{id}/versions", get(version_history))
         .route("/v1/orbs/{id}/telemetry", get(history).post(ingest))
@@ -323,6 +325,44 @@ async fn decommission(
 ) -> Result<Response, Problem> {
     let p = caller(&ctx, &headers)?;
     Ok(Json(ctx.api.decommission_orb(&p, q.tenant_id.as_deref(), &id).await?.to_json()).into_response())
+}
+
+/// `POST /v1/orbs/{id}/certificate/revoke`: the orb's certificate stops working now.
+async fn revoke_certificate(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<TenantQuery>,
+) -> Result<Response, Problem> {
+    let p = caller(&ctx, &headers)?;
+    Ok(Json(ctx.api.revoke_certificate(&p, q.tenant_id.as_deref(), &id).await?.to_json()).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenewBody {
+    csr_pem: String,
+}
+
+/// `POST /v1/orbs/{id}/certificate` `{"csr_pem"}`: a new certificate replacing the current one.
+async fn renew_certificate(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<TenantQuery>,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let p = caller(&ctx, &headers)?;
+    let b: RenewBody = parse_json(&body)?;
+    let r = ctx.api.renew_certificate(&p, q.tenant_id.as_deref(), &id, &b.csr_pem).await?;
+    Ok(Json(serde_json::json!({
+        "tenant_id": r.tenant.as_str(),
+        "orb_id": r.orb.as_str(),
+        "certificate_pem": r.certificate_pem,
+        "ca_pem": r.ca_pem,
+        "server_ca_pem": r.server_ca_pem,
+    }))
+    .into_response())
 }
 
 #[derive(Deserialize)]

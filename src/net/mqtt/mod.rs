@@ -6,6 +6,7 @@
 
 mod framing;
 mod session;
+pub mod tls;
 pub mod topic;
 mod v3;
 mod v5;
@@ -56,32 +57,39 @@ pub(crate) fn assigned_client_id() -> String {
 }
 
 impl MqttListener {
-    /// Starts serving `listener` on `workers` threads.
+    /// Starts serving `listener` (plain MQTT) and `tls` (MQTTS with client certificates) on
+    /// `workers` threads.
     pub fn start(
         listener: TcpListener,
+        tls: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
         ctx: Arc<MqttCtx>,
         cfg: &MqttConfig,
         workers: usize,
     ) -> std::io::Result<MqttListener> {
-        let svc_cfg = MqttServiceConfig::new()
-            .set_max_size(cfg.max_packet_size)
-            .set_max_receive(cfg.receive_maximum)
-            .set_max_receive_size(cfg.inflight_bytes_max)
-            .set_max_qos(QoS::AtLeastOnce)
-            .set_max_topic_alias(32)
-            .protocol_version_timeout(Seconds(cfg.connect_timeout_s))
-            .set_connect_timeout(Seconds(cfg.connect_timeout_s))
-            .set_handshake_timeout(Seconds(cfg.connect_timeout_s))
-            .set_max_send(cfg.receive_maximum)
-            .set_max_send_size(cfg.max_packet_size);
+        let cfg = cfg.clone();
+        let svc_cfg = move || {
+            MqttServiceConfig::new()
+                .set_max_size(cfg.max_packet_size)
+                .set_max_receive(cfg.receive_maximum)
+                .set_max_receive_size(cfg.inflight_bytes_max)
+                .set_max_qos(QoS::AtLeastOnce)
+                .set_max_topic_alias(32)
+                .protocol_version_timeout(Seconds(cfg.connect_timeout_s))
+                .set_connect_timeout(Seconds(cfg.connect_timeout_s))
+                .set_handshake_timeout(Seconds(cfg.connect_timeout_s))
+                .set_max_send(cfg.receive_maximum)
+                .set_max_send_size(cfg.max_packet_size)
+        };
         let per_worker = cfg.max_connections.div_ceil(workers).max(1);
+        let handshake_s = cfg.connect_timeout_s;
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new().name("mqtt-system".into()).spawn(move || {
             let runner =
                 ntex::rt::System::build().name("orbmanager-mqtt").disable_signals().build(ntex::rt::DefaultRuntime);
             runner.block_on(async move {
-                let factory = async move |_| service(ctx.clone());
-                let built = ntex::server::build()
+                let plain_ctx = ctx.clone();
+                let factory = async move |_| service(plain_ctx.clone());
+                let builder = ntex::server::build()
                     .workers(workers)
                     .disable_signals()
                     // Connections are closed by the drain signal (see `MqttCtx::shutdown`); this
@@ -89,7 +97,25 @@ impl MqttListener {
                     .shutdown_timeout(ntex::time::Millis(crate::limits::MQTT_STOP_TIMEOUT_MS))
                     .maxconn(per_worker)
                     .listen("mqtt", listener, factory)
-                    .map(|b| b.config("mqtt", SharedCfg::new("MQTT").add(svc_cfg)).run());
+                    .map(|b| b.config("mqtt", SharedCfg::new("MQTT").add(svc_cfg())));
+                let builder = match (builder, tls) {
+                    (Ok(b), Some((tls_listener, server_config))) => {
+                        let tls_factory = async move |_| {
+                            ntex::service::chain_factory(ntex_tls::rustls::TlsAcceptor::new(server_config.clone()))
+                                .map_err(|e| {
+                                    ntex_mqtt::MqttError::Handshake(ntex_mqtt::error::HandshakeError::Disconnected(
+                                        Some(e),
+                                    ))
+                                })
+                                .and_then(service(ctx.clone()))
+                        };
+                        let tls_cfg = ntex_tls::TlsConfig::new().set_handshake_timeout(Seconds(handshake_s));
+                        b.listen("mqtts", tls_listener, tls_factory)
+                            .map(|b| b.config("mqtts", SharedCfg::new("MQTTS").add(svc_cfg()).add(tls_cfg)))
+                    }
+                    (b, _) => b,
+                };
+                let built = builder.map(|b| b.run());
                 match built {
                     Ok(server) => {
                         let _ = tx.send(Ok(server.clone()));
@@ -115,10 +141,10 @@ impl MqttListener {
     }
 }
 
-fn service(
+fn service<F: ntex::io::Filter>(
     ctx: Arc<MqttCtx>,
 ) -> impl ntex::service::ServiceFactory<
-    ntex::io::Io,
+    ntex::io::Io<F>,
     SharedCfg,
     Response = (),
     Error = ntex_mqtt::MqttError<CloseConnection>,
@@ -156,7 +182,7 @@ fn service(
             Ok::<_, CloseConnection>(fn_service(async move |p| v5::publish(&conn, p).await))
         }));
     // Every connection gets the framing guard under the MQTT codec.
-    ntex::service::chain_factory(fn_service(async |io: ntex::io::Io| {
+    ntex::service::chain_factory(fn_service(async |io: ntex::io::Io<F>| {
         Ok::<_, ntex_mqtt::MqttError<CloseConnection>>(io.add_filter(framing::Framing::default()))
     }))
     .and_then(MqttServer::new().v3(v3).v5(v5))

@@ -132,6 +132,14 @@ pub struct ConnectInfo<'a> {
     /// Session expiry asked for (v3: 0 with a clean session, the maximum without).
     pub expiry_s: u32,
     pub will: Option<Will>,
+    /// The verified client certificate's identity (MQTTS listener).
+    pub cert: Option<Result<super::tls::DeviceCert, String>>,
+}
+
+/// The client certificate of a TLS connection, if any.
+pub fn peer_cert(io: &ntex::io::IoBoxed) -> Option<Result<super::tls::DeviceCert, String>> {
+    let item = io.query::<ntex_tls::rustls::PeerCert<'static>>();
+    item.as_ref().map(|c| super::tls::device_identity(&c.0))
 }
 
 /// An accepted CONNECT.
@@ -146,22 +154,53 @@ pub struct Accepted {
 /// actor; then opens or resumes its broker session. `kick` closes the connection when the
 /// actor says so (takeover, decommission).
 pub async fn authenticate(ctx: &Arc<MqttCtx>, sink: Sink, info: ConnectInfo<'_>) -> Result<Accepted, Refusal> {
-    let ConnectInfo { protocol, client_id, username, password, clean_start, expiry_s, will } = info;
+    let ConnectInfo { protocol, client_id, username, password, clean_start, expiry_s, will, cert } = info;
     check_client_id(client_id)?;
     if ctx.draining.load(Ordering::Acquire) {
         return Err(refusal(ErrorCode::Unavailable, "server is shutting down"));
     }
-    let identity_and_kick = match username {
-        None | Some("") if ctx.dev => {
+    let identity_and_kick = match (cert, username) {
+        (Some(cert), _) => {
+            // MQTTS: the certificate is the identity; the client id must be its orb id and a
+            // username, if any, must name the same orb.
+            let cert = cert.map_err(|e| refusal(ErrorCode::Unauthenticated, e))?;
+            if client_id != cert.key.orb.as_str() {
+                return Err(refusal(
+                    ErrorCode::InvalidArgument,
+                    format!("the client id must be the certificate's orb id {:?}", cert.key.orb.as_str()),
+                ));
+            }
+            if username.is_some_and(|u| !u.is_empty() && u != cert.key.to_string()) {
+                return Err(refusal(ErrorCode::Unauthenticated, "the username does not match the certificate"));
+            }
+            let key = cert.key;
+            let req = ConnectRequest {
+                credential: Credential::Certificate(cert.serial),
+                protocol,
+                client_id: client_id.to_string(),
+                dev: ctx.dev,
+            };
+            let (tx, rx) = oneshot::channel();
+            let conn_seq = ctx.ingest.fleet.connect(&key, req, tx).await.map_err(|code| {
+                let reason = match code {
+                    ErrorCode::Unauthenticated => "the certificate is not this orb's current certificate",
+                    ErrorCode::Decommissioned => "orb is decommissioned",
+                    _ => "server unavailable",
+                };
+                refusal(code, reason)
+            })?;
+            (Identity::Orb { key, conn_seq }, Some(rx))
+        }
+        (None, None | Some("")) if ctx.dev => {
             if password.is_some() {
                 return Err(refusal(ErrorCode::Unauthenticated, "a password needs a username of the form tenant/orb"));
             }
             (Identity::Anonymous, None)
         }
-        None | Some("") => {
+        (None, None | Some("")) => {
             return Err(refusal(ErrorCode::Unauthenticated, "username tenant/orb and device token required"));
         }
-        Some(user) => {
+        (None, Some(user)) => {
             let key = OrbKey::parse_path(user)
                 .map_err(|e| refusal(ErrorCode::Unauthenticated, format!("username must be tenant/orb: {e}")))?;
             let credential = match password {

@@ -45,6 +45,7 @@ pub async fn handshake(ctx: Arc<MqttCtx>, h: v3::Handshake) -> Result<v3::Handsh
         // MQTT 3.1.1 sessions without clean session last until the server's maximum.
         expiry_s: if clean_session { 0 } else { u32::MAX },
         will,
+        cert: session::peer_cert(h.io()),
     };
     match session::authenticate(&ctx, session::Sink::V3(h.sink()), info).await {
         Ok(accepted) => {

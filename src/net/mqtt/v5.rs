@@ -45,7 +45,7 @@ fn puback_reason(code: ErrorCode) -> codec::PublishAckReason {
 pub(super) fn disconnect_code(reason: DisconnectReason) -> codec::DisconnectReasonCode {
     match reason {
         DisconnectReason::Takeover => codec::DisconnectReasonCode::SessionTakenOver,
-        DisconnectReason::Decommissioned | DisconnectReason::NotAuthorized => {
+        DisconnectReason::Decommissioned | DisconnectReason::NotAuthorized | DisconnectReason::AuthRevoked => {
             codec::DisconnectReasonCode::NotAuthorized
         }
         DisconnectReason::ServerShutdown => codec::DisconnectReasonCode::ServerShuttingDown,
@@ -88,6 +88,7 @@ pub async fn handshake(ctx: Arc<MqttCtx>, h: v5::Handshake) -> Result<v5::Handsh
         clean_start: pkt.clean_start,
         expiry_s: asked_expiry,
         will,
+        cert: session::peer_cert(h.io()),
     };
     match session::authenticate(&ctx, session::Sink::V5(h.sink()), info).await {
         Ok(accepted) => {
