@@ -223,7 +223,20 @@ pub struct ClientArgs {
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum TenantsCmd {
-    Create { tenant_id: String },
+    Create {
+        tenant_id: String,
+    },
+    /// The tenant's MQTT topic policy, sessions and retained topics.
+    Mqtt,
+    /// Replaces the tenant's MQTT topic policy (filters; `{orb}` is the device's own id).
+    Policy {
+        /// A filter devices may publish to (repeatable).
+        #[arg(long)]
+        publish: Vec<String>,
+        /// A filter devices may subscribe within (repeatable).
+        #[arg(long)]
+        subscribe: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -278,6 +291,16 @@ pub enum OrbsCmd {
         stats: Option<String>,
     },
     Decommission {
+        orb_id: String,
+    },
+    /// Issue a new device certificate from a CSR file; the previous one stops working.
+    RenewCert {
+        orb_id: String,
+        #[arg(long)]
+        csr: PathBuf,
+    },
+    /// Revoke the orb's certificate (closes its live MQTTS session).
+    RevokeCert {
         orb_id: String,
     },
     /// Set (`key=value`) and remove (`--remove key`) operator attributes; all or nothing.

@@ -156,6 +156,45 @@ pub async fn tenants(args: &ClientArgs, cmd: &TenantsCmd) -> Result<String, Clie
                 svc.create_tenant(c.req(pb::CreateTenantRequest { tenant_id: tenant_id.clone() })).await?.into_inner();
             Ok(if args.json { json(&t) } else { format!("created tenant {}\n", t.tenant_id) })
         }
+        TenantsCmd::Mqtt => {
+            let v = svc.get_mqtt(c.req(pb::GetMqttRequest { tenant_id: c.tenant() })).await?.into_inner();
+            if args.json {
+                return Ok(json(&v));
+            }
+            let policy = v.policy.unwrap_or_default();
+            let mut out = format!(
+                "tenant {}\npublish    {}\nsubscribe  {}\n\n",
+                v.tenant_id,
+                policy.publish.join(" "),
+                policy.subscribe.join(" ")
+            );
+            let rows: Vec<Vec<String>> = v
+                .sessions
+                .iter()
+                .map(|s| vec![s.client_id.clone(), s.online.to_string(), s.subscriptions.join(" ")])
+                .collect();
+            out.push_str(&table(&["CLIENT_ID", "ONLINE", "SUBSCRIPTIONS"], &rows));
+            let rows: Vec<Vec<String>> = v
+                .retained
+                .iter()
+                .map(|r| vec![r.topic.clone(), r.payload_bytes.to_string(), r.qos.to_string()])
+                .collect();
+            out.push('\n');
+            out.push_str(&table(&["RETAINED_TOPIC", "BYTES", "QOS"], &rows));
+            Ok(out)
+        }
+        TenantsCmd::Policy { publish, subscribe } => {
+            let policy = pb::TopicPolicy { publish: publish.clone(), subscribe: subscribe.clone() };
+            let p = svc
+                .set_topic_policy(c.req(pb::SetTopicPolicyRequest { tenant_id: c.tenant(), policy: Some(policy) }))
+                .await?
+                .into_inner();
+            Ok(if args.json {
+                json(&p)
+            } else {
+                format!("publish    {}\nsubscribe  {}\n", p.publish.join(" "), p.subscribe.join(" "))
+            })
+        }
     }
 }
 
@@ -283,6 +322,26 @@ pub async fn orbs(args: &ClientArgs, cmd: &OrbsCmd) -> Result<String, ClientErro
             let _ = writeln!(out, "({} matching)", r.total);
             more_pages(&mut out, &r.next_page_token);
             Ok(out)
+        }
+        OrbsCmd::RenewCert { orb_id, csr } => {
+            let csr_pem =
+                std::fs::read_to_string(csr).map_err(|e| ClientError::Usage(format!("{}: {e}", csr.display())))?;
+            let r = svc
+                .renew_certificate(c.req(pb::RenewCertificateRequest {
+                    tenant_id: c.tenant(),
+                    orb_id: orb_id.clone(),
+                    csr_pem,
+                }))
+                .await?
+                .into_inner();
+            Ok(if args.json { json(&r) } else { r.certificate_pem })
+        }
+        OrbsCmd::RevokeCert { orb_id } => {
+            let o = svc
+                .revoke_certificate(c.req(pb::DecommissionOrbRequest { tenant_id: c.tenant(), orb_id: orb_id.clone() }))
+                .await?
+                .into_inner();
+            Ok(if args.json { json(&o) } else { orb_text(&o) })
         }
         OrbsCmd::Decommission { orb_id } => {
             let o = svc

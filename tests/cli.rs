@@ -229,3 +229,34 @@ async fn the_cold_tier_from_the_command_line() {
     assert!(!o.ok && o.stderr.contains("destination"), "{}", o.stderr);
     ts.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_policies_and_certificates_from_the_command_line() {
+    let ts = TestServer::start(false).await;
+    ts.register("acme", "p1").await;
+    let o = cli(
+        &ts,
+        ADMIN,
+        &["tenants", "policy", "--tenant", "acme", "--publish", "fleet/{orb}/#", "--subscribe", "fleet/+/status"],
+    )
+    .await;
+    assert!(o.ok && o.stdout.contains("fleet/{orb}/#"), "{} {}", o.stdout, o.stderr);
+    let o = cli(&ts, ADMIN, &["tenants", "mqtt", "--tenant", "acme", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap_or_else(|_| panic!("{} {}", o.stdout, o.stderr));
+    assert_eq!(v["policy"]["subscribe"], serde_json::json!(["fleet/+/status"]), "{v}");
+    let o = cli(&ts, ADMIN, &["tenants", "policy", "--tenant", "acme", "--publish", "a/#/b"]).await;
+    assert!(!o.ok && o.stderr.contains("a/#/b"), "{}", o.stderr);
+
+    // p1 was registered without a CSR: nothing to revoke; a CSR file gets it a certificate.
+    let o = cli(&ts, ADMIN, &["orbs", "revoke-cert", "p1", "--tenant", "acme"]).await;
+    assert!(!o.ok && o.stderr.contains("no certificate"), "{}", o.stderr);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(vec![]).unwrap().serialize_request(&key).unwrap().pem().unwrap();
+    let path = ts.dir.path().join("p1.csr");
+    std::fs::write(&path, csr).unwrap();
+    let o = cli(&ts, ADMIN, &["orbs", "renew-cert", "p1", "--tenant", "acme", "--csr", path.to_str().unwrap()]).await;
+    assert!(o.ok && o.stdout.starts_with("-----BEGIN CERTIFICATE-----"), "{} {}", o.stdout, o.stderr);
+    let o = cli(&ts, ADMIN, &["orbs", "revoke-cert", "p1", "--tenant", "acme", "--json"]).await;
+    assert!(o.ok, "{}", o.stderr);
+    ts.stop().await;
+}

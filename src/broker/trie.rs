@@ -200,3 +200,118 @@ impl Node {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::model::topics;
+
+    fn session(id: u64) -> Arc<Session> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        Arc::new(Session {
+            id,
+            tenant: crate::model::TenantId::dev(),
+            client_id: format!("c{id}"),
+            owner: None,
+            tx,
+            rx: Arc::new(tokio::sync::Mutex::new(rx)),
+            online: Default::default(),
+            overflow: Default::default(),
+            state: Default::default(),
+        })
+    }
+
+    fn level() -> impl Strategy<Value = String> {
+        prop_oneof![Just("a".to_string()), Just("b".to_string()), Just("$s".to_string()), Just(String::new())]
+    }
+
+    fn name() -> impl Strategy<Value = String> {
+        proptest::collection::vec(level(), 1..5)
+            .prop_map(|l| l.join("/"))
+            .prop_filter("valid names", |n| topics::check_name(n).is_ok())
+    }
+
+    fn filter() -> impl Strategy<Value = String> {
+        (proptest::collection::vec(prop_oneof![level(), Just("+".to_string())], 0..4), any::<bool>())
+            .prop_map(|(mut l, hash)| {
+                if hash || l.is_empty() {
+                    l.push("#".into());
+                }
+                l.join("/")
+            })
+            .prop_filter("valid filters", |f| topics::check_filter(f).is_ok())
+    }
+
+    fn matched(node: &Node, name: &str) -> BTreeSet<u64> {
+        let mut out = BTreeSet::new();
+        node.for_matches(name, &mut |subs| out.extend(subs.plain.iter().map(|e| e.session.id)));
+        out
+    }
+
+    proptest! {
+        /// The tree finds exactly the subscriptions whose filter matches, before and after
+        /// removals, and empties itself when everything is removed.
+        #[test]
+        fn the_tree_agrees_with_the_reference_matcher(
+            filters in proptest::collection::vec(filter(), 1..12),
+            names in proptest::collection::vec(name(), 1..12),
+            remove_every in 1usize..4,
+        ) {
+            let mut node = Node::default();
+            for (i, f) in filters.iter().enumerate() {
+                prop_assert!(topics::check_filter(f).is_ok(), "{}", f);
+                node.insert(f, None, Entry { session: session(i as u64), opts: SubOpts::default() });
+            }
+            let expect = |alive: &dyn Fn(usize) -> bool, n: &str| -> BTreeSet<u64> {
+                filters.iter().enumerate().filter(|(i, f)| alive(*i) && topics::matches(f, n)).map(|(i, _)| i as u64).collect()
+            };
+            for n in &names {
+                prop_assert_eq!(matched(&node, n), expect(&|_| true, n), "name {}", n);
+            }
+            for (i, f) in filters.iter().enumerate().filter(|(i, _)| i % remove_every == 0) {
+                prop_assert!(node.remove(f, None, i as u64));
+            }
+            for n in &names {
+                prop_assert_eq!(matched(&node, n), expect(&|i| i % remove_every != 0, n), "name {} after removals", n);
+            }
+            for (i, f) in filters.iter().enumerate().filter(|(i, _)| i % remove_every != 0) {
+                node.remove(f, None, i as u64);
+            }
+            prop_assert!(node.is_empty());
+        }
+
+        /// A filter covered by an allowed one never matches a topic the allowed one does not.
+        #[test]
+        fn coverage_is_sound(allowed in filter(), requested in filter(), names in proptest::collection::vec(name(), 1..16)) {
+            if topics::covers(&allowed, &requested) {
+                for n in &names {
+                    prop_assert!(!topics::matches(&requested, n) || topics::matches(&allowed, n), "{} covers {} but not {}", allowed, requested, n);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shared_groups_pick_one_member_in_turn() {
+        let mut node = Node::default();
+        for id in 0..3 {
+            node.insert("jobs/+", Some("g"), Entry { session: session(id), opts: SubOpts::default() });
+        }
+        let mut picks = Vec::new();
+        for _ in 0..6 {
+            node.for_matches("jobs/1", &mut |subs| {
+                assert!(subs.plain.is_empty());
+                picks.push(subs.groups[0].pick().unwrap().session.id);
+            });
+        }
+        // All offline: plain rotation.
+        assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
+        assert!(node.remove("jobs/+", Some("g"), 1));
+        assert!(!node.remove("jobs/+", Some("g"), 1));
+        assert!(!node.remove("jobs/+", Some("other"), 0));
+    }
+}

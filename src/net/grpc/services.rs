@@ -191,6 +191,42 @@ impl pb::tenant_service_server::TenantService for Services {
         let t = self.api.revoke_api_token(&p, opt(&r.tenant_id), &r.token_id).await.map_err(status)?;
         Ok(Response::new(token_to_pb(&t)))
     }
+
+    async fn get_mqtt(&self, req: Request<pb::GetMqttRequest>) -> R<pb::MqttView> {
+        let p = self.principal(&req)?;
+        let v = self.api.mqtt_view(&p, opt(&req.get_ref().tenant_id)).map_err(status)?;
+        Ok(Response::new(pb::MqttView {
+            tenant_id: v.tenant_id,
+            policy: Some(policy_to_pb(v.policy)),
+            sessions: v
+                .sessions
+                .into_iter()
+                .map(|s| pb::MqttSession { client_id: s.client_id, online: s.online, subscriptions: s.subscriptions })
+                .collect(),
+            retained: v
+                .retained
+                .into_iter()
+                .map(|r| pb::RetainedMessage {
+                    topic: r.topic,
+                    payload_bytes: r.payload_bytes as u64,
+                    qos: r.qos.into(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn set_topic_policy(&self, req: Request<pb::SetTopicPolicyRequest>) -> R<pb::TopicPolicy> {
+        let p = self.principal(&req)?;
+        let r = req.into_inner();
+        let policy = r.policy.unwrap_or_default();
+        let policy = crate::model::topics::TopicPolicy { publish: policy.publish, subscribe: policy.subscribe };
+        let set = self.api.set_topic_policy(&p, opt(&r.tenant_id), policy).await.map_err(status)?;
+        Ok(Response::new(policy_to_pb(set)))
+    }
+}
+
+fn policy_to_pb(p: crate::model::topics::TopicPolicy) -> pb::TopicPolicy {
+    pb::TopicPolicy { publish: p.publish, subscribe: p.subscribe }
 }
 
 #[tonic::async_trait]
@@ -287,6 +323,27 @@ impl pb::registry_service_server::RegistryService for Services {
             count_by,
             stats,
         }))
+    }
+
+    async fn renew_certificate(&self, req: Request<pb::RenewCertificateRequest>) -> R<pb::RegisterOrbResponse> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let reg = self.api.renew_certificate(&p, opt(&r.tenant_id), &r.orb_id, &r.csr_pem).await.map_err(status)?;
+        Ok(Response::new(pb::RegisterOrbResponse {
+            tenant_id: reg.tenant.to_string(),
+            orb_id: reg.orb.to_string(),
+            device_token: String::new(),
+            certificate_pem: reg.certificate_pem.unwrap_or_default(),
+            ca_pem: reg.ca_pem.unwrap_or_default(),
+            server_ca_pem: reg.server_ca_pem.unwrap_or_default(),
+        }))
+    }
+
+    async fn revoke_certificate(&self, req: Request<pb::DecommissionOrbRequest>) -> R<pb::Orb> {
+        let p = self.principal(&req)?;
+        let r = req.get_ref();
+        let s = self.api.revoke_certificate(&p, opt(&r.tenant_id), &r.orb_id).await.map_err(status)?;
+        Ok(Response::new(orb_to_pb(&s)))
     }
 
     async fn decommission_orb(&self, req: Request<pb::DecommissionOrbRequest>) -> R<pb::Orb> {
