@@ -29,6 +29,11 @@ pub const MQTT_SESSION_EXPIRY_MAX_S: u32 = 86_400;
 /// Most topic filters in one SUBSCRIBE; more is refused (v5 0x97 for each, v3 0x80).
 pub const MQTT_FILTERS_PER_SUBSCRIBE_MAX: usize = 32;
 
+/// Orbs one edge-gateway connection may carry.
+pub const GATEWAY_CHILDREN_MAX: usize = 20_000;
+/// Orbs named in one gateway connect or disconnect message.
+pub const GATEWAY_CONNECT_BATCH_MAX: usize = 1_000;
+
 /// Messages queued for one session (online or offline) before the broker sheds QoS 0 and
 /// disconnects a slow QoS 1 subscriber (v5 0x97); offline sessions then lose new messages.
 pub const BROKER_SESSION_QUEUE_MAX: usize = 1_000;

@@ -19,8 +19,11 @@ fn topicish() -> impl Strategy<Value = String> {
         "state",
         "commands",
         "ota",
+        "gateway",
         "ack",
         "progress",
+        "connect",
+        "disconnect",
         "/",
         "+",
         "#",
@@ -170,14 +173,22 @@ proptest! {
                 prop_assert_eq!(format!("ota/{}/{}/progress", k.tenant, k.orb), t);
                 prop_assert!(id_is_safe(k.tenant.as_str()) && id_is_safe(k.orb.as_str()));
             }
+            Topic::GatewayConnect(k) | Topic::GatewayDisconnect(k) => {
+                let verb = t.rsplit('/').next().unwrap();
+                prop_assert!(verb == "connect" || verb == "disconnect");
+                prop_assert_eq!(format!("gateway/{}/{}/{verb}", k.tenant, k.orb), t);
+                prop_assert!(id_is_safe(k.tenant.as_str()) && id_is_safe(k.orb.as_str()));
+            }
             Topic::Invalid(shape) => {
                 let kind = t.split('/').next().unwrap();
-                prop_assert!(["telemetry", "state", "commands", "ota"].contains(&kind));
+                prop_assert!(["telemetry", "state", "commands", "ota", "gateway"].contains(&kind));
                 prop_assert!(shape.starts_with(kind));
             }
             Topic::Other => {
                 let kind = t.split('/').next().unwrap();
-                prop_assert!(!["telemetry", "state", "commands", "ota"].contains(&kind) || !t.contains('/'));
+                prop_assert!(
+                    !["telemetry", "state", "commands", "ota", "gateway"].contains(&kind) || !t.contains('/')
+                );
             }
         }
     }

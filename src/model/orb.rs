@@ -148,7 +148,13 @@ pub enum Credential {
     /// A client certificate verified in the TLS handshake (chain to the tenant CA, validity,
     /// not revoked): admitted when it is the orb's current certificate (hex serial).
     Certificate(String),
+    /// Connected through the edge gateway with this orb id (which authenticated itself):
+    /// admitted when the orb's `gateway` attribute names it.
+    Gateway(String),
 }
+
+/// The attribute that puts an orb under an edge gateway: its value is the gateway's orb id.
+pub const GATEWAY_ATTR: &str = "gateway";
 
 /// A connection asking to be admitted.
 #[derive(Clone, Debug)]
@@ -277,6 +283,7 @@ impl OrbState {
     pub fn admit(&mut self, req: &ConnectRequest, now_ms: u64) -> Admission {
         let authenticated = match (&self.record.token_hash, &req.credential) {
             (_, Credential::Certificate(serial)) => self.record.cert_serial.as_deref() == Some(serial.as_str()),
+            (_, Credential::Gateway(gw)) => self.record.attributes.get(GATEWAY_ATTR) == Some(gw),
             (Some(hash), Credential::Token(password)) => crate::auth::verify_token(password, hash),
             (Some(_), Credential::None) => false,
             // Token-less orbs exist only in the dev tenant; without --dev they are locked.
@@ -609,6 +616,21 @@ mod tests {
         assert_eq!(s.last.as_ref().map(|p| p.ts), Some(200));
         assert_eq!(s.last_seen_ms, Some(11));
         assert_eq!(s.record.status, OrbStatus::Active);
+    }
+
+    #[test]
+    fn a_gateway_connects_only_the_orbs_that_name_it() {
+        let mut s = OrbState::new(record("acme", None));
+        let via = |gw: &str| ConnectRequest {
+            credential: Credential::Gateway(gw.into()),
+            protocol: 5,
+            client_id: "gw".into(),
+            dev: false,
+        };
+        assert!(matches!(s.admit(&via("gw1"), 1), Admission::Refused(ErrorCode::Unauthenticated)));
+        s.record.attributes.insert(GATEWAY_ATTR.into(), "gw1".into());
+        assert!(matches!(s.admit(&via("gw2"), 2), Admission::Refused(ErrorCode::Unauthenticated)));
+        assert!(matches!(s.admit(&via("gw1"), 3), Admission::Accepted { .. }));
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! a real HTTP client (ureq). Shared by the behaviour tests; each test uses what it needs.
 #![allow(dead_code)]
 
+pub mod peer;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! only by sending owned messages through `Fleet`, and holds no lock across an `.await`.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -19,7 +19,9 @@ use super::topic::{self, Topic};
 use crate::actors::orb::Outbound;
 use crate::broker::{AttachError, Delivery, Message, Props, Session, SubOpts, Will};
 use crate::error::{ApiError, ErrorCode};
-use crate::limits::{COMMAND_OUTBOX_MAX, MQTT_CLIENT_ID_LEN_MAX, MQTT_PASSWORD_LEN_MAX};
+use crate::limits::{
+    COMMAND_OUTBOX_MAX, GATEWAY_CHILDREN_MAX, GATEWAY_CONNECT_BATCH_MAX, MQTT_CLIENT_ID_LEN_MAX, MQTT_PASSWORD_LEN_MAX,
+};
 use crate::metrics::MsgKind;
 use crate::model::orb::{ConnectRequest, Credential, DisconnectReason, OrbStatus};
 use crate::model::topics;
@@ -51,6 +53,16 @@ pub struct ConnInner {
     /// v5 DISCONNECT may change the session expiry.
     expiry_on_disconnect: Cell<Option<u32>>,
     delivery_started: Cell<bool>,
+    /// MQTT protocol level and client id (children connected through a gateway inherit them).
+    protocol: u8,
+    client_id: String,
+    /// Edge gateway: the orbs connected through this connection, with their connection
+    /// sequence numbers.
+    children: RefCell<HashMap<OrbKey, u64>>,
+    /// Children whose command outbox runs on this connection.
+    child_outboxes: RefCell<HashSet<OrbKey>>,
+    /// The gateway subscribed to `commands/{tenant}/+`: every child's commands come here.
+    child_commands: Cell<bool>,
     sink: Sink,
     /// Whether this connection's command outbox runs (started by its first SUBSCRIBE to the
     /// orb's command topic).
@@ -255,6 +267,11 @@ pub async fn authenticate(ctx: &Arc<MqttCtx>, sink: Sink, info: ConnectInfo<'_>)
         will: RefCell::new(will),
         expiry_on_disconnect: Cell::new(None),
         delivery_started: Cell::new(false),
+        protocol,
+        client_id: client_id.to_string(),
+        children: RefCell::new(HashMap::new()),
+        child_outboxes: RefCell::new(HashSet::new()),
+        child_commands: Cell::new(false),
         sink,
         end_reason: Cell::new(None),
         ensured: RefCell::new(HashSet::new()),
@@ -358,7 +375,11 @@ impl Conn {
     fn authorized_for(&self, key: &OrbKey) -> bool {
         let ctx = &self.0.ctx;
         match &self.0.identity {
-            Identity::Orb { key: own, .. } => own == key || (ctx.dev && own.tenant.is_dev() && key.tenant.is_dev()),
+            Identity::Orb { key: own, .. } => {
+                own == key
+                    || (ctx.dev && own.tenant.is_dev() && key.tenant.is_dev())
+                    || self.0.children.borrow().contains_key(key)
+            }
             Identity::Anonymous => ctx.dev && key.tenant.is_dev(),
         }
     }
@@ -370,13 +391,18 @@ impl Conn {
         if filter != format!("commands/{}/{}", key.tenant, key.orb) || self.0.commands_started.replace(true) {
             return;
         }
+        self.start_outbox(key.clone(), *conn_seq);
+    }
+
+    /// Starts delivering `key`'s command queue on this connection, on `commands/{t}/{o}`: in
+    /// order, one command awaiting its PUBACK at a time, for as long as the connection lives;
+    /// each PUBACK is reported to the orb (DELIVERED).
+    fn start_outbox(&self, key: OrbKey, conn_seq: u64) {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Outbound>(COMMAND_OUTBOX_MAX);
         let fleet = self.0.ctx.ingest.fleet.clone();
-        fleet.commands_subscribed(key, *conn_seq, tx);
-        let (key, conn_seq, sink) = (key.clone(), *conn_seq, self.0.sink.clone());
-        let topic = filter.to_string();
-        // Delivers in order, one command awaiting its PUBACK at a time, for as long as the
-        // connection lives; each PUBACK is reported to the orb (DELIVERED).
+        fleet.commands_subscribed(&key, conn_seq, tx);
+        let sink = self.0.sink.clone();
+        let topic = format!("commands/{}/{}", key.tenant, key.orb);
         ntex::rt::spawn(async move {
             while let Some(out) = rx.recv().await {
                 if sink.publish_qos1(&topic, out.payload).await.is_err() {
@@ -385,6 +411,134 @@ impl Conn {
                 fleet.command_delivered(&key, conn_seq, out.command_id);
             }
         });
+    }
+
+    /// Starts the command outbox of a connected child, once.
+    fn start_child_outbox(&self, child: &OrbKey) {
+        let Some(seq) = self.0.children.borrow().get(child).copied() else { return };
+        if self.0.child_outboxes.borrow_mut().insert(child.clone()) {
+            self.start_outbox(child.clone(), seq);
+        }
+    }
+
+    /// A gateway's subscription to its children's commands: `commands/{t}/+` (every child,
+    /// now and later) or `commands/{t}/{child}` of a connected child.
+    fn subscribe_child_commands(&self, filter: &str) -> bool {
+        let Identity::Orb { key: own, .. } = &self.0.identity else { return false };
+        let Some(rest) = filter.strip_prefix(&format!("commands/{}/", own.tenant)) else { return false };
+        if rest == "+" {
+            self.0.child_commands.set(true);
+            let children: Vec<OrbKey> = self.0.children.borrow().keys().cloned().collect();
+            for c in &children {
+                self.start_child_outbox(c);
+            }
+            return true;
+        }
+        let Ok(orb) = crate::model::OrbId::parse(rest) else { return false };
+        let child = OrbKey::new(own.tenant.clone(), orb);
+        if !self.0.children.borrow().contains_key(&child) {
+            return false;
+        }
+        self.start_child_outbox(&child);
+        true
+    }
+
+    /// `gateway/{t}/{gw}/connect` `{"orbs": [...]}`: connects each listed orb through this
+    /// gateway (each must name it in its `gateway` attribute). Accepted when every orb was
+    /// admitted; the refused ones are named (the admitted ones stay connected).
+    async fn connect_children(&self, payload: &[u8]) -> Verdict {
+        let Identity::Orb { key: gw, .. } = &self.0.identity else {
+            return Verdict::NotAuthorized(ApiError::new(ErrorCode::PermissionDenied, "only an orb can be a gateway"));
+        };
+        let orbs = match child_list(payload) {
+            Ok(o) => o,
+            Err(err) => return Verdict::Refused(err),
+        };
+        let fresh: Vec<OrbKey> = {
+            let children = self.0.children.borrow();
+            orbs.into_iter().map(|o| OrbKey::new(gw.tenant.clone(), o)).filter(|k| !children.contains_key(k)).collect()
+        };
+        if self.0.children.borrow().len() + fresh.len() > GATEWAY_CHILDREN_MAX {
+            return Verdict::Refused(ApiError::new(
+                ErrorCode::Overloaded,
+                format!("a gateway connection carries at most {GATEWAY_CHILDREN_MAX} orbs"),
+            ));
+        }
+        let fleet = &self.0.ctx.ingest.fleet;
+        let admissions = fresh.iter().filter(|k| *k != gw).map(|child| {
+            let (tx, rx) = oneshot::channel();
+            let req = ConnectRequest {
+                credential: Credential::Gateway(gw.orb.to_string()),
+                protocol: self.0.protocol,
+                client_id: self.0.client_id.clone(),
+                dev: self.0.ctx.dev,
+            };
+            async move { (child.clone(), fleet.connect(child, req, tx).await, rx) }
+        });
+        let mut refused = Vec::new();
+        for (child, result, kick) in futures::future::join_all(admissions).await {
+            match result {
+                Ok(seq) => {
+                    self.0.children.borrow_mut().insert(child.clone(), seq);
+                    self.watch_child(child.clone(), seq, kick);
+                    if self.0.child_commands.get() {
+                        self.start_child_outbox(&child);
+                    }
+                }
+                Err(_) => refused.push(child.orb.to_string()),
+            }
+        }
+        if refused.is_empty() {
+            return Verdict::Accepted;
+        }
+        let shown: Vec<&str> = refused.iter().take(10).map(String::as_str).collect();
+        Verdict::Refused(ApiError::new(
+            ErrorCode::PermissionDenied,
+            format!(
+                "{} orbs not connected (not children of {} or unavailable): {}",
+                refused.len(),
+                gw.orb,
+                shown.join(", ")
+            ),
+        ))
+    }
+
+    /// A child's actor closing its connection (it connected elsewhere, was decommissioned or
+    /// lost its credentials) detaches it from this gateway; the gateway connection stays.
+    fn watch_child(&self, child: OrbKey, seq: u64, kick: oneshot::Receiver<DisconnectReason>) {
+        let weak = Rc::downgrade(&self.0);
+        ntex::rt::spawn(async move {
+            if kick.await.is_ok()
+                && let Some(inner) = weak.upgrade()
+            {
+                let mut children = inner.children.borrow_mut();
+                if children.get(&child) == Some(&seq) {
+                    children.remove(&child);
+                    inner.child_outboxes.borrow_mut().remove(&child);
+                }
+            }
+        });
+    }
+
+    /// `gateway/{t}/{gw}/disconnect` `{"orbs": [...]}`: those children go offline
+    /// (`client_disconnect`); unknown ones are ignored.
+    fn disconnect_children(&self, payload: &[u8]) -> Verdict {
+        let Identity::Orb { key: gw, .. } = &self.0.identity else {
+            return Verdict::NotAuthorized(ApiError::new(ErrorCode::PermissionDenied, "only an orb can be a gateway"));
+        };
+        let orbs = match child_list(payload) {
+            Ok(o) => o,
+            Err(err) => return Verdict::Refused(err),
+        };
+        for orb in orbs {
+            let child = OrbKey::new(gw.tenant.clone(), orb);
+            let seq = self.0.children.borrow_mut().remove(&child);
+            self.0.child_outboxes.borrow_mut().remove(&child);
+            if let Some(seq) = seq {
+                self.0.ctx.ingest.fleet.disconnected(&child, seq, DisconnectReason::ClientDisconnect);
+            }
+        }
+        Verdict::Accepted
     }
 
     /// Handles one filter of a SUBSCRIBE: the orb's own downstream platform topics (its
@@ -396,6 +550,9 @@ impl Conn {
             && topic::may_subscribe(filter, key)
         {
             self.subscribed(filter);
+            return Ok(opts.qos.min(1));
+        }
+        if self.subscribe_child_commands(filter) {
             return Ok(opts.qos.min(1));
         }
         let sub = topics::parse_subscription(filter).map_err(|_| SubRefusal::FilterInvalid)?;
@@ -451,6 +608,7 @@ impl Conn {
     /// first contact) and is not decommissioned. The connection's own orb was checked at CONNECT.
     async fn ensure(&self, key: &OrbKey) -> Result<(), ApiError> {
         if matches!(&self.0.identity, Identity::Orb { key: own, .. } if own == key)
+            || self.0.children.borrow().contains_key(key)
             || self.0.ensured.borrow().contains(key)
         {
             return Ok(());
@@ -484,7 +642,12 @@ impl Conn {
         };
         ingest.metrics.message_in(kind);
         let key = match &topic {
-            Topic::Telemetry(k) | Topic::State(k) | Topic::CommandAck(k) | Topic::OtaProgress(k) => k.clone(),
+            Topic::Telemetry(k)
+            | Topic::State(k)
+            | Topic::CommandAck(k)
+            | Topic::OtaProgress(k)
+            | Topic::GatewayConnect(k)
+            | Topic::GatewayDisconnect(k) => k.clone(),
             Topic::Invalid(shape) => {
                 let err =
                     ApiError::new(ErrorCode::TopicInvalid, format!("topic {topic_name:?} does not match {shape}"));
@@ -551,6 +714,8 @@ impl Conn {
                 ingest.refuse(&key, &err);
                 Verdict::Refused(err)
             }
+            Topic::GatewayConnect(_) => self.connect_children(payload).await,
+            Topic::GatewayDisconnect(_) => self.disconnect_children(payload),
             Topic::Invalid(_) | Topic::Other => unreachable!("handled above"),
         }
     }
@@ -813,8 +978,35 @@ impl ConnInner {
                 self.end_reason.get().unwrap_or(fallback)
             };
             self.ctx.ingest.fleet.disconnected(key, *conn_seq, reason);
+            // Children connected through a gateway go with it, for the same reason.
+            for (child, seq) in self.children.borrow_mut().drain() {
+                self.ctx.ingest.fleet.disconnected(&child, seq, reason);
+            }
         }
     }
+}
+
+/// The `{"orbs": [...]}` of a gateway connect or disconnect message.
+fn child_list(payload: &[u8]) -> Result<Vec<crate::model::OrbId>, ApiError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        orbs: Vec<String>,
+    }
+    let body: Body = serde_json::from_slice(payload)
+        .map_err(|e| ApiError::new(ErrorCode::MalformedPayload, format!("expected {{\"orbs\": [orb ids]}}: {e}")))?;
+    if body.orbs.len() > GATEWAY_CONNECT_BATCH_MAX {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("at most {GATEWAY_CONNECT_BATCH_MAX} orbs per message"),
+        ));
+    }
+    body.orbs
+        .iter()
+        .map(|o| {
+            crate::model::OrbId::parse(o).map_err(|e| ApiError::new(ErrorCode::InvalidArgument, format!("orbs: {e}")))
+        })
+        .collect()
 }
 
 impl Drop for ConnInner {

@@ -13,6 +13,10 @@ pub enum Topic {
     CommandAck(OrbKey),
     /// `ota/{tenant}/{orb}/progress`
     OtaProgress(OrbKey),
+    /// `gateway/{tenant}/{gateway}/connect`: children connecting through the gateway.
+    GatewayConnect(OrbKey),
+    /// `gateway/{tenant}/{gateway}/disconnect`
+    GatewayDisconnect(OrbKey),
     /// A platform prefix with ids that are not valid ids or extra levels.
     Invalid(&'static str),
     /// Anything else (`$`-topics included): not a platform topic.
@@ -40,6 +44,15 @@ pub fn parse(topic: &str) -> Topic {
         "state" => shape(None).map_or(Topic::Invalid("state/{tenant}/{orb}"), Topic::State),
         "commands" => shape(Some("ack")).map_or(Topic::Invalid("commands/{tenant}/{orb}/ack"), Topic::CommandAck),
         "ota" => shape(Some("progress")).map_or(Topic::Invalid("ota/{tenant}/{orb}/progress"), Topic::OtaProgress),
+        "gateway" => match rest {
+            Some("connect") => {
+                shape(rest).map_or(Topic::Invalid("gateway/{tenant}/{gateway}/connect"), Topic::GatewayConnect)
+            }
+            Some("disconnect") => {
+                shape(rest).map_or(Topic::Invalid("gateway/{tenant}/{gateway}/disconnect"), Topic::GatewayDisconnect)
+            }
+            _ => Topic::Invalid("gateway/{tenant}/{gateway}/connect|disconnect"),
+        },
         _ => Topic::Other,
     }
 }
@@ -66,6 +79,10 @@ mod tests {
         assert_eq!(parse("state/acme/o1"), Topic::State(k("acme", "o1")));
         assert_eq!(parse("commands/acme/o1/ack"), Topic::CommandAck(k("acme", "o1")));
         assert_eq!(parse("ota/acme/o1/progress"), Topic::OtaProgress(k("acme", "o1")));
+        assert_eq!(parse("gateway/acme/g1/connect"), Topic::GatewayConnect(k("acme", "g1")));
+        assert_eq!(parse("gateway/acme/g1/disconnect"), Topic::GatewayDisconnect(k("acme", "g1")));
+        assert!(matches!(parse("gateway/acme/g1"), Topic::Invalid(_)));
+        assert!(matches!(parse("gateway/acme/g1/other"), Topic::Invalid(_)));
     }
 
     #[test]
