@@ -214,6 +214,7 @@ impl Server {
             keepalive_max_s: config.mqtt.keepalive_max_s,
             draining: draining.clone(),
             shutdown: closing.clone(),
+            rates: crate::net::mqtt::Rates::new(&config.mqtt, clock.now_ms()),
         });
         let mqtt = MqttListener::start(mqtt_l, mqtts, mqtt_ctx, &config.mqtt, workers)
             .map_err(|e| AppError::Start { what: "mqtt listener", message: e.to_string() })?;

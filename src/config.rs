@@ -93,6 +93,15 @@ pub struct MqttConfig {
     pub session_expiry_max_s: u32,
     /// DNS names in the MQTTS server certificate besides `localhost` and the listener's IP.
     pub tls_server_names: Vec<String>,
+    /// PUBLISHes per second one connection may send (an edge gateway: this many per orb it
+    /// carries, itself included); beyond, publishes are held back up to one second, then the
+    /// connection is closed (v5 DISCONNECT 0x96). 0: no limit.
+    pub publish_rate_per_connection: u32,
+    /// PUBLISHes per second all connections of one tenant may send on this node; 0: no limit.
+    pub publish_rate_per_tenant: u32,
+    /// New connections per second on this node; beyond, CONNACK 0x9F (v3: server
+    /// unavailable). 0: no limit.
+    pub connect_rate_per_s: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -185,6 +194,9 @@ impl Default for MqttConfig {
             workers: 0,
             session_expiry_max_s: limits::MQTT_SESSION_EXPIRY_MAX_S,
             tls_server_names: Vec::new(),
+            publish_rate_per_connection: limits::MQTT_PUBLISH_RATE_PER_CONNECTION,
+            publish_rate_per_tenant: 0,
+            connect_rate_per_s: limits::MQTT_CONNECT_RATE_PER_S,
         }
     }
 }

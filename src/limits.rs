@@ -26,6 +26,10 @@ pub const MQTT_CLIENT_ID_LEN_MAX: usize = 128;
 pub const MQTT_PASSWORD_LEN_MAX: usize = 256;
 /// Default longest session expiry granted, in seconds (one day).
 pub const MQTT_SESSION_EXPIRY_MAX_S: u32 = 86_400;
+/// Default PUBLISHes per second per connection (times the orbs a gateway carries).
+pub const MQTT_PUBLISH_RATE_PER_CONNECTION: u32 = 1_000;
+/// Default new connections per second per node.
+pub const MQTT_CONNECT_RATE_PER_S: u32 = 5_000;
 /// Most topic filters in one SUBSCRIBE; more is refused (v5 0x97 for each, v3 0x80).
 pub const MQTT_FILTERS_PER_SUBSCRIBE_MAX: usize = 32;
 

@@ -1,6 +1,8 @@
 //! The MQTT limits are explicit and announced: MQTT 5 clients learn the packet size, receive
 //! maximum, maximum QoS and granted keep-alive in CONNACK; silent connections are closed after
-//! the connect timeout; an empty client id gets one assigned.
+//! the connect timeout; an empty client id gets one assigned; publish rates (per connection,
+//! per tenant) hold back and then cut off a flooder (DISCONNECT 0x96); the connection rate
+//! answers CONNACK 0x9F.
 
 mod common;
 
@@ -68,5 +70,72 @@ async fn a_silent_connection_is_closed_after_the_connect_timeout() {
     assert!(started.elapsed() >= Duration::from_millis(500), "not closed before the timeout");
     // The configured 1 s applies, not ntex's 5 s protocol-version default (generous bound).
     assert!(started.elapsed() < Duration::from_millis(4_500), "closed after {:?}", started.elapsed());
+    ts.stop().await;
+}
+
+/// Sends `n` QoS 1 publishes without waiting, then collects the outcome: PUBACKs received and
+/// how the connection ended (if it did).
+async fn flood(p: &mut common::peer::Peer, topic: &str, n: usize) -> (usize, Option<String>) {
+    for i in 0..n {
+        let body = common::telemetry(common::now_ms(), &format!("{topic}-{i}-{}", fastrand::u64(..)), 50.0);
+        if p.client.publish(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, body).await.is_err() {
+            break;
+        }
+    }
+    let mut acks = 0;
+    while acks < n {
+        match p.next(5.0).await {
+            Some(rumqttc::v5::mqttbytes::v5::Packet::PubAck(_)) => acks += 1,
+            Some(_) => {}
+            None => break,
+        }
+    }
+    (acks, p.error.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_and_connect_rates_are_limited() {
+    let ts = TestServer::start_with(true, |c| {
+        c.mqtt.publish_rate_per_connection = 20;
+        c.mqtt.connect_rate_per_s = 0;
+    })
+    .await;
+    use common::peer::Peer;
+    // Within the burst, then a little over it: held back, all accepted.
+    let mut p = Peer::dev(ts.mqtt, "steady").await;
+    let started = Instant::now();
+    let (acks, ended) = flood(&mut p, "telemetry/default/steady", 25).await;
+    assert_eq!((acks, ended), (25, None));
+    assert!(started.elapsed() >= Duration::from_millis(200), "5 publishes over the burst wait their turn");
+    // Far over it: cut off with DISCONNECT 0x96.
+    let mut f = Peer::dev(ts.mqtt, "flooder").await;
+    let (acks, ended) = flood(&mut f, "telemetry/default/flooder", 200).await;
+    let ended = ended.expect("the flooder is disconnected");
+    assert!(ended.contains("MessageRateTooHigh"), "{ended}");
+    assert!(acks < 200, "{acks}");
+    // Others are unaffected.
+    let mut calm = Peer::dev(ts.mqtt, "calm").await;
+    assert_eq!(flood(&mut calm, "telemetry/default/calm", 5).await, (5, None));
+    assert!(ts.metric("orbmanager_refusals_total{reason=\"rate_limited\"}").await >= 1.0);
+    ts.stop().await;
+
+    // A tenant's connections share its rate; the connection rate refuses with 0x9F.
+    let ts = TestServer::start_with(true, |c| {
+        c.mqtt.publish_rate_per_connection = 0;
+        c.mqtt.publish_rate_per_tenant = 10;
+        c.mqtt.connect_rate_per_s = 3;
+    })
+    .await;
+    let mut a = Peer::dev(ts.mqtt, "a").await;
+    let mut b = Peer::dev(ts.mqtt, "b").await;
+    let _c = Peer::dev(ts.mqtt, "c").await;
+    let refused = rumqttc::v5::AsyncClient::new(common::peer::opts(ts.mqtt, "d", None), 8).1.poll().await;
+    assert!(format!("{refused:?}").contains("ConnectionRateExceeded"), "{refused:?}");
+    let (_, a_end) = flood(&mut a, "telemetry/default/a", 40).await;
+    let (_, b_end) = flood(&mut b, "telemetry/default/b", 40).await;
+    assert!(
+        a_end.iter().chain(b_end.iter()).any(|e| e.contains("MessageRateTooHigh")),
+        "80 publishes against a tenant rate of 10/s: {a_end:?} {b_end:?}"
+    );
     ts.stop().await;
 }

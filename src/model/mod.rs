@@ -11,6 +11,7 @@ pub mod event;
 pub mod ids;
 pub mod orb;
 pub mod query;
+pub mod rate;
 pub mod rule;
 pub mod state_report;
 pub mod telemetry;

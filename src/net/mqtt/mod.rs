@@ -36,7 +36,57 @@ pub struct MqttCtx {
     /// Flips to `true` when the server starts draining: every connection is closed (v5 with
     /// DISCONNECT 0x8B) instead of waiting for clients to leave.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub rates: Rates,
 }
+
+/// Rate limits (per second; 0 = off) and their buckets.
+pub struct Rates {
+    pub publish_per_connection: f64,
+    pub publish_per_tenant: f64,
+    pub connects: f64,
+    pub tenants: std::sync::Mutex<std::collections::HashMap<crate::model::TenantId, crate::model::rate::Bucket>>,
+    pub connect_bucket: std::sync::Mutex<crate::model::rate::Bucket>,
+}
+
+impl Rates {
+    pub fn new(cfg: &MqttConfig, now_ms: u64) -> Rates {
+        Rates {
+            publish_per_connection: f64::from(cfg.publish_rate_per_connection),
+            publish_per_tenant: f64::from(cfg.publish_rate_per_tenant),
+            connects: f64::from(cfg.connect_rate_per_s),
+            tenants: std::sync::Mutex::new(std::collections::HashMap::new()),
+            // Bursts of one second's worth (a reconnect storm of a whole node is the case).
+            connect_bucket: std::sync::Mutex::new(crate::model::rate::Bucket::new(cfg.connect_rate_per_s, now_ms)),
+        }
+    }
+
+    /// May one more connection be accepted now?
+    pub fn admit_connect(&self, now_ms: u64) -> bool {
+        self.connect_bucket.lock().unwrap_or_else(|e| e.into_inner()).take(self.connects, self.connects, now_ms)
+    }
+
+    /// Reserves a publish for `tenant`: the wait in ms (0: now), `None` when the tenant's
+    /// backlog is over [`THROTTLE_MAX_MS`].
+    pub fn reserve_tenant(&self, tenant: &crate::model::TenantId, now_ms: u64) -> Option<u64> {
+        let rate = self.publish_per_tenant;
+        if rate <= 0.0 {
+            return Some(0);
+        }
+        let mut buckets = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        let b = buckets.entry(tenant.clone()).or_insert_with(|| crate::model::rate::Bucket::new(rate as u32, now_ms));
+        let wait = b.reserve(rate, rate, now_ms);
+        if wait > THROTTLE_MAX_MS {
+            b.refund();
+            return None;
+        }
+        Some(wait)
+    }
+}
+
+/// Longest a publish is held back by a rate limit before the connection is closed instead
+/// (v5 DISCONNECT 0x96): a device briefly over its rate is slowed down, one that keeps
+/// sending faster is cut off.
+pub const THROTTLE_MAX_MS: u64 = 1_000;
 
 /// A running MQTT listener.
 pub struct MqttListener {

@@ -53,6 +53,8 @@ pub struct ConnInner {
     /// v5 DISCONNECT may change the session expiry.
     expiry_on_disconnect: Cell<Option<u32>>,
     delivery_started: Cell<bool>,
+    /// This connection's publish rate bucket.
+    publish_bucket: RefCell<crate::model::rate::Bucket>,
     /// MQTT protocol level and client id (children connected through a gateway inherit them).
     protocol: u8,
     client_id: String,
@@ -118,6 +120,9 @@ pub enum Verdict {
     /// Refused so that MQTT 3.1.1 must close the connection (no PUBACK reason exists there);
     /// v5 answers with a PUBACK reason code.
     NotAuthorized(ApiError),
+    /// Over a publish rate for longer than a short hold-back: the connection is closed
+    /// (v5 DISCONNECT 0x96).
+    RateLimited(ApiError),
 }
 
 /// Checks a CONNECT's client id: printable, bounded, and unable to widen a topic pattern.
@@ -170,6 +175,9 @@ pub async fn authenticate(ctx: &Arc<MqttCtx>, sink: Sink, info: ConnectInfo<'_>)
     check_client_id(client_id)?;
     if ctx.draining.load(Ordering::Acquire) {
         return Err(refusal(ErrorCode::Unavailable, "server is shutting down"));
+    }
+    if !ctx.rates.admit_connect(ctx.ingest.clock.now_ms()) {
+        return Err(refusal(ErrorCode::RateLimited, "connection rate exceeded; retry with backoff"));
     }
     let identity_and_kick = match (cert, username) {
         (Some(cert), _) => {
@@ -267,6 +275,10 @@ pub async fn authenticate(ctx: &Arc<MqttCtx>, sink: Sink, info: ConnectInfo<'_>)
         will: RefCell::new(will),
         expiry_on_disconnect: Cell::new(None),
         delivery_started: Cell::new(false),
+        publish_bucket: RefCell::new(crate::model::rate::Bucket::new(
+            ctx.rates.publish_per_connection as u32,
+            ctx.ingest.clock.now_ms(),
+        )),
         protocol,
         client_id: client_id.to_string(),
         children: RefCell::new(HashMap::new()),
@@ -629,8 +641,50 @@ impl Conn {
         }
     }
 
+    /// Applies the connection's and the tenant's publish rates: waits for this publish's turn
+    /// when it is near (up to [`super::THROTTLE_MAX_MS`]), refuses it otherwise.
+    async fn throttle(&self) -> Result<(), ApiError> {
+        let inner = &self.0;
+        let rates = &inner.ctx.rates;
+        let now = inner.ctx.ingest.clock.now_ms();
+        // A gateway speaks for its children too: its rate scales with them.
+        let conn_rate = rates.publish_per_connection * (1 + inner.children.borrow().len()) as f64;
+        let conn_wait = inner.publish_bucket.borrow_mut().reserve(conn_rate, conn_rate, now);
+        let over = |what: &str| {
+            inner.ctx.ingest.metrics.refused(ErrorCode::RateLimited);
+            ApiError::new(ErrorCode::RateLimited, format!("publishing faster than the {what} rate limit"))
+        };
+        if conn_wait > super::THROTTLE_MAX_MS {
+            inner.publish_bucket.borrow_mut().refund();
+            return Err(over("connection's"));
+        }
+        let Some(tenant_wait) = rates.reserve_tenant(&inner.tenant, now) else {
+            inner.publish_bucket.borrow_mut().refund();
+            return Err(over("tenant's"));
+        };
+        let wait = conn_wait.max(tenant_wait);
+        if wait > 0 {
+            ntex::time::sleep(ntex::time::Millis(wait as u32)).await;
+        }
+        Ok(())
+    }
+
+    /// Closes the connection for publishing too fast (v5: DISCONNECT 0x96).
+    pub fn close_rate_limited(&self) {
+        self.set_end_reason(DisconnectReason::ProtocolError);
+        match &self.0.sink {
+            Sink::V3(s) => s.close(),
+            Sink::V5(s) => s.close_with_reason(ntex_mqtt::v5::codec::Disconnect::new(
+                ntex_mqtt::v5::codec::DisconnectReasonCode::MessageRateTooHigh,
+            )),
+        }
+    }
+
     /// Handles one PUBLISH. Returns only after the effect is durable.
     pub async fn publish(&self, incoming: Incoming) -> Verdict {
+        if let Err(err) = self.throttle().await {
+            return Verdict::RateLimited(err);
+        }
         let ingest = &self.0.ctx.ingest;
         let topic_name = incoming.topic.as_str();
         let payload = &incoming.payload[..];

@@ -89,6 +89,10 @@ pub async fn publish(conn: &Conn, p: v3::Publish) -> Result<(), CloseConnection>
             conn.set_end_reason(DisconnectReason::NotAuthorized);
             Err(CloseConnection(err.to_string()))
         }
+        Verdict::RateLimited(err) => {
+            conn.close_rate_limited();
+            Err(CloseConnection(err.to_string()))
+        }
     }
 }
 

@@ -28,6 +28,7 @@ fn connack_reason(code: ErrorCode) -> codec::ConnectAckReason {
         ErrorCode::PermissionDenied | ErrorCode::Decommissioned => codec::ConnectAckReason::NotAuthorized,
         ErrorCode::TopicInvalid => codec::ConnectAckReason::TopicNameInvalid,
         ErrorCode::Overloaded => codec::ConnectAckReason::ServerBusy,
+        ErrorCode::RateLimited => codec::ConnectAckReason::ConnectionRateExceeded,
         _ => codec::ConnectAckReason::ServerUnavailable,
     }
 }
@@ -154,6 +155,10 @@ pub async fn publish(conn: &Conn, p: v5::Publish) -> Result<v5::PublishAck, Clos
     match conn.publish(incoming).await {
         Verdict::Accepted => Ok(p.ack()),
         Verdict::Refused(err) | Verdict::NotAuthorized(err) => Ok(refused_ack(p, &err)),
+        Verdict::RateLimited(err) => {
+            conn.close_rate_limited();
+            Err(CloseConnection(err.to_string()))
+        }
     }
 }
 
