@@ -167,3 +167,49 @@ async fn exceeding_the_receive_maximum_gets_disconnect_0x93() {
     assert_eq!(disconnect.1.first(), Some(&0x93), "reason: receive maximum exceeded ({seen:02x?})");
     ts.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos2_publish_is_processed_once_even_when_resent_before_pubrel() {
+    let ts = TestServer::start(true).await;
+    let mut sub = common::peer::Peer::dev(ts.mqtt, "q2-sub").await;
+    sub.sub("q2/#").await;
+    let mut s = TcpStream::connect(ts.mqtt).await.unwrap();
+    s.write_all(&connect(5, "q2-pub")).await.unwrap();
+    let mut buf = vec![0u8; 256];
+    let n = s.read(&mut buf).await.unwrap();
+    assert_eq!(packets(&buf[..n])[0].0, 0x20, "CONNACK");
+    let read_packet = async |s: &mut TcpStream| -> (u8, Vec<u8>) {
+        let mut head = [0u8; 2];
+        s.read_exact(&mut head).await.unwrap();
+        let mut body = vec![0u8; head[1] as usize];
+        s.read_exact(&mut body).await.unwrap();
+        (head[0], body)
+    };
+    // PUBLISH QoS 2 id 7; PUBREC.
+    s.write_all(&publish(5, 0x04, b"q2/raw", Some(7), b"once")).await.unwrap();
+    let (h, body) = read_packet(&mut s).await;
+    assert_eq!((h, &body[..2]), (0x50, &[0u8, 7][..]), "PUBREC for id 7");
+    // The same PUBLISH again (DUP) before PUBREL: acknowledged, not delivered again.
+    s.write_all(&publish(5, 0x04 | 0x08, b"q2/raw", Some(7), b"once")).await.unwrap();
+    let (h, _) = read_packet(&mut s).await;
+    assert!(h == 0x50 || h == 0x40, "answered, not disconnected: {h:#x}");
+    // PUBREL; PUBCOMP.
+    s.write_all(&[0x62, 0x02, 0x00, 0x07]).await.unwrap();
+    let (h, body) = read_packet(&mut s).await;
+    assert_eq!((h, &body[..2]), (0x70, &[0u8, 7][..]), "PUBCOMP for id 7");
+    let m = sub.next_publish(5.0).await.expect("delivered");
+    assert_eq!(&m.payload[..], b"once");
+    sub.silent(1.0, "a QoS 2 message resent before PUBREL").await;
+
+    // A telemetry point at QoS 2 through a real client: stored once.
+    let mut o = common::peer::opts(ts.mqtt, "q2-orb", None);
+    o.set_keep_alive(Duration::from_secs(30));
+    let (p, _) = common::peer::Peer::connect(o).await;
+    let point = common::telemetry(common::now_ms(), "q2-point", 12.0);
+    p.client.publish("telemetry/default/q2orb", rumqttc::v5::mqttbytes::QoS::ExactlyOnce, false, point).await.unwrap();
+    common::wait_until("the QoS 2 point is stored", 10, || async {
+        common::history(&ts, "default", "q2orb").await.len() == 1
+    })
+    .await;
+    ts.stop().await;
+}

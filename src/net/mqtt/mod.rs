@@ -122,7 +122,7 @@ impl MqttListener {
                 .set_max_size(cfg.max_packet_size)
                 .set_max_receive(cfg.receive_maximum)
                 .set_max_receive_size(cfg.inflight_bytes_max)
-                .set_max_qos(QoS::AtLeastOnce)
+                .set_max_qos(QoS::ExactlyOnce)
                 .set_max_topic_alias(32)
                 .protocol_version_timeout(Seconds(cfg.connect_timeout_s))
                 .set_connect_timeout(Seconds(cfg.connect_timeout_s))

@@ -103,7 +103,9 @@ pub async fn handshake(ctx: Arc<MqttCtx>, h: v5::Handshake) -> Result<v5::Handsh
                 a.wildcard_subscription_available = true;
                 a.subscription_identifiers_available = true;
                 a.shared_subscription_available = true;
-                a.max_qos = QoS::AtLeastOnce;
+                // QoS 2 publishes are taken exactly once (ntex-mqtt holds the packet id until
+                // PUBREL); deliveries to subscribers are at most QoS 1.
+                a.max_qos = QoS::ExactlyOnce;
                 if expiry_s != asked_expiry {
                     a.session_expiry_interval_secs = Some(expiry_s);
                 }
