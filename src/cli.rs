@@ -461,9 +461,14 @@ pub struct SimArgs {
     /// MQTT broker address (host:port). Any MQTT broker works (`--target` is an alias).
     #[arg(long, alias = "target", default_value = "127.0.0.1:1883")]
     pub mqtt: String,
-    /// Simulated orbs, one connection each.
+    /// Simulated orbs, one connection each (or through gateways, see `--gateway-children`).
     #[arg(long, default_value_t = 100)]
     pub orbs: usize,
+    /// Orbs per edge-gateway connection: the orbs connect through ceil(orbs / N) gateway
+    /// connections (`<prefix>gw0000`...), which is how one machine simulates 500K orbs. 0: one
+    /// connection per orb. OrbManager only.
+    #[arg(long, default_value_t = 0)]
+    pub gateway_children: usize,
     /// Telemetry interval per orb, in ms.
     #[arg(long, default_value_t = 2000)]
     pub interval_ms: u64,

@@ -49,6 +49,7 @@ pub async fn run(mut config: Config, orbs: usize, interval_ms: u64) -> Result<()
         inflight_max: 16,
         stream: None,
         webhook: None,
+        gateway_children: 0,
     };
     let fleet = tokio::spawn(sim::run(sim_cfg, Some(stop_rx)));
     shutdown_signal().await;

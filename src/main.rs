@@ -63,6 +63,7 @@ fn sim_config(a: &SimArgs) -> anyhow::Result<SimConfig> {
         inflight_max: 64,
         stream: a.stream_http.clone().map(|addr| (addr, a.stream_token.clone())),
         webhook: a.webhook_listen.clone().map(|addr| (addr, a.webhook_secret.clone())),
+        gateway_children: a.gateway_children,
     })
 }
 

@@ -213,3 +213,29 @@ async fn a_qos2_publish_is_processed_once_even_when_resent_before_pubrel() {
     .await;
     ts.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_dribbled_byte_by_byte_is_cut_off_by_the_deadline() {
+    let ts = TestServer::start_with(true, |c| c.mqtt.connect_timeout_s = 1).await;
+    let mut s = TcpStream::connect(ts.mqtt).await.unwrap();
+    let started = std::time::Instant::now();
+    let full = connect(4, "slowloris");
+    let mut sent = 0;
+    // One byte every 200 ms: the whole CONNECT would take 3+ s; the deadline is 1 s.
+    for b in &full {
+        if s.write_all(&[*b]).await.is_err() {
+            break;
+        }
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut probe = [0u8; 8];
+        match tokio::time::timeout(Duration::from_millis(1), s.read(&mut probe)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => panic!("the server answered a dribbled CONNECT: {:02x?}", &probe[..n]),
+            Err(_) => {}
+        }
+    }
+    assert!(sent < full.len(), "the connection outlived the whole dribble ({sent} bytes)");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    ts.stop().await;
+}

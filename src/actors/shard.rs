@@ -241,7 +241,7 @@ async fn activate_and_deliver(myself: &ActorRef<ShardMsg>, state: &mut ShardStat
     let ctx = state.ctx.clone();
     let record = match ctx.store.orb(&key) {
         Ok(Some(r)) => r,
-        Ok(None) if may_auto_register(&ctx, &key, &msg) => match auto_register(&ctx, &key).await {
+        Ok(None) if may_auto_register(&ctx, &key, &msg) => match auto_register(&ctx, &key, gateway_of(&msg)).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(orb = %key, error = %e, "auto-registration failed");
@@ -293,8 +293,28 @@ async fn persist_new(ctx: &OrbCtx, record: &OrbRecord) -> Result<(), crate::stor
     Ok(())
 }
 
-async fn auto_register(ctx: &OrbCtx, key: &OrbKey) -> Result<OrbRecord, crate::storage::Error> {
-    let record = OrbRecord::provisioned(key.clone(), None, ctx.clock.now_ms());
+/// The gateway a connect comes through, if any.
+fn gateway_of(msg: &OrbMsg) -> Option<String> {
+    match msg {
+        OrbMsg::Connect { req, .. } => match &req.credential {
+            crate::model::orb::Credential::Gateway(gw) => Some(gw.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Registers a dev-tenant orb on first contact; one first seen through a gateway is
+/// registered under it.
+async fn auto_register(
+    ctx: &OrbCtx,
+    key: &OrbKey,
+    gateway: Option<String>,
+) -> Result<OrbRecord, crate::storage::Error> {
+    let mut record = OrbRecord::provisioned(key.clone(), None, ctx.clock.now_ms());
+    if let Some(gw) = gateway {
+        record.attributes.insert(crate::model::orb::GATEWAY_ATTR.to_string(), gw);
+    }
     persist_new(ctx, &record).await?;
     tracing::debug!(orb = %key, "registered on first contact (dev tenant)");
     Ok(record)

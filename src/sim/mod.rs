@@ -45,6 +45,9 @@ pub struct SimConfig {
     pub stream: Option<(String, Option<String>)>,
     /// `(listen host:port, secret)` of a webhook receiver to run and measure.
     pub webhook: Option<(String, String)>,
+    /// Orbs per edge-gateway connection (0: every orb has its own connection). Gateway `g`
+    /// is orb `<prefix>gw<g>`; its children connect through it (`gateway/{t}/{gw}/connect`).
+    pub gateway_children: usize,
 }
 
 /// Percentiles in milliseconds.
@@ -149,7 +152,18 @@ pub async fn run(cfg: SimConfig, stop: Option<watch::Receiver<bool>>) -> Summary
         None => None,
     };
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..cfg.orbs {
+    if cfg.gateway_children > 0 {
+        // Connections are gateways: the ramp is their children's admissions.
+        let k = cfg.gateway_children;
+        for (g, first) in (0..cfg.orbs).step_by(k).enumerate() {
+            let children = first..(first + k).min(cfg.orbs);
+            let (cfg, stats, hists, stop) = (cfg.clone(), stats.clone(), hists.clone(), stop.clone());
+            tasks.spawn(async move {
+                gateway_task(g, children, &cfg, &stats, hists, publish_start, end, stop).await;
+            });
+        }
+    }
+    for i in (0..cfg.orbs).filter(|_| cfg.gateway_children == 0) {
         let connect_at = start + Duration::from_secs_f64(i as f64 / f64::from(cfg.connect_rate.max(1)));
         let (cfg, stats, hists, stop) = (cfg.clone(), stats.clone(), hists.clone(), stop.clone());
         tasks.spawn(async move {
@@ -261,7 +275,7 @@ async fn orb_task(
         client::connect(&cfg.addr, cfg.protocol, &orb, username.as_deref(), token.as_deref(), keepalive),
     )
     .await;
-    let (mut reader, mut writer) = match connected {
+    let (reader, mut writer) = match connected {
         Ok(Ok(Ok(rw))) => rw,
         Ok(Ok(Err(code))) => {
             tracing::debug!(orb, code, "connect refused");
@@ -283,31 +297,7 @@ async fn orb_task(
     let inflight: Arc<Mutex<HashMap<u16, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
     let permits = Arc::new(Semaphore::new(cfg.inflight_max.max(1)));
 
-    // Reader: PUBACKs release window slots and record latency from the intended send time.
-    let (r_inflight, r_permits, r_stats) = (inflight.clone(), permits.clone(), stats.clone());
-    let protocol = cfg.protocol;
-    let reader_task = tokio::spawn(async move {
-        let mut buf = Vec::with_capacity(64);
-        loop {
-            match client::read_packet(&mut reader, protocol, &mut buf).await {
-                Ok(Incoming::PubAck { pkid, reason }) => {
-                    let sent_at = r_inflight.lock().expect("inflight lock").remove(&pkid);
-                    if let Some(at) = sent_at {
-                        r_permits.add_permits(1);
-                        if reason >= 0x80 {
-                            r_stats.refused.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            r_stats.acked.fetch_add(1, Ordering::Relaxed);
-                        }
-                        let us = (at.elapsed().as_micros() as u64).max(1);
-                        let _ = hists[i % HIST_SHARDS].lock().expect("histogram lock").record(us);
-                    }
-                }
-                Ok(Incoming::Disconnect { .. }) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    });
+    let reader_task = spawn_reader(reader, cfg.protocol, inflight.clone(), permits.clone(), stats.clone(), hists, i);
 
     let interval = Duration::from_millis(cfg.interval_ms.max(1));
     let phase = Duration::from_micros(fastrand::u64(..interval.as_micros() as u64));
@@ -399,6 +389,191 @@ async fn orb_task(
         }
     }
     // Wait for outstanding acknowledgements, then leave cleanly.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && !inflight.lock().expect("inflight lock").is_empty() && !reader_task.is_finished()
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = writer.write_all(&client::DISCONNECT).await;
+    let _ = writer.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), reader_task).await;
+    let left = inflight.lock().expect("inflight lock").len() as u64;
+    stats.unacked.fetch_add(left, Ordering::Relaxed);
+}
+
+/// Reads PUBACKs: each releases a window slot and records its latency from the message's
+/// intended send time.
+fn spawn_reader(
+    mut reader: tokio::net::tcp::OwnedReadHalf,
+    protocol: u8,
+    inflight: Arc<Mutex<HashMap<u16, Instant>>>,
+    permits: Arc<Semaphore>,
+    stats: Arc<Stats>,
+    hists: Arc<Vec<Mutex<Histogram<u64>>>>,
+    shard: usize,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut buf = Vec::with_capacity(64);
+        loop {
+            match client::read_packet(&mut reader, protocol, &mut buf).await {
+                Ok(Incoming::PubAck { pkid, reason }) => {
+                    let sent_at = inflight.lock().expect("inflight lock").remove(&pkid);
+                    if let Some(at) = sent_at {
+                        permits.add_permits(1);
+                        if reason >= 0x80 {
+                            stats.refused.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            stats.acked.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let us = (at.elapsed().as_micros() as u64).max(1);
+                        let _ = hists[shard % HIST_SHARDS].lock().expect("histogram lock").record(us);
+                    }
+                }
+                Ok(Incoming::Disconnect { .. }) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+}
+
+/// One edge gateway: connects, brings its children online through
+/// `gateway/{t}/{gw}/connect` (1,000 per message, each acknowledged), then publishes each
+/// child's telemetry on its own open-loop schedule over the one connection.
+#[allow(clippy::too_many_arguments)]
+async fn gateway_task(
+    g: usize,
+    children: std::ops::Range<usize>,
+    cfg: &SimConfig,
+    stats: &Arc<Stats>,
+    hists: Arc<Vec<Mutex<Histogram<u64>>>>,
+    publish_start: Instant,
+    end: Instant,
+    stop: Option<watch::Receiver<bool>>,
+) {
+    let gw = format!("{}gw{g:04}", cfg.prefix);
+    let username = format!("{}/{}", cfg.tenant, gw);
+    let token = cfg.tokens.get(&gw).map(|t| t.as_bytes().to_vec());
+    let connected = tokio::time::timeout(
+        Duration::from_secs(10),
+        client::connect(&cfg.addr, cfg.protocol, &gw, Some(&username), token.as_deref(), 60),
+    )
+    .await;
+    let (mut reader, mut writer) = match connected {
+        Ok(Ok(Ok(rw))) => rw,
+        _ => {
+            stats.connect_failures.fetch_add(children.len() as u64, Ordering::Relaxed);
+            return;
+        }
+    };
+    // Children online, in acknowledged batches.
+    let mut buf = Vec::with_capacity(256);
+    let mut out = Vec::new();
+    let ids: Vec<String> = children.clone().map(|i| orb_id(&cfg.prefix, i)).collect();
+    for (n, batch) in ids.chunks(crate::limits::GATEWAY_CONNECT_BATCH_MAX).enumerate() {
+        let body = serde_json::to_vec(&serde_json::json!({ "orbs": batch })).expect("json");
+        out.clear();
+        let pkid = (n % 60_000 + 1) as u16;
+        client::publish_packet(&mut out, cfg.protocol, &format!("gateway/{}/{gw}/connect", cfg.tenant), &body, 1, pkid);
+        if writer.write_all(&out).await.is_err() {
+            stats.connect_failures.fetch_add(children.len() as u64, Ordering::Relaxed);
+            return;
+        }
+        loop {
+            match tokio::time::timeout(
+                Duration::from_secs(60),
+                client::read_packet(&mut reader, cfg.protocol, &mut buf),
+            )
+            .await
+            {
+                Ok(Ok(Incoming::PubAck { reason, .. })) => {
+                    if reason < 0x80 {
+                        stats.connected.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    } else {
+                        stats.connect_failures.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    }
+                    break;
+                }
+                Ok(Ok(_)) => continue,
+                _ => {
+                    stats.connect_failures.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+    }
+    let inflight: Arc<Mutex<HashMap<u16, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+    let permits = Arc::new(Semaphore::new(cfg.inflight_max.max(1)));
+    let reader_task = spawn_reader(reader, cfg.protocol, inflight.clone(), permits.clone(), stats.clone(), hists, g);
+
+    // Every child's schedule, earliest first.
+    let interval = Duration::from_millis(cfg.interval_ms.max(1));
+    let mut due: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, usize)>> = ids
+        .iter()
+        .enumerate()
+        .map(|(j, _)| {
+            let phase = Duration::from_micros(fastrand::u64(..interval.as_micros() as u64));
+            std::cmp::Reverse((publish_start + phase, j))
+        })
+        .collect();
+    for std::cmp::Reverse((first, _)) in due.iter() {
+        if *first < end {
+            let n = (end - *first).as_nanos().div_ceil(interval.as_nanos()) as u64;
+            stats.scheduled.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+    let mut seqs = vec![0u64; ids.len()];
+    let mut motions: Vec<_> = children.clone().map(|i| cfg.workload.start(i)).collect();
+    let mut pkid: u16 = 0;
+    let stopped = async move {
+        match stop {
+            Some(mut s) => {
+                let _ = s.wait_for(|v| *v).await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::pin!(stopped);
+    while let Some(std::cmp::Reverse((at, j))) = due.pop() {
+        if at >= end || Instant::now() >= end {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(at) => {}
+            _ = &mut stopped => break,
+        }
+        due.push(std::cmp::Reverse((at + interval, j)));
+        if cfg.qos > 0 {
+            tokio::select! {
+                permit = permits.acquire() => match permit {
+                    Ok(p) => p.forget(),
+                    Err(_) => break,
+                },
+                _ = tokio::time::sleep_until(end) => break,
+            }
+            if reader_task.is_finished() {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            pkid = pkid.wrapping_add(1).max(1);
+            inflight.lock().expect("inflight lock").insert(pkid, at);
+        }
+        let payload = cfg.workload.payload(&ids[j], seqs[j], &mut motions[j], interval);
+        seqs[j] += 1;
+        out.clear();
+        client::publish_packet(
+            &mut out,
+            cfg.protocol,
+            &format!("telemetry/{}/{}", cfg.tenant, ids[j]),
+            &payload,
+            cfg.qos,
+            pkid,
+        );
+        if writer.write_all(&out).await.is_err() {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            break;
+        }
+        stats.sent.fetch_add(1, Ordering::Relaxed);
+    }
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline && !inflight.lock().expect("inflight lock").is_empty() && !reader_task.is_finished()
     {
