@@ -35,6 +35,8 @@ pub const MQTT_FILTERS_PER_SUBSCRIBE_MAX: usize = 32;
 
 /// Orbs one edge-gateway connection may carry.
 pub const GATEWAY_CHILDREN_MAX: usize = 20_000;
+/// Child admissions one gateway connection has in flight at once.
+pub const GATEWAY_ADMISSIONS_IN_FLIGHT: usize = 64;
 /// Orbs named in one gateway connect or disconnect message.
 pub const GATEWAY_CONNECT_BATCH_MAX: usize = 1_000;
 

@@ -20,7 +20,8 @@ use crate::actors::orb::Outbound;
 use crate::broker::{AttachError, Delivery, Message, Props, Session, SubOpts, Will};
 use crate::error::{ApiError, ErrorCode};
 use crate::limits::{
-    COMMAND_OUTBOX_MAX, GATEWAY_CHILDREN_MAX, GATEWAY_CONNECT_BATCH_MAX, MQTT_CLIENT_ID_LEN_MAX, MQTT_PASSWORD_LEN_MAX,
+    COMMAND_OUTBOX_MAX, GATEWAY_ADMISSIONS_IN_FLIGHT, GATEWAY_CHILDREN_MAX, GATEWAY_CONNECT_BATCH_MAX,
+    MQTT_CLIENT_ID_LEN_MAX, MQTT_PASSWORD_LEN_MAX,
 };
 use crate::metrics::MsgKind;
 use crate::model::orb::{ConnectRequest, Credential, DisconnectReason, OrbStatus};
@@ -488,7 +489,13 @@ impl Conn {
             async move { (child.clone(), fleet.connect(child, req, tx).await, rx) }
         });
         let mut refused = Vec::new();
-        for (child, result, kick) in futures::future::join_all(admissions).await {
+        // A bounded number of admissions in flight: thousands of children activating at once
+        // would queue in the shards past the call timeout.
+        let results: Vec<_> = {
+            use futures::StreamExt;
+            futures::stream::iter(admissions).buffer_unordered(GATEWAY_ADMISSIONS_IN_FLIGHT).collect().await
+        };
+        for (child, result, kick) in results {
             match result {
                 Ok(seq) => {
                     self.0.children.borrow_mut().insert(child.clone(), seq);
