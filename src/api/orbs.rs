@@ -13,6 +13,9 @@ use crate::storage::StoredPoint;
 /// Most orbs one list page holds.
 pub const ORBS_PAGE_MAX: usize = 1_000;
 
+/// Certificate, tenant CA and server CA (PEM) of an issued device certificate.
+type CertPems = (Option<String>, Option<String>, Option<String>);
+
 /// What a registration returns (the secrets once).
 #[derive(Clone, Debug)]
 pub struct Registration {
@@ -103,15 +106,9 @@ impl Api {
             server_ca_pem: None,
         };
         if let Some(csr) = given(csr_pem) {
-            let ca = self.ca(Some(&tenant)).await?;
-            let issued = crate::pki::issue_device_cert(&ca, &tenant, &orb, csr, now).map_err(|e| match e {
-                crate::pki::PkiError::Ca(_) => internal(e),
-                e => invalid(e.to_string()),
-            })?;
-            record.cert_serial = Some(issued.serial);
-            reg.certificate_pem = Some(issued.cert_pem);
-            reg.ca_pem = Some(ca.cert_pem);
-            reg.server_ca_pem = Some(self.ca(None).await?.cert_pem);
+            let (serial, certs) = self.issue_certificate(&tenant, &orb, csr, now).await?;
+            record.cert_serial = Some(serial);
+            (reg.certificate_pem, reg.ca_pem, reg.server_ca_pem) = certs;
         }
         self.fleet().register(record).await?;
         Ok(reg)
@@ -185,9 +182,7 @@ impl Api {
         self.fleet().decommission(&key).await?;
         // Its certificate is revoked with it (the token stops working with the status).
         if let Some(serial) = &record.cert_serial {
-            let mut batch = crate::storage::Batch::new();
-            crate::storage::Store::add_revoked(&mut batch, &key, serial, self.now_ms());
-            self.store().commit(batch).await.map_err(internal)?;
+            self.revoke_serial(&key, serial).await?;
         }
         self.fleet().view(&key).await?.ok_or_else(|| not_found(&key))
     }
@@ -209,9 +204,7 @@ impl Api {
                 format!("orb {key} has no certificate to revoke"),
             ));
         };
-        let mut batch = crate::storage::Batch::new();
-        crate::storage::Store::add_revoked(&mut batch, &key, &serial, self.now_ms());
-        self.store().commit(batch).await.map_err(internal)?;
+        self.revoke_serial(&key, &serial).await?;
         self.fleet().set_certificate(&key, None).await?;
         self.fleet().view(&key).await?.ok_or_else(|| not_found(&key))
     }
@@ -230,22 +223,44 @@ impl Api {
         if record.status == crate::model::orb::OrbStatus::Decommissioned {
             return Err(ApiError::new(ErrorCode::Decommissioned, format!("orb {key} is decommissioned")));
         }
-        let ca = self.ca(Some(&key.tenant)).await?;
-        let issued =
-            crate::pki::issue_device_cert(&ca, &key.tenant, &key.orb, csr_pem, self.now_ms()).map_err(|e| match e {
-                crate::pki::PkiError::Ca(_) => internal(e),
-                e => invalid(e.to_string()),
-            })?;
-        self.fleet().set_certificate(&key, Some(issued.serial)).await?;
+        let (serial, (certificate_pem, ca_pem, server_ca_pem)) =
+            self.issue_certificate(&key.tenant, &key.orb, csr_pem, self.now_ms()).await?;
+        self.fleet().set_certificate(&key, Some(serial)).await?;
         Ok(Registration {
             tenant: key.tenant.clone(),
             orb: key.orb.clone(),
             // The device token is not shown again.
             device_token: String::new(),
-            certificate_pem: Some(issued.cert_pem),
-            ca_pem: Some(ca.cert_pem),
-            server_ca_pem: Some(self.ca(None).await?.cert_pem),
+            certificate_pem,
+            ca_pem,
+            server_ca_pem,
         })
+    }
+
+    /// A device certificate from `csr` signed by the tenant's CA: its serial, and the PEMs a
+    /// registration answers with (certificate, tenant CA, server CA).
+    async fn issue_certificate(
+        &self,
+        tenant: &TenantId,
+        orb: &OrbId,
+        csr: &str,
+        now: u64,
+    ) -> Result<(String, CertPems), ApiError> {
+        let ca = self.ca(Some(tenant)).await?;
+        let issued = crate::pki::issue_device_cert(&ca, tenant, orb, csr, now).map_err(|e| match e {
+            crate::pki::PkiError::Ca(_) => internal(e),
+            e => invalid(e.to_string()),
+        })?;
+        let server_ca = self.ca(None).await?.cert_pem;
+        Ok((issued.serial, (Some(issued.cert_pem), Some(ca.cert_pem), Some(server_ca))))
+    }
+
+    /// Adds a certificate serial to the tenant's revocation list, durably.
+    async fn revoke_serial(&self, key: &OrbKey, serial: &str) -> Result<(), ApiError> {
+        let mut batch = crate::storage::Batch::new();
+        crate::storage::Store::add_revoked(&mut batch, key, serial, self.now_ms());
+        self.store().commit(batch).await.map_err(internal)?;
+        Ok(())
     }
 
     /// Sets and removes operator attributes (tags) of an orb; the answer is the orb after the

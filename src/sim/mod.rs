@@ -389,6 +389,17 @@ async fn orb_task(
         }
     }
     // Wait for outstanding acknowledgements, then leave cleanly.
+    finish(writer, reader_task, &inflight, stats).await;
+}
+
+/// Waits (up to 5 s) for outstanding acknowledgements, leaves cleanly and counts what was
+/// never acknowledged.
+async fn finish(
+    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    reader_task: tokio::task::JoinHandle<()>,
+    inflight: &Mutex<HashMap<u16, Instant>>,
+    stats: &Stats,
+) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline && !inflight.lock().expect("inflight lock").is_empty() && !reader_task.is_finished()
     {
@@ -574,16 +585,7 @@ async fn gateway_task(
         }
         stats.sent.fetch_add(1, Ordering::Relaxed);
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline && !inflight.lock().expect("inflight lock").is_empty() && !reader_task.is_finished()
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let _ = writer.write_all(&client::DISCONNECT).await;
-    let _ = writer.shutdown().await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), reader_task).await;
-    let left = inflight.lock().expect("inflight lock").len() as u64;
-    stats.unacked.fetch_add(left, Ordering::Relaxed);
+    finish(writer, reader_task, &inflight, stats).await;
 }
 
 impl Summary {

@@ -194,23 +194,9 @@ pub async fn authenticate(ctx: &Arc<MqttCtx>, sink: Sink, info: ConnectInfo<'_>)
             if username.is_some_and(|u| !u.is_empty() && u != cert.key.to_string()) {
                 return Err(refusal(ErrorCode::Unauthenticated, "the username does not match the certificate"));
             }
-            let key = cert.key;
-            let req = ConnectRequest {
-                credential: Credential::Certificate(cert.serial),
-                protocol,
-                client_id: client_id.to_string(),
-                dev: ctx.dev,
-            };
-            let (tx, rx) = oneshot::channel();
-            let conn_seq = ctx.ingest.fleet.connect(&key, req, tx).await.map_err(|code| {
-                let reason = match code {
-                    ErrorCode::Unauthenticated => "the certificate is not this orb's current certificate",
-                    ErrorCode::Decommissioned => "orb is decommissioned",
-                    _ => "server unavailable",
-                };
-                refusal(code, reason)
-            })?;
-            (Identity::Orb { key, conn_seq }, Some(rx))
+            let credential = Credential::Certificate(cert.serial);
+            let not_current = "the certificate is not this orb's current certificate";
+            admit_orb(ctx, cert.key, credential, protocol, client_id, not_current).await?
         }
         (None, None | Some("")) if ctx.dev => {
             if password.is_some() {
@@ -231,17 +217,7 @@ pub async fn authenticate(ctx: &Arc<MqttCtx>, sink: Sink, info: ConnectInfo<'_>)
                 Some(p) => Credential::Token(p.to_vec()),
                 None => Credential::None,
             };
-            let req = ConnectRequest { credential, protocol, client_id: client_id.to_string(), dev: ctx.dev };
-            let (tx, rx) = oneshot::channel();
-            let conn_seq = ctx.ingest.fleet.connect(&key, req, tx).await.map_err(|code| {
-                let reason = match code {
-                    ErrorCode::Unauthenticated => "bad username or token",
-                    ErrorCode::Decommissioned => "orb is decommissioned",
-                    _ => "server unavailable",
-                };
-                refusal(code, reason)
-            })?;
-            (Identity::Orb { key, conn_seq }, Some(rx))
+            admit_orb(ctx, key, credential, protocol, client_id, "bad username or token").await?
         }
     };
     let (identity, kick) = identity_and_kick;
@@ -295,6 +271,29 @@ pub async fn authenticate(ctx: &Arc<MqttCtx>, sink: Sink, info: ConnectInfo<'_>)
         delivery_ended: RefCell::new(Some(delivery_ended)),
     }));
     Ok(Accepted { conn, closer, session_present: attached.present, expiry_s: attached.expiry_s })
+}
+
+/// Registers a connection of `key` with its actor, which decides the credential; `kick`
+/// receives the actor's reason when it closes the connection.
+async fn admit_orb(
+    ctx: &MqttCtx,
+    key: OrbKey,
+    credential: Credential,
+    protocol: u8,
+    client_id: &str,
+    bad_credential: &str,
+) -> Result<(Identity, Option<oneshot::Receiver<DisconnectReason>>), Refusal> {
+    let req = ConnectRequest { credential, protocol, client_id: client_id.to_string(), dev: ctx.dev };
+    let (tx, rx) = oneshot::channel();
+    let conn_seq = ctx.ingest.fleet.connect(&key, req, tx).await.map_err(|code| {
+        let reason = match code {
+            ErrorCode::Unauthenticated => bad_credential,
+            ErrorCode::Decommissioned => "orb is decommissioned",
+            _ => "server unavailable",
+        };
+        refusal(code, reason)
+    })?;
+    Ok((Identity::Orb { key, conn_seq }, Some(rx)))
 }
 
 /// A will must name a topic its client may publish to, and not a platform topic (presence
