@@ -84,20 +84,6 @@ fn bind(what: &'static str, addr: &str) -> Result<std::net::TcpListener, AppErro
     Ok(l)
 }
 
-/// The platform's server CA (it signs the MQTTS server certificate; devices get it as
-/// `server_ca_pem` at registration), created on first start.
-async fn server_ca(store: &Store, now_ms: u64) -> Result<crate::pki::StoredCa, AppError> {
-    let err = |e: String| AppError::Start { what: "server CA", message: e };
-    if let Some(ca) = store.ca(None).map_err(|e| err(e.to_string()))? {
-        return Ok(ca);
-    }
-    let ca = crate::pki::new_ca("OrbManager server CA", now_ms).map_err(|e| err(e.to_string()))?;
-    let mut batch = crate::storage::Batch::new();
-    Store::add_ca(&mut batch, None, &ca);
-    store.commit(batch).await.map_err(|e| err(e.to_string()))?;
-    Ok(ca)
-}
-
 fn local(what: &'static str, l: &std::net::TcpListener) -> Result<SocketAddr, AppError> {
     l.local_addr().map_err(|source| AppError::Bind { what, addr: "?".into(), source })
 }
@@ -171,7 +157,11 @@ impl Server {
         let mqtts = match mqtts_l {
             None => None,
             Some(l) => {
-                let server_ca = server_ca(&store, clock.now_ms()).await?;
+                // The platform's server CA signs the MQTTS server certificate (devices get it
+                // as `server_ca_pem` at registration); created on first start.
+                let server_ca = crate::api::tenants::stored_or_new_ca(&store, None, clock.now_ms())
+                    .await
+                    .map_err(|e| AppError::Start { what: "server CA", message: e.message })?;
                 let addr = endpoints.mqtts.map_or(std::net::Ipv4Addr::LOCALHOST.into(), |a| a.ip());
                 let tls = crate::net::mqtt::tls::server_config(
                     store.clone(),

@@ -10,6 +10,24 @@ use crate::storage::{Batch, Store, TenantRecord};
 /// Longest API token name, in bytes.
 const TOKEN_NAME_LEN_MAX: usize = 128;
 
+/// The stored CA of `tenant` (`None`: the platform's server CA), created and made durable
+/// when there is none. Callers that may race serialize around it (`Api::ca` holds the tenant
+/// lock; start-up runs before the API serves).
+pub(crate) async fn stored_or_new_ca(store: &Store, tenant: Option<&TenantId>, now: u64) -> Result<StoredCa, ApiError> {
+    if let Some(ca) = store.ca(tenant).map_err(internal)? {
+        return Ok(ca);
+    }
+    let ca = match tenant {
+        Some(t) => crate::pki::new_tenant_ca(t, now),
+        None => crate::pki::new_ca("OrbManager server CA", now),
+    }
+    .map_err(internal)?;
+    let mut batch = Batch::new();
+    Store::add_ca(&mut batch, tenant, &ca);
+    store.commit(batch).await.map_err(internal)?;
+    Ok(ca)
+}
+
 impl Api {
     /// Creates a tenant (bootstrap token only).
     pub async fn create_tenant(&self, p: &Principal, tenant_id: &str) -> Result<TenantRecord, ApiError> {
@@ -38,19 +56,7 @@ impl Api {
             return Ok(ca);
         }
         let _serial = self.tenant_lock.lock().await;
-        if let Some(ca) = self.store().ca(tenant).map_err(internal)? {
-            return Ok(ca);
-        }
-        let now = self.now_ms();
-        let ca = match tenant {
-            Some(t) => crate::pki::new_tenant_ca(t, now),
-            None => crate::pki::new_ca("OrbManager server CA", now),
-        }
-        .map_err(internal)?;
-        let mut batch = Batch::new();
-        Store::add_ca(&mut batch, tenant, &ca);
-        self.store().commit(batch).await.map_err(internal)?;
-        Ok(ca)
+        stored_or_new_ca(self.store(), tenant, self.now_ms()).await
     }
 
     /// Fails with `NotFound` unless the tenant exists (the dev tenant always does under --dev).
@@ -176,9 +182,7 @@ impl Api {
         policy: crate::model::topics::TopicPolicy,
     ) -> Result<crate::model::topics::TopicPolicy, ApiError> {
         let tenant = self.tenant_for(p, tenant_id, Access::Admin)?;
-        if self.store().tenant(&tenant).map_err(internal)?.is_none() && !tenant.is_dev() {
-            return Err(ApiError::new(ErrorCode::NotFound, format!("tenant {tenant} does not exist")));
-        }
+        self.existing_tenant(&tenant)?;
         self.ingest.broker.set_policy(&tenant, policy.clone()).await?;
         Ok(policy)
     }

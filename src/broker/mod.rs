@@ -527,9 +527,10 @@ impl Broker {
         let clear = msg.payload.is_empty();
         {
             let r = space.retained.lock().unwrap_or_else(|e| e.into_inner());
-            let replaced = r.by_topic.get(&msg.topic).map_or(0, |m| m.payload.len() + m.topic.len());
+            let old = r.by_topic.get(&msg.topic);
+            let replaced = old.map_or(0, |m| m.payload.len() + m.topic.len());
             let after = r.bytes - replaced + msg.payload.len() + msg.topic.len();
-            let count_after = r.by_topic.len() + usize::from(replaced == 0 && !r.by_topic.contains_key(&msg.topic));
+            let count_after = r.by_topic.len() + usize::from(old.is_none());
             if !clear && (count_after > BROKER_RETAINED_MAX || after > BROKER_RETAINED_BYTES_MAX) {
                 return Err(ApiError::new(
                     ErrorCode::Overloaded,

@@ -480,6 +480,7 @@ async fn gateway_task(
     let mut buf = Vec::with_capacity(256);
     let mut out = Vec::new();
     let ids: Vec<String> = children.clone().map(|i| orb_id(&cfg.prefix, i)).collect();
+    let topics: Vec<String> = ids.iter().map(|id| format!("telemetry/{}/{id}", cfg.tenant)).collect();
     for (n, batch) in ids.chunks(crate::limits::GATEWAY_CONNECT_BATCH_MAX).enumerate() {
         let body = serde_json::to_vec(&serde_json::json!({ "orbs": batch })).expect("json");
         out.clear();
@@ -571,14 +572,7 @@ async fn gateway_task(
         let payload = cfg.workload.payload(&ids[j], seqs[j], &mut motions[j], interval);
         seqs[j] += 1;
         out.clear();
-        client::publish_packet(
-            &mut out,
-            cfg.protocol,
-            &format!("telemetry/{}/{}", cfg.tenant, ids[j]),
-            &payload,
-            cfg.qos,
-            pkid,
-        );
+        client::publish_packet(&mut out, cfg.protocol, &topics[j], &payload, cfg.qos, pkid);
         if writer.write_all(&out).await.is_err() {
             stats.errors.fetch_add(1, Ordering::Relaxed);
             break;

@@ -692,7 +692,7 @@ impl Conn {
             return Verdict::RateLimited(err);
         }
         let ingest = &self.0.ctx.ingest;
-        let topic_name = incoming.topic.as_str();
+        let topic_name: &str = &incoming.topic;
         let payload = &incoming.payload[..];
         let topic = topic::parse(topic_name);
         let kind = match &topic {
@@ -803,7 +803,7 @@ impl Conn {
             return Verdict::NotAuthorized(err);
         }
         let msg = Message {
-            topic: incoming.topic,
+            topic: incoming.topic.to_string(),
             payload: incoming.payload,
             qos: incoming.qos.min(1),
             retain: incoming.retain,
@@ -822,7 +822,8 @@ impl Conn {
 
 /// A PUBLISH as the version adapters hand it over.
 pub struct Incoming {
-    pub topic: String,
+    /// The topic as decoded (a topic alias already resolved); shared, not copied.
+    pub topic: ntex::util::ByteString,
     pub payload: ntex::util::Bytes,
     pub qos: u8,
     pub retain: bool,

@@ -72,7 +72,7 @@ pub async fn publish(conn: &Conn, p: v3::Publish) -> Result<(), CloseConnection>
     }
     let payload = p.read_all().await.map_err(|e| CloseConnection(format!("payload: {e:?}")))?;
     let incoming = Incoming {
-        topic: p.publish_topic().to_string(),
+        topic: p.packet().topic.clone(),
         payload,
         qos: session::qos_u8(p.qos()),
         retain: p.retain(),

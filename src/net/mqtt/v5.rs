@@ -147,13 +147,8 @@ pub async fn publish(conn: &Conn, p: v5::Publish) -> Result<v5::PublishAck, Clos
         utf8: pp.is_utf8_payload,
         expires_at_ms: pp.message_expiry_interval.map(|s| conn.now_ms() + s.get() as u64 * 1000),
     };
-    let incoming = Incoming {
-        topic: p.publish_topic().to_string(),
-        payload,
-        qos: session::qos_u8(p.qos()),
-        retain: p.retain(),
-        props,
-    };
+    let incoming =
+        Incoming { topic: p.packet().topic.clone(), payload, qos: session::qos_u8(p.qos()), retain: p.retain(), props };
     match conn.publish(incoming).await {
         Verdict::Accepted => Ok(p.ack()),
         Verdict::Refused(err) | Verdict::NotAuthorized(err) => Ok(refused_ack(p, &err)),
