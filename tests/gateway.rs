@@ -136,7 +136,8 @@ async fn a_gateway_carries_ten_thousand_orbs_on_one_connection() {
     let many: Vec<String> = (0..1_001).map(child).collect();
     let body = serde_json::to_vec(&json!({ "orbs": many })).unwrap();
     assert_ne!(gw.publish("gateway/acme/gw1/connect", &body).await, PubAckReason::Success);
-    // Another orb's gateway topic.
+    // Another tenant's gateway topic, then another orb's.
+    assert_eq!(gw.publish("gateway/beta/gw1/connect", br#"{"orbs":["c00001"]}"#).await, PubAckReason::NotAuthorized);
     assert_eq!(gw.publish("gateway/acme/loner/connect", br#"{"orbs":["c00001"]}"#).await, PubAckReason::NotAuthorized);
     assert!(!online(&ts, "c00001").await.0);
     gw.disconnect().await;

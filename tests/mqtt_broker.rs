@@ -375,6 +375,23 @@ async fn topic_policies_gate_devices_and_tenants_never_cross() {
     assert!(body["detail"].as_str().unwrap().contains("a/#/b"), "{body}");
     let (code, _) = http("PUT", &url("acme"), Some(ADMIN), Some(json!({"publish": ["x"], "extra": 1}))).await;
     assert_eq!(code, 400);
+    let token = async |t: &str, role: &str| {
+        let (code, body) =
+            http("POST", &ts.url(&format!("/v1/tenants/{t}/tokens")), Some(ADMIN), Some(json!({"role": role}))).await;
+        assert_eq!(code, 201, "{body}");
+        body["secret"].as_str().unwrap().to_string()
+    };
+    let acme_viewer = token("acme", "viewer").await;
+    let beta_admin = token("beta", "admin").await;
+    let (code, body) = http("PUT", &url("acme"), Some(&acme_viewer), Some(json!({"publish": ["x"]}))).await;
+    assert_eq!(code, 403, "a viewer sets no policy: {body}");
+    let (code, body) = http("PUT", &url("acme"), Some(&beta_admin), Some(json!({"publish": ["x"]}))).await;
+    assert_eq!(code, 403, "another tenant's admin sets no policy: {body}");
+    let (code, _) = http("GET", &ts.url("/v1/tenants/acme/mqtt"), Some(&beta_admin), None).await;
+    assert_eq!(code, 403, "nor reads its sessions");
+    let (code, view) = http("GET", &ts.url("/v1/tenants/acme/mqtt"), Some(&acme_viewer), None).await;
+    assert_eq!(code, 200, "{view}");
+    assert_eq!(view["policy"], json!({"publish": [], "subscribe": []}), "nothing refused changed the policy");
 
     // Both tenants get the same policy; each device publishes under its own id and reads all.
     let policy =

@@ -159,6 +159,24 @@ async fn device_certificates_are_the_identity_on_mqtts() {
         other => panic!("a certificate that is not the current one: {:?}", other.map(|_| ())),
     }
 
+    // Refused renewals and revocations change nothing: a garbage CSR, another tenant's orb id.
+    let url = |path: &str| ts.url(path);
+    let (code, body) = http(
+        "POST",
+        &url("/v1/orbs/o1/certificate?tenant_id=acme"),
+        Some(ADMIN),
+        Some(json!({"csr_pem": "not a csr"})),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    let (code, _) = http("POST", &url("/v1/orbs/o1/certificate/revoke?tenant_id=beta"), Some(ADMIN), None).await;
+    assert_eq!(code, 404, "beta has no o1");
+    assert_eq!(
+        publish(&client, &mut events, "telemetry/acme/o1", common::telemetry(common::now_ms(), "tls-3", 71.0)).await,
+        PubAckReason::Success,
+        "the certificate still works"
+    );
+
     // Rotation: a new certificate replaces the old one and closes the live connection.
     let (new_key, csr) = csr();
     let (code, body) =
