@@ -65,6 +65,8 @@ pub struct Server {
     endpoints: Endpoints,
     fleet: Fleet,
     store: Store,
+    /// Its background session writes are committed before the store closes.
+    broker: Arc<crate::broker::Broker>,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     mqtt: Option<MqttListener>,
@@ -185,7 +187,7 @@ impl Server {
         )
         .map_err(|e| AppError::Start { what: "broker", message: e.to_string() })?;
         let ingest = Arc::new(Ingest {
-            broker,
+            broker: broker.clone(),
             fleet: fleet.clone(),
             store: store.clone(),
             clock: clock.clone(),
@@ -320,6 +322,7 @@ impl Server {
             endpoints,
             fleet,
             store,
+            broker,
             metrics,
             readiness,
             mqtt: Some(mqtt),
@@ -378,6 +381,7 @@ impl Server {
         self.maintenance.abort();
         let _ = (&mut self.maintenance).await;
         self.fleet.stop().await;
+        self.broker.close().await;
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.close()).await;
         tracing::info!("stopped; everything acknowledged is on disk");

@@ -43,6 +43,9 @@ pub const GATEWAY_CONNECT_BATCH_MAX: usize = 1_000;
 /// Messages queued for one session (online or offline) before the broker sheds QoS 0 and
 /// disconnects a slow QoS 1 subscriber (v5 0x97); offline sessions then lose new messages.
 pub const BROKER_SESSION_QUEUE_MAX: usize = 1_000;
+/// Session writes (records, acknowledged queue entries) waiting for the broker's writer task;
+/// beyond it a write waits in its own task (order kept by the channel's fair queueing).
+pub const BROKER_WRITES_MAX: usize = 65_536;
 /// Sessions (online and offline) per node.
 pub const BROKER_SESSIONS_MAX: usize = 100_000;
 /// Subscriptions per session.

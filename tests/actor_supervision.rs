@@ -46,3 +46,35 @@ async fn a_panicking_orb_actor_restarts_with_its_state_intact() {
     neighbour.disconnect().await;
     ts.stop().await;
 }
+
+/// A connection that gave up waiting for its orb's actor (its call timed out under load and
+/// it dropped the channel the actor would close it through) is not admitted later: the orb
+/// does not stay online with a connection nobody holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_whose_caller_gave_up_is_not_admitted() {
+    use orbmanager::error::ErrorCode;
+    use orbmanager::model::orb::{ConnectRequest, Credential};
+    use orbmanager::model::{OrbId, TenantId};
+
+    let ts = TestServer::start(false).await;
+    let token = ts.register("acme", "late").await;
+    let key = OrbKey::new(TenantId::parse("acme").unwrap(), OrbId::parse("late").unwrap());
+    let request = || ConnectRequest {
+        credential: Credential::Token(token.as_bytes().to_vec()),
+        protocol: 4,
+        client_id: "late".into(),
+        dev: false,
+    };
+    let (kick, gone) = tokio::sync::oneshot::channel();
+    drop(gone);
+    assert_eq!(ts.server().fleet().connect(&key, request(), kick).await, Err(ErrorCode::Unavailable));
+    let (_, view) = ts.get("/v1/orbs/late?tenant_id=acme").await;
+    assert_eq!(view["connectivity"]["online"], false, "{view}");
+
+    // The same request from a caller that is still there is admitted.
+    let (kick, _held) = tokio::sync::oneshot::channel();
+    assert!(ts.server().fleet().connect(&key, request(), kick).await.is_ok());
+    let (_, view) = ts.get("/v1/orbs/late?tenant_id=acme").await;
+    assert_eq!(view["connectivity"]["online"], true, "{view}");
+    ts.stop().await;
+}

@@ -19,17 +19,6 @@ use rumqttc::v5::mqttbytes::v5::{
 use rumqttc::v5::{AsyncClient, MqttOptions};
 use serde_json::json;
 
-/// Connects a 3.1.1 client; returns it with the CONNACK's session-present flag.
-async fn connect3(o: rumqttc::MqttOptions) -> (common::V3, bool) {
-    let (client, mut events) = rumqttc::AsyncClient::new(o, 8);
-    loop {
-        let ev = tokio::time::timeout(Duration::from_secs(10), events.poll()).await.expect("connack in time");
-        if let rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a)) = ev.expect("connected") {
-            return (common::V3 { client, events }, a.session_present);
-        }
-    }
-}
-
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -219,11 +208,11 @@ async fn wills_honour_delay_session_expiry_and_normal_disconnects() {
     back.disconnect().await;
     let mut o3 = rumqttc::MqttOptions::new("v3-will", ts.mqtt.ip().to_string(), ts.mqtt.port());
     o3.set_last_will(rumqttc::LastWill::new("status/v3", "v3 gone", rumqttc::QoS::AtLeastOnce, false));
-    connect3(o3.clone()).await.0.disconnect().await;
+    common::V3::connect_opts(o3.clone()).await.0.disconnect().await;
     watcher.silent(1.0, "wills after normal disconnects").await;
 
     // A 3.1.1 client that vanishes: its will.
-    let (v3, _) = connect3(o3).await;
+    let (v3, _) = common::V3::connect_opts(o3).await;
     drop(v3);
     assert_eq!(text(&watcher.next_publish(5.0).await.expect("v3 will").payload), "v3 gone");
     ts.stop().await;
@@ -274,12 +263,12 @@ async fn persistent_sessions_queue_offline_and_redeliver_unacknowledged() {
     // A 3.1.1 client without clean session gets the same.
     let mut o3 = rumqttc::MqttOptions::new("v3-worker", ts.mqtt.ip().to_string(), ts.mqtt.port());
     o3.set_clean_session(false);
-    let (mut v3, present) = connect3(o3.clone()).await;
+    let (mut v3, present) = common::V3::connect_opts(o3.clone()).await;
     assert!(!present);
     v3.subscribe("jobs/#").await;
     v3.disconnect().await;
     p.publish("jobs/v3", b"for v3").await;
-    let (mut v3, present) = connect3(o3).await;
+    let (mut v3, present) = common::V3::connect_opts(o3).await;
     assert!(present);
     assert_eq!(v3.next_publish(5).await.expect("queued for v3").1, b"for v3");
     v3.disconnect().await;

@@ -176,13 +176,28 @@ impl Actor for OrbActor {
     ) -> Result<(), ActorProcessingErr> {
         let now = state.ctx.clock.now_ms();
         match msg {
+            // The connection stopped waiting (its call timed out under load and it dropped the
+            // kick receiver): admitting it would leave the orb online with a connection nobody
+            // holds.
+            OrbMsg::Connect { kick, reply, .. } if kick.is_closed() => {
+                let _ = reply.send(Err(ErrorCode::Unavailable));
+            }
             OrbMsg::Connect { req, kick, reply } => match state.orb.admit(&req, now) {
                 Admission::Accepted { conn_seq, effects } => {
                     state.orb.presence.boot_id = state.ctx.boot_id;
                     perform(state, effects).await?;
                     state.kick = Some((conn_seq, kick));
-                    let _ = reply.send(Ok(conn_seq));
+                    let answered = reply.send(Ok(conn_seq)).is_ok();
                     publish(state, ChangeKind::Presence, now);
+                    if !answered {
+                        // It gave up while this was being made durable: the connection is gone.
+                        let effects = state
+                            .orb
+                            .apply(Event::Disconnected { conn_seq, reason: DisconnectReason::ConnectionLost }, now);
+                        state.kick = None;
+                        perform(state, effects).await?;
+                        publish(state, ChangeKind::Presence, now);
+                    }
                 }
                 Admission::Refused(code) => {
                     let _ = reply.send(Err(code));

@@ -7,14 +7,17 @@
 //! packets. Topics of one tenant never reach another: every structure is per tenant and keyed
 //! by the tenant of the connection's identity, never by anything in a topic.
 //!
-//! Sessions live in memory: a persistent session survives disconnects (up to its expiry) but
-//! not a restart of the server. Retained messages and topic policies are durable.
+//! Durable: retained messages, topic policies and persistent sessions (subscriptions and every
+//! QoS 1/2 message queued for them, written before the publisher's acknowledgement and
+//! deleted on the subscriber's). A persistent session survives disconnects and restarts up to
+//! its expiry; a clean one lives in memory only.
 
 mod trie;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -49,7 +52,7 @@ pub struct Props {
 pub struct Message {
     pub topic: String,
     pub payload: ntex::util::Bytes,
-    /// 0 or 1 (QoS 2 publishes are accepted and delivered at most at 1).
+    /// 0, 1 or 2.
     pub qos: u8,
     pub retain: bool,
     pub props: Props,
@@ -73,10 +76,22 @@ pub struct Delivery {
     pub sub_ids: Vec<u32>,
     /// A redelivery after the connection it was sent on ended.
     pub dup: bool,
+    /// Position in the session's queue (QoS 1/2; 0 for QoS 0). A QoS 2 delivery's packet id
+    /// is derived from it, so a resend after a reconnect or a restart carries the same id.
+    pub seq: u64,
+    /// Written to the session's durable queue (deleted once acknowledged).
+    pub stored: bool,
+}
+
+impl Delivery {
+    /// The packet id of a QoS 2 delivery: stable across resends of the same message.
+    pub fn packet_id(&self) -> u16 {
+        (((self.seq.max(1) - 1) % u16::MAX as u64) + 1) as u16
+    }
 }
 
 /// Options of one subscription.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SubOpts {
     pub qos: u8,
     pub no_local: bool,
@@ -107,6 +122,8 @@ pub struct Session {
     online: AtomicBool,
     /// Notified when a QoS 1 message found the queue full: the connection is closed.
     pub overflow: Notify,
+    /// The next queue position.
+    seq: AtomicU64,
     state: Mutex<SessionState>,
 }
 
@@ -121,11 +138,50 @@ struct SessionState {
     generation: u64,
     kick: Option<oneshot::Sender<DisconnectReason>>,
     ended: bool,
+    /// A record of it is in the store (written once a persistent session subscribes).
+    stored: bool,
+    /// Packet ids of QoS 2 publishes taken from the client and not yet released (PUBREL):
+    /// a resend after a reconnect is acknowledged without being processed again. At most
+    /// 65,535 (the id space).
+    qos2_in: std::collections::HashSet<u16>,
 }
 
 impl Session {
+    fn new(id: u64, tenant: &TenantId, client_id: &str, owner: Option<OrbKey>, state: SessionState) -> Session {
+        let (tx, rx) = mpsc::channel(BROKER_SESSION_QUEUE_MAX);
+        Session {
+            id,
+            tenant: tenant.clone(),
+            client_id: client_id.to_string(),
+            owner,
+            tx,
+            rx: Arc::new(tokio::sync::Mutex::new(rx)),
+            online: AtomicBool::new(true),
+            overflow: Notify::new(),
+            seq: AtomicU64::new(1),
+            state: Mutex::new(state),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SessionState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn is_ended(&self) -> bool {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).ended
+        self.lock().ended
+    }
+
+    /// Whether QoS 1/2 messages for it are written to its durable queue: it is persistent
+    /// (expiry > 0) and stored.
+    fn is_durable(&self) -> bool {
+        let st = self.lock();
+        st.stored && st.expiry_s > 0 && !st.ended
+    }
+
+    fn record(&self, st: &SessionState, detached_ms: Option<u64>) -> SessionRecord {
+        let mut filters: Vec<(String, SubOpts)> = st.filters.iter().map(|(f, o)| (f.clone(), *o)).collect();
+        filters.sort_by(|a, b| a.0.cmp(&b.0));
+        SessionRecord { owner: self.owner.clone(), expiry_s: st.expiry_s, filters, detached_ms }
     }
 
     /// Whether a message sent to it now would be queued and taken soon.
@@ -169,6 +225,21 @@ impl Session {
             .collect();
         back.extend(st.redeliver.drain(..));
         st.redeliver = back;
+    }
+
+    /// Whether the QoS 2 publish `id` was taken and not yet released.
+    pub fn qos2_pending(&self, id: u16) -> bool {
+        self.lock().qos2_in.contains(&id)
+    }
+
+    /// The QoS 2 publish `id` was taken (its PUBREC goes out).
+    pub fn qos2_taken(&self, id: u16) {
+        self.lock().qos2_in.insert(id);
+    }
+
+    /// The client released the QoS 2 publish `id` (PUBREL).
+    pub fn qos2_released(&self, id: u16) {
+        self.lock().qos2_in.remove(&id);
     }
 
     /// Takes what must be sent first on a new connection.
@@ -229,18 +300,23 @@ pub struct Broker {
     metrics: Arc<Metrics>,
     /// Where will and expiry timers run (the main runtime, not an MQTT worker).
     runtime: tokio::runtime::Handle,
+    /// Session writes that nobody waits for, committed in order by one task.
+    writes: mpsc::Sender<Write>,
     pub session_expiry_max_s: u32,
 }
 
 impl Broker {
-    /// A broker with the retained messages and topic policies of `store`.
+    /// A broker with the retained messages, topic policies and persistent sessions of `store`.
     pub fn load(
         store: Store,
         clock: Clock,
         metrics: Arc<Metrics>,
         session_expiry_max_s: u32,
     ) -> Result<Arc<Broker>, crate::storage::Error> {
+        let (writes, rx) = mpsc::channel(crate::limits::BROKER_WRITES_MAX);
+        tokio::spawn(run_writes(store.clone(), rx));
         let broker = Broker {
+            writes,
             spaces: RwLock::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             policies: RwLock::new(HashMap::new()),
@@ -264,7 +340,98 @@ impl Broker {
             count += 1;
         }
         broker.metrics.broker_retained.add(count);
-        Ok(Arc::new(broker))
+        let broker = Arc::new(broker);
+        broker.load_sessions()?;
+        Ok(broker)
+    }
+
+    /// Restores the persistent sessions of the store, offline: subscriptions back in the
+    /// trees, queues refilled (oldest first), expiry counted from the last disconnect (or from
+    /// now for a session that was online when the server stopped).
+    fn load_sessions(self: &Arc<Self>) -> Result<(), crate::storage::Error> {
+        let now = self.clock.now_ms();
+        let mut expired = Batch::new();
+        for (tenant, client_id, rec) in self.store.sessions_all()? {
+            let detached = rec.detached_ms.unwrap_or(now);
+            let expires_ms = detached.saturating_add(rec.expiry_s as u64 * 1000);
+            if rec.expiry_s == 0 || expires_ms <= now {
+                self.store.delete_session(&mut expired, &tenant, &client_id)?;
+                continue;
+            }
+            let state = SessionState {
+                filters: rec.filters.iter().cloned().collect(),
+                expiry_s: rec.expiry_s,
+                generation: 1,
+                stored: true,
+                ..SessionState::default()
+            };
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let session = Arc::new(Session::new(id, &tenant, &client_id, rec.owner.clone(), state));
+            session.online.store(false, Ordering::Release);
+            let space = self.space(&tenant);
+            {
+                let mut trie = space.trie.write().unwrap_or_else(|e| e.into_inner());
+                for (f, opts) in &rec.filters {
+                    if let Ok(sub) = topics::parse_subscription(f) {
+                        trie.insert(sub.filter, sub.group, Entry { session: session.clone(), opts: *opts });
+                    }
+                }
+            }
+            let mut last = 0;
+            for (seq, q) in self.store.session_queue(&tenant, &client_id)? {
+                last = seq;
+                let d = q.into_delivery(seq);
+                if session.tx.try_send(d).is_err() {
+                    Store::delete_queued(&mut expired, &tenant, &client_id, seq);
+                }
+            }
+            session.seq.store(last + 1, Ordering::Relaxed);
+            if rec.detached_ms.is_none() {
+                let mut b = Batch::new();
+                Store::put_session(&mut b, &tenant, &client_id, &session.record(&session.lock(), Some(now)));
+                self.write_later(b);
+            }
+            self.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert((tenant, client_id), session.clone());
+            self.spawn_expiry(&session, 1, Duration::from_millis(expires_ms - now));
+        }
+        let n = self.sessions.lock().unwrap_or_else(|e| e.into_inner()).len();
+        self.metrics.broker_sessions.set(n as i64);
+        self.write_later(expired);
+        Ok(())
+    }
+
+    /// Queues a write nobody waits for; writes are committed in the order they are made.
+    fn write_later(&self, batch: Batch) {
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(mpsc::error::TrySendError::Full(w)) = self.writes.try_send(Write::Batch(batch)) {
+            let tx = self.writes.clone();
+            self.runtime.spawn(async move {
+                let _ = tx.send(w).await;
+            });
+        }
+    }
+
+    /// Commits every background write made so far and stops the writer (at shutdown, after
+    /// the listeners stopped: acknowledged deliveries and disconnect times are on disk).
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.writes.send(Write::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Ends `session` after `after` unless something attached since `generation`. Timers hold
+    /// the broker weakly: a stopped server's store is not kept open by them.
+    fn spawn_expiry(self: &Arc<Self>, session: &Arc<Session>, generation: u64, after: Duration) {
+        let (broker, s) = (Arc::downgrade(self), session.clone());
+        self.runtime.spawn(async move {
+            tokio::time::sleep(after).await;
+            if let Some(broker) = broker.upgrade() {
+                broker.end_session(&s, generation);
+            }
+        });
     }
 
     fn space(&self, tenant: &TenantId) -> Arc<Space> {
@@ -313,7 +480,7 @@ impl Broker {
             if old.owner.as_ref() != owner {
                 return Err(AttachError::ClientIdInUse);
             }
-            let mut st = old.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut st = old.lock();
             if let Some(k) = st.kick.take() {
                 let _ = k.send(DisconnectReason::Takeover);
             }
@@ -325,32 +492,32 @@ impl Broker {
                 // new generation).
                 let generation = st.generation;
                 old.online.store(true, Ordering::Release);
+                if st.stored {
+                    let mut b = Batch::new();
+                    Store::put_session(&mut b, tenant, client_id, &old.record(&st, None));
+                    self.write_later(b);
+                }
                 drop(st);
                 return Ok(Attached { session: old, present: true, expiry_s, generation });
             }
-            // A clean start ends the old session: its subscriptions go (the old connection's
-            // end publishes its will).
+            // A clean start ends the old session: its subscriptions and queue go (the old
+            // connection's end publishes its will).
             let filters: Vec<(String, SubOpts)> = st.filters.drain().collect();
             st.ended = true;
+            let stored = std::mem::take(&mut st.stored);
             drop(st);
             sessions.remove(&key);
             self.unsubscribe_all(&old, filters.into_iter().map(|(f, _)| f));
+            if stored {
+                self.forget_session(&old);
+            }
         }
         if sessions.len() >= BROKER_SESSIONS_MAX {
             return Err(AttachError::TooManySessions);
         }
-        let (tx, rx) = mpsc::channel(BROKER_SESSION_QUEUE_MAX);
-        let session = Arc::new(Session {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            tenant: tenant.clone(),
-            client_id: client_id.to_string(),
-            owner: owner.cloned(),
-            tx,
-            rx: Arc::new(tokio::sync::Mutex::new(rx)),
-            online: AtomicBool::new(true),
-            overflow: Notify::new(),
-            state: Mutex::new(SessionState { expiry_s, kick: Some(kick), generation: 1, ..SessionState::default() }),
-        });
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let state = SessionState { expiry_s, kick: Some(kick), generation: 1, ..SessionState::default() };
+        let session = Arc::new(Session::new(id, tenant, client_id, owner.cloned(), state));
         sessions.insert(key, session.clone());
         self.metrics.broker_sessions.set(sessions.len() as i64);
         Ok(Attached { session, present: false, expiry_s, generation: 1 })
@@ -384,6 +551,16 @@ impl Broker {
             if let Some(e) = expiry_override {
                 st.expiry_s = e.min(self.session_expiry_max_s);
             }
+            if st.stored && st.expiry_s > 0 {
+                let mut b = Batch::new();
+                Store::put_session(
+                    &mut b,
+                    &session.tenant,
+                    &session.client_id,
+                    &session.record(&st, Some(self.clock.now_ms())),
+                );
+                self.write_later(b);
+            }
             (st.generation, st.expiry_s)
         };
         session.online.store(false, Ordering::Release);
@@ -399,9 +576,10 @@ impl Broker {
             if delay == 0 {
                 self.publish_will_now(&session.tenant, w.msg);
             } else {
-                let (broker, s) = (self.clone(), session.clone());
+                let (broker, s) = (Arc::downgrade(self), session.clone());
                 self.runtime.spawn(async move {
-                    tokio::time::sleep(std::time::Duration::from_secs(delay as u64)).await;
+                    tokio::time::sleep(Duration::from_secs(delay as u64)).await;
+                    let Some(broker) = broker.upgrade() else { return };
                     let st = s.state.lock().unwrap_or_else(|e| e.into_inner());
                     // Unchanged, or ended by a clean start elsewhere: the will is due.
                     let due = st.generation == generation || st.ended;
@@ -412,25 +590,21 @@ impl Broker {
                 });
             }
         }
-        let (broker, s) = (self.clone(), session.clone());
-        self.runtime.spawn(async move {
-            tokio::time::sleep(std::time::Duration::from_secs(expiry_s as u64)).await;
-            broker.end_session(&s, generation);
-        });
+        self.spawn_expiry(session, generation, Duration::from_secs(expiry_s as u64));
     }
 
     /// Ends an offline session if nothing attached since `generation`.
     fn end_session(&self, session: &Arc<Session>, generation: u64) {
         let key = (session.tenant.clone(), session.client_id.clone());
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        let filters: Vec<String> = {
-            let mut st = session.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (filters, stored): (Vec<String>, bool) = {
+            let mut st = session.lock();
             if st.generation != generation || st.ended {
                 return;
             }
             st.ended = true;
             st.redeliver.clear();
-            st.filters.drain().map(|(f, _)| f).collect()
+            (st.filters.drain().map(|(f, _)| f).collect(), std::mem::take(&mut st.stored))
         };
         if sessions.get(&key).is_some_and(|s| s.id == session.id) {
             sessions.remove(&key);
@@ -438,6 +612,49 @@ impl Broker {
         self.metrics.broker_sessions.set(sessions.len() as i64);
         drop(sessions);
         self.unsubscribe_all(session, filters.into_iter());
+        if stored {
+            self.forget_session(session);
+        }
+    }
+
+    /// Deletes an ended session's record and queue. Called after `ended` is set, so a route
+    /// that stored a message for it after this read sees `ended` and deletes its own write.
+    fn forget_session(&self, session: &Session) {
+        let mut b = Batch::new();
+        match self.store.delete_session(&mut b, &session.tenant, &session.client_id) {
+            Ok(()) => self.write_later(b),
+            Err(e) => {
+                tracing::warn!(client_id = session.client_id, error = %e, "ended session not deleted from the store")
+            }
+        }
+    }
+
+    /// Writes a persistent session's record (its subscriptions), before the SUBACK or
+    /// UNSUBACK that reports them. A clean session writes nothing.
+    pub async fn save_session(&self, session: &Session) -> Result<(), ApiError> {
+        let batch = {
+            let mut st = session.lock();
+            if st.expiry_s == 0 || st.ended || (!st.stored && st.filters.is_empty()) {
+                return Ok(());
+            }
+            st.stored = true;
+            let mut b = Batch::new();
+            Store::put_session(&mut b, &session.tenant, &session.client_id, &session.record(&st, None));
+            b
+        };
+        self.store.commit(batch).await.map(|_| ()).map_err(|e| {
+            tracing::error!(client_id = session.client_id, error = %e, "session commit failed");
+            ApiError::new(ErrorCode::Unavailable, "the session could not be made durable")
+        })
+    }
+
+    /// A stored delivery was acknowledged by its subscriber: its queue entry goes.
+    pub fn acked(&self, session: &Session, d: &Delivery) {
+        if d.stored {
+            let mut b = Batch::new();
+            Store::delete_queued(&mut b, &session.tenant, &session.client_id, d.seq);
+            self.write_later(b);
+        }
     }
 
     fn publish_will_now(self: &Arc<Self>, tenant: &TenantId, msg: Message) {
@@ -460,9 +677,16 @@ impl Broker {
         }
     }
 
-    /// Adds (or replaces) a subscription and queues the retained messages it should get.
-    /// Returns whether the session had this filter already.
-    pub fn subscribe(&self, session: &Arc<Session>, filter: &str, opts: SubOpts) -> Result<bool, ApiError> {
+    /// Adds (or replaces) a subscription; the retained messages it should get are added to
+    /// `retained` (for [`Broker::enqueue`] once the session is saved). Returns whether the
+    /// session had this filter already.
+    pub fn subscribe(
+        &self,
+        session: &Arc<Session>,
+        filter: &str,
+        opts: SubOpts,
+        retained: &mut Vec<Delivery>,
+    ) -> Result<bool, ApiError> {
         let sub = topics::parse_subscription(filter)
             .map_err(|e| ApiError::new(ErrorCode::TopicInvalid, format!("filter {filter:?}: {e}")))?;
         {
@@ -493,7 +717,7 @@ impl Broker {
             for msg in matching {
                 let qos = msg.qos.min(opts.qos);
                 let sub_ids = opts.id.into_iter().collect();
-                session.offer(Delivery { msg, qos, retain: true, sub_ids, dup: false }, &self.metrics);
+                retained.push(Delivery { msg, qos, retain: true, sub_ids, dup: false, seq: 0, stored: false });
             }
         }
         Ok(existed)
@@ -519,7 +743,7 @@ impl Broker {
         if msg.retain {
             self.retain(tenant, &msg).await?;
         }
-        Ok(self.route(tenant, &msg))
+        self.route(tenant, &msg).await
     }
 
     async fn retain(&self, tenant: &TenantId, msg: &Arc<Message>) -> Result<(), ApiError> {
@@ -565,12 +789,58 @@ impl Broker {
 
     /// Queues `msg` for every session with a matching subscription: one copy per session
     /// (the highest QoS and every subscription id of its matching filters), one member per
-    /// shared group.
-    pub fn route(&self, tenant: &TenantId, msg: &Arc<Message>) -> usize {
-        let Some(space) = self.existing_space(tenant) else { return 0 };
+    /// shared group. Copies for persistent sessions are durable when this returns.
+    pub async fn route(&self, tenant: &TenantId, msg: &Arc<Message>) -> Result<usize, ApiError> {
+        let targets = self.targets(tenant, msg);
+        if targets.is_empty() {
+            return Ok(0);
+        }
+        self.enqueue(targets).await
+    }
+
+    /// Queues deliveries: those of QoS 1/2 to persistent sessions are written to the
+    /// sessions' durable queues first (one commit), then every delivery is offered.
+    pub async fn enqueue(&self, mut targets: Vec<(Arc<Session>, Delivery)>) -> Result<usize, ApiError> {
+        let mut batch = Batch::new();
+        for (s, d) in &mut targets {
+            if d.qos == 0 {
+                continue;
+            }
+            d.seq = s.seq.fetch_add(1, Ordering::Relaxed);
+            if s.is_durable() {
+                Store::put_queued(&mut batch, &s.tenant, &s.client_id, d.seq, &QueuedRecord::of(d));
+                d.stored = true;
+            }
+        }
+        if !batch.is_empty() {
+            self.store.commit(batch).await.map_err(|e| {
+                tracing::error!(error = %e, "session queue commit failed");
+                ApiError::new(ErrorCode::Unavailable, "the message could not be queued durably")
+            })?;
+        }
+        let mut undo = Batch::new();
+        let mut count = 0;
+        for (s, d) in targets {
+            let (stored, seq) = (d.stored, d.seq);
+            if s.offer(d, &self.metrics) {
+                count += 1;
+                // Ended meanwhile: its queue was deleted before this write landed.
+                if stored && s.is_ended() {
+                    Store::delete_queued(&mut undo, &s.tenant, &s.client_id, seq);
+                }
+            } else if stored {
+                Store::delete_queued(&mut undo, &s.tenant, &s.client_id, seq);
+            }
+        }
+        self.write_later(undo);
+        Ok(count)
+    }
+
+    fn targets(&self, tenant: &TenantId, msg: &Arc<Message>) -> Vec<(Arc<Session>, Delivery)> {
+        let Some(space) = self.existing_space(tenant) else { return Vec::new() };
         let trie = space.trie.read().unwrap_or_else(|e| e.into_inner());
         if trie.is_empty() {
-            return 0;
+            return Vec::new();
         }
         let mut targets: HashMap<u64, (Arc<Session>, Delivery)> = HashMap::new();
         let mut add = |e: &Entry| {
@@ -580,7 +850,9 @@ impl Broker {
             let qos = msg.qos.min(e.opts.qos);
             let retain = msg.retain && e.opts.retain_as_published;
             let d = targets.entry(e.session.id).or_insert_with(|| {
-                (e.session.clone(), Delivery { msg: msg.clone(), qos, retain, sub_ids: Vec::new(), dup: false })
+                let d =
+                    Delivery { msg: msg.clone(), qos, retain, sub_ids: Vec::new(), dup: false, seq: 0, stored: false };
+                (e.session.clone(), d)
             });
             d.1.qos = d.1.qos.max(qos);
             d.1.retain |= retain;
@@ -597,7 +869,7 @@ impl Broker {
             }
         });
         drop(trie);
-        targets.into_values().filter(|(s, d)| s.offer(d.clone(), &self.metrics)).count()
+        targets.into_values().collect()
     }
 
     /// Whether any session of `tenant` subscribes to anything (the platform's fast path).
@@ -681,6 +953,101 @@ impl RetainedRecord {
             retain: true,
             props: self.props,
             origin: 0,
+        }
+    }
+}
+
+/// A persistent session as stored: who owns it, its expiry and subscriptions. What is queued
+/// for it is stored per message ([`QueuedRecord`]).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SessionRecord {
+    pub owner: Option<OrbKey>,
+    pub expiry_s: u32,
+    pub filters: Vec<(String, SubOpts)>,
+    /// When its last connection ended; `None` while a connection holds it.
+    pub detached_ms: Option<u64>,
+}
+
+/// A QoS 1/2 delivery as queued durably for a persistent session.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct QueuedRecord {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    /// The message's own QoS and retain flag (as published).
+    pub msg_qos: u8,
+    pub msg_retain: bool,
+    pub props: Props,
+    /// The delivery's QoS, retain flag and subscription ids.
+    pub qos: u8,
+    pub retain: bool,
+    pub sub_ids: Vec<u32>,
+}
+
+impl QueuedRecord {
+    fn of(d: &Delivery) -> Self {
+        QueuedRecord {
+            topic: d.msg.topic.clone(),
+            payload: d.msg.payload.to_vec(),
+            msg_qos: d.msg.qos,
+            msg_retain: d.msg.retain,
+            props: d.msg.props.clone(),
+            qos: d.qos,
+            retain: d.retain,
+            sub_ids: d.sub_ids.clone(),
+        }
+    }
+
+    fn into_delivery(self, seq: u64) -> Delivery {
+        let msg = Message {
+            topic: self.topic,
+            payload: ntex::util::Bytes::from(self.payload),
+            qos: self.msg_qos,
+            retain: self.msg_retain,
+            props: self.props,
+            origin: 0,
+        };
+        Delivery {
+            msg: Arc::new(msg),
+            qos: self.qos,
+            retain: self.retain,
+            sub_ids: self.sub_ids,
+            dup: false,
+            seq,
+            stored: true,
+        }
+    }
+}
+
+/// A background write, or the request to stop once those before it are committed.
+enum Write {
+    Batch(Batch),
+    Close(oneshot::Sender<()>),
+}
+
+/// Commits the broker's background writes in the order they were made, merging whatever
+/// is waiting into one commit.
+async fn run_writes(store: Store, mut rx: mpsc::Receiver<Write>) {
+    while let Some(w) = rx.recv().await {
+        let (mut batch, mut close) = (Batch::new(), None);
+        match w {
+            Write::Batch(b) => batch.append(b),
+            Write::Close(tx) => close = Some(tx),
+        }
+        while batch.len() < 10_000 && close.is_none() {
+            match rx.try_recv() {
+                Ok(Write::Batch(b)) => batch.append(b),
+                Ok(Write::Close(tx)) => close = Some(tx),
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty()
+            && let Err(e) = store.commit(batch).await
+        {
+            tracing::warn!(error = %e, "broker session writes not committed");
+        }
+        if let Some(tx) = close {
+            let _ = tx.send(());
+            return;
         }
     }
 }

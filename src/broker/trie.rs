@@ -211,18 +211,7 @@ mod tests {
     use crate::model::topics;
 
     fn session(id: u64) -> Arc<Session> {
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        Arc::new(Session {
-            id,
-            tenant: crate::model::TenantId::dev(),
-            client_id: format!("c{id}"),
-            owner: None,
-            tx,
-            rx: Arc::new(tokio::sync::Mutex::new(rx)),
-            online: Default::default(),
-            overflow: Default::default(),
-            state: Default::default(),
-        })
+        Arc::new(Session::new(id, &crate::model::TenantId::dev(), &format!("c{id}"), None, Default::default()))
     }
 
     fn level() -> impl Strategy<Value = String> {

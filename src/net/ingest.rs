@@ -52,7 +52,7 @@ impl Ingest {
             Outcome::Stored => {
                 self.metrics.telemetry_stored.inc();
                 self.fleet.telemetry(key, Arc::new(point)).await;
-                self.forward(key, "telemetry", raw);
+                self.forward(key, "telemetry", raw).await;
             }
             Outcome::Duplicate => self.metrics.telemetry_duplicates.inc(),
         }
@@ -60,8 +60,10 @@ impl Ingest {
     }
 
     /// Routes a durable platform message (`{kind}/{tenant}/{orb}`) to the tenant's MQTT
-    /// subscribers of its topic, at QoS 1 (the platform acknowledged it).
-    pub fn forward(&self, key: &OrbKey, kind: &str, raw: &[u8]) {
+    /// subscribers of its topic, at QoS 1 (the platform acknowledged it); copies for
+    /// persistent sessions are durable before the device's acknowledgement. The message itself
+    /// is already durable, so a failure to queue a copy is logged, not reported to the device.
+    pub async fn forward(&self, key: &OrbKey, kind: &str, raw: &[u8]) {
         if !self.broker.has_subscribers(&key.tenant) {
             return;
         }
@@ -73,6 +75,8 @@ impl Ingest {
             props: Props::default(),
             origin: 0,
         };
-        self.broker.route(&key.tenant, &Arc::new(msg));
+        if let Err(e) = self.broker.route(&key.tenant, &Arc::new(msg)).await {
+            tracing::warn!(orb = %key, error = %e, "platform message not queued for subscribers");
+        }
     }
 }

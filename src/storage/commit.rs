@@ -64,6 +64,12 @@ impl Batch {
         self.ops.len()
     }
 
+    /// Appends the operations of `other` (which carries no dedupe probe), in order.
+    pub fn append(&mut self, other: Batch) {
+        debug_assert!(other.dedupe.is_none(), "a batch with a dedupe probe is committed on its own");
+        self.ops.extend(other.ops);
+    }
+
     pub(crate) fn put(&mut self, ks: Ks, key: Vec<u8>, value: Vec<u8>) {
         self.ops.push(Op::Put(ks, key, value));
     }

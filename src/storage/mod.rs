@@ -83,10 +83,12 @@ pub enum Ks {
     Retention,
     Retained,
     TopicPolicies,
+    Sessions,
+    SessionQueue,
 }
 
 impl Ks {
-    const ALL: [Ks; 30] = [
+    const ALL: [Ks; 32] = [
         Ks::Meta,
         Ks::Tenants,
         Ks::Orbs,
@@ -117,6 +119,8 @@ impl Ks {
         Ks::Retention,
         Ks::Retained,
         Ks::TopicPolicies,
+        Ks::Sessions,
+        Ks::SessionQueue,
     ];
 
     fn name(self) -> &'static str {
@@ -151,6 +155,8 @@ impl Ks {
             Ks::Retention => "retention",
             Ks::Retained => "retained",
             Ks::TopicPolicies => "topic_policies",
+            Ks::Sessions => "sessions",
+            Ks::SessionQueue => "session_queue",
         }
     }
 }

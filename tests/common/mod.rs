@@ -249,6 +249,17 @@ impl V3 {
         }
     }
 
+    /// Connects with `o`; returns the client with the CONNACK's session-present flag.
+    pub async fn connect_opts(o: rumqttc::MqttOptions) -> (V3, bool) {
+        let (client, mut events) = rumqttc::AsyncClient::new(o, 16);
+        loop {
+            let ev = tokio::time::timeout(Duration::from_secs(10), events.poll()).await.expect("connack in time");
+            if let rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a)) = ev.expect("connected") {
+                return (V3 { client, events }, a.session_present);
+            }
+        }
+    }
+
     /// Publishes at QoS 1 and waits for the PUBACK.
     pub async fn publish(&mut self, topic: &str, payload: Vec<u8>) -> Result<(), rumqttc::ConnectionError> {
         self.client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).await.expect("request queue");

@@ -127,6 +127,18 @@ impl Peer {
         }
     }
 
+    /// Publishes at QoS 2 and waits for the PUBCOMP (publishes arriving first are kept).
+    pub async fn publish_qos2(&mut self, topic: &str, payload: &[u8]) {
+        self.client.publish(topic, QoS::ExactlyOnce, false, payload.to_vec()).await.unwrap();
+        loop {
+            match self.next(10.0).await.expect("pubcomp") {
+                Packet::PubComp(_) => return,
+                Packet::Publish(p) => self.early.push_back(p),
+                _ => continue,
+            }
+        }
+    }
+
     pub async fn publish(&mut self, topic: &str, payload: &[u8]) -> PubAckReason {
         self.publish_props(topic, payload, false, PublishProperties::default()).await
     }

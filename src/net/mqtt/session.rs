@@ -12,7 +12,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 use super::MqttCtx;
 use super::topic::{self, Topic};
@@ -74,6 +74,10 @@ pub struct ConnInner {
     pub(super) end_reason: Cell<Option<DisconnectReason>>,
     /// Dev-tenant orbs this connection has published for and found registered.
     ensured: RefCell<HashSet<OrbKey>>,
+    /// The framing guard's QoS 2 bookkeeping (v5).
+    qos2: Option<Rc<super::framing::Qos2>>,
+    /// Retained messages granted by the SUBSCRIBE being handled, queued once it is saved.
+    retained: RefCell<Vec<Delivery>>,
     reported: Cell<bool>,
     /// Dropped with the connection: ends its closer task.
     _ended: oneshot::Sender<()>,
@@ -152,6 +156,8 @@ pub struct ConnectInfo<'a> {
     pub will: Option<Will>,
     /// The verified client certificate's identity (MQTTS listener).
     pub cert: Option<Result<super::tls::DeviceCert, String>>,
+    /// The framing guard's QoS 2 bookkeeping (v5 connections).
+    pub qos2: Option<Rc<super::framing::Qos2>>,
 }
 
 /// The client certificate of a TLS connection, if any.
@@ -172,7 +178,7 @@ pub struct Accepted {
 /// actor; then opens or resumes its broker session. `kick` closes the connection when the
 /// actor says so (takeover, decommission).
 pub async fn authenticate(ctx: &Arc<MqttCtx>, sink: Sink, info: ConnectInfo<'_>) -> Result<Accepted, Refusal> {
-    let ConnectInfo { protocol, client_id, username, password, clean_start, expiry_s, will, cert } = info;
+    let ConnectInfo { protocol, client_id, username, password, clean_start, expiry_s, will, cert, qos2 } = info;
     check_client_id(client_id)?;
     if ctx.draining.load(Ordering::Acquire) {
         return Err(refusal(ErrorCode::Unavailable, "server is shutting down"));
@@ -243,7 +249,11 @@ pub async fn authenticate(ctx: &Arc<MqttCtx>, sink: Sink, info: ConnectInfo<'_>)
     let (ended_tx, ended) = oneshot::channel();
     let (delivery_ended_tx, delivery_ended) = oneshot::channel();
     let closer = Closer { kick, session_kick, ended, shutdown: ctx.shutdown.clone() };
+    if let Some(q) = &qos2 {
+        q.attach(attached.session.clone());
+    }
     let conn = Conn(Rc::new(ConnInner {
+        qos2,
         ctx: ctx.clone(),
         identity,
         tenant,
@@ -264,6 +274,7 @@ pub async fn authenticate(ctx: &Arc<MqttCtx>, sink: Sink, info: ConnectInfo<'_>)
         sink,
         end_reason: Cell::new(None),
         ensured: RefCell::new(HashSet::new()),
+        retained: RefCell::new(Vec::new()),
         reported: Cell::new(false),
         commands_started: Cell::new(false),
         _ended: ended_tx,
@@ -580,12 +591,25 @@ impl Conn {
             inner.ctx.ingest.metrics.broker_denied.inc();
             return Err(SubRefusal::NotAuthorized);
         }
-        let opts = SubOpts { qos: opts.qos.min(1), ..opts };
-        match inner.ctx.ingest.broker.subscribe(&inner.session, filter, opts) {
+        let mut retained = inner.retained.borrow_mut();
+        match inner.ctx.ingest.broker.subscribe(&inner.session, filter, opts, &mut retained) {
             Ok(_) => Ok(opts.qos),
             Err(e) if e.code == ErrorCode::Overloaded => Err(SubRefusal::Quota),
             Err(_) => Err(SubRefusal::FilterInvalid),
         }
+    }
+
+    /// Ends a SUBSCRIBE or UNSUBSCRIBE before its acknowledgement: a persistent session's
+    /// subscriptions are made durable, then the retained messages the new ones match are
+    /// queued. An error closes the connection (the client resubscribes when it comes back).
+    pub async fn subscriptions_changed(&self) -> Result<(), ApiError> {
+        let broker = &self.0.ctx.ingest.broker;
+        broker.save_session(&self.0.session).await?;
+        let retained: Vec<Delivery> = std::mem::take(&mut *self.0.retained.borrow_mut());
+        if !retained.is_empty() {
+            broker.enqueue(retained.into_iter().map(|d| (self.0.session.clone(), d)).collect()).await?;
+        }
+        Ok(())
     }
 
     /// Handles one filter of an UNSUBSCRIBE; returns whether the subscription existed.
@@ -687,7 +711,34 @@ impl Conn {
     }
 
     /// Handles one PUBLISH. Returns only after the effect is durable.
+    /// Handles a PUBLISH. A QoS 2 publish the session took on an earlier connection and the
+    /// client has not released yet is a resend after a reconnect: acknowledged (PUBREC), not
+    /// processed again [MQTT-4.3.3-10]. ntex-mqtt does the same within one connection.
     pub async fn publish(&self, incoming: Incoming) -> Verdict {
+        let qos2 = incoming.packet_id.filter(|_| incoming.qos == 2);
+        if let Some(id) = qos2
+            && self.0.session.qos2_pending(id)
+        {
+            return Verdict::Accepted;
+        }
+        let verdict = self.take(incoming).await;
+        if let (Some(id), Verdict::Accepted) = (qos2, &verdict) {
+            self.0.session.qos2_taken(id);
+        }
+        verdict
+    }
+
+    /// Whether a PUBLISH the framing guard handed over as QoS 1 was sent at QoS 2 (v5).
+    pub fn was_qos2(&self, id: u16) -> bool {
+        self.0.qos2.as_ref().is_some_and(|q| q.was_qos2(id))
+    }
+
+    /// The client released a QoS 2 publish (PUBREL).
+    pub fn released(&self, id: u16) {
+        self.0.session.qos2_released(id);
+    }
+
+    async fn take(&self, incoming: Incoming) -> Verdict {
         if let Err(err) = self.throttle().await {
             return Verdict::RateLimited(err);
         }
@@ -747,7 +798,7 @@ impl Conn {
                 };
                 match ingest.fleet.report(&key, report).await {
                     Ok(()) => {
-                        ingest.forward(&key, "state", payload);
+                        ingest.forward(&key, "state", payload).await;
                         Verdict::Accepted
                     }
                     Err(err) => {
@@ -805,7 +856,7 @@ impl Conn {
         let msg = Message {
             topic: incoming.topic.to_string(),
             payload: incoming.payload,
-            qos: incoming.qos.min(1),
+            qos: incoming.qos,
             retain: incoming.retain,
             props: incoming.props,
             origin: inner.session.id,
@@ -826,6 +877,8 @@ pub struct Incoming {
     pub topic: ntex::util::ByteString,
     pub payload: ntex::util::Bytes,
     pub qos: u8,
+    /// The packet id (QoS 1 and 2).
+    pub packet_id: Option<u16>,
     pub retain: bool,
     pub props: Props,
 }
@@ -833,8 +886,12 @@ pub struct Incoming {
 /// The delivery task of one connection: takes the session's queue (waiting for a connection
 /// it took over to give it back), sends first what an earlier connection left unacknowledged,
 /// then every queued message; QoS 1 publishes are pipelined up to the client's receive
-/// maximum. When the connection ends, what was sent without a PUBACK goes back to the
-/// session, to be sent again (DUP) on its next connection.
+/// maximum. A QoS 2 exchange (PUBLISH, PUBREC, PUBREL, PUBCOMP) runs alone, once every
+/// earlier PUBACK is in: ntex-mqtt matches acknowledgements to publishes in send order. When
+/// the connection ends, what was sent without its final acknowledgement goes back to the
+/// session, to be sent again (DUP, a QoS 2 message with its packet id) on its next
+/// connection. Each final acknowledgement deletes the message from a persistent session's
+/// durable queue.
 async fn deliver(ctx: Arc<MqttCtx>, session: Arc<Session>, sink: Sink, mut ended: oneshot::Receiver<()>) {
     let rx = session.rx.clone();
     let mut rx = tokio::select! {
@@ -843,6 +900,7 @@ async fn deliver(ctx: Arc<MqttCtx>, session: Arc<Session>, sink: Sink, mut ended
     };
     let clock = ctx.ingest.clock.clone();
     let unacked: Rc<RefCell<BTreeMap<u64, Delivery>>> = Rc::default();
+    let drained = Rc::new(Notify::new());
     let mut next = 0u64;
     let mut pending = session.take_redeliver();
     loop {
@@ -872,6 +930,33 @@ async fn deliver(ctx: Arc<MqttCtx>, session: Arc<Session>, sink: Sink, mut ended
             ctx.ingest.metrics.messages_out.inc();
             continue;
         }
+        if d.qos == 2 {
+            let idle = loop {
+                let notified = drained.notified();
+                if unacked.borrow().is_empty() {
+                    break true;
+                }
+                tokio::select! {
+                    _ = notified => {}
+                    _ = session.overflow.notified() => {
+                        sink.close_quota();
+                        break false;
+                    }
+                    _ = &mut ended => break false,
+                }
+            };
+            if !idle {
+                pending.push_front(d);
+                break;
+            }
+            ctx.ingest.metrics.messages_out.inc();
+            if sink.send_qos2(&d, now).await {
+                ctx.ingest.broker.acked(&session, &d);
+                continue;
+            }
+            pending.push_front(d);
+            break;
+        }
         // Waiting for the client's receive maximum to free a slot: a session whose queue
         // overflows meanwhile is closed.
         let ready = tokio::select! {
@@ -897,10 +982,15 @@ async fn deliver(ctx: Arc<MqttCtx>, session: Arc<Session>, sink: Sink, mut ended
             continue;
         }
         ctx.ingest.metrics.messages_out.inc();
-        let unacked = unacked.clone();
+        let (unacked, drained) = (unacked.clone(), drained.clone());
+        let (broker, session) = (ctx.ingest.broker.clone(), session.clone());
         ntex::rt::spawn(async move {
             if fut.await {
-                unacked.borrow_mut().remove(&id);
+                let d = unacked.borrow_mut().remove(&id);
+                if let Some(d) = d {
+                    broker.acked(&session, &d);
+                }
+                drained.notify_waiters();
             }
         });
     }
@@ -931,9 +1021,13 @@ pub fn qos_u8(q: ntex_mqtt::QoS) -> u8 {
     }
 }
 
-/// A granted QoS (0 or 1).
+/// A QoS from its number (above 2: 2).
 pub fn qos_of(q: u8) -> ntex_mqtt::QoS {
-    if q == 0 { ntex_mqtt::QoS::AtMostOnce } else { ntex_mqtt::QoS::AtLeastOnce }
+    match q {
+        0 => ntex_mqtt::QoS::AtMostOnce,
+        1 => ntex_mqtt::QoS::AtLeastOnce,
+        _ => ntex_mqtt::QoS::ExactlyOnce,
+    }
 }
 
 /// The connection's sink, for publishing to the device.
@@ -1007,6 +1101,24 @@ impl Sink {
                 let f = Self::v5_builder(s, d, now_ms).send_at_least_once(payload);
                 Box::pin(async move { f.await.is_ok() })
             }
+        }
+    }
+
+    /// A QoS 2 publish with the delivery's own packet id; resolves to whether the exchange
+    /// completed (PUBCOMP, or a v5 PUBREC refusing it: the client's decision).
+    async fn send_qos2(&self, d: &Delivery, now_ms: u64) -> bool {
+        let payload = d.msg.payload.clone();
+        let id = d.packet_id();
+        match self {
+            Sink::V3(s) => match Self::v3_builder(s, d).packet_id(id).send_exactly_once(payload).await {
+                Ok(rec) => rec.release().await.is_ok(),
+                Err(_) => false,
+            },
+            Sink::V5(s) => match Self::v5_builder(s, d, now_ms).packet_id(id).send_exactly_once(payload).await {
+                Ok(rec) if (rec.packet().reason_code as u8) >= 0x80 => true,
+                Ok(rec) => rec.release().await.is_ok(),
+                Err(_) => false,
+            },
         }
     }
 

@@ -46,6 +46,7 @@ pub async fn handshake(ctx: Arc<MqttCtx>, h: v3::Handshake) -> Result<v3::Handsh
         expiry_s: if clean_session { 0 } else { u32::MAX },
         will,
         cert: session::peer_cert(h.io()),
+        qos2: None,
     };
     match session::authenticate(&ctx, session::Sink::V3(h.sink()), info).await {
         Ok(accepted) => {
@@ -75,6 +76,7 @@ pub async fn publish(conn: &Conn, p: v3::Publish) -> Result<(), CloseConnection>
         topic: p.packet().topic.clone(),
         payload,
         qos: session::qos_u8(p.qos()),
+        packet_id: p.id().map(|id| id.get()),
         retain: p.retain(),
         props: Props::default(),
     };
@@ -115,6 +117,7 @@ pub async fn protocol(conn: &Conn, msg: v3::ProtocolMessage) -> Result<v3::Proto
                     Err(_) => s.fail(),
                 }
             }
+            conn.subscriptions_changed().await.map_err(|e| CloseConnection(e.to_string()))?;
             sub.ack()
         }
         v3::ProtocolMessage::Unsubscribe(unsub) => {
@@ -124,6 +127,7 @@ pub async fn protocol(conn: &Conn, msg: v3::ProtocolMessage) -> Result<v3::Proto
             for f in unsub.iter() {
                 conn.unsubscribe(f);
             }
+            conn.subscriptions_changed().await.map_err(|e| CloseConnection(e.to_string()))?;
             unsub.ack()
         }
         v3::ProtocolMessage::Disconnect(d) => {
@@ -131,7 +135,10 @@ pub async fn protocol(conn: &Conn, msg: v3::ProtocolMessage) -> Result<v3::Proto
             d.ack()
         }
         v3::ProtocolMessage::Ping(p) => p.ack(),
-        v3::ProtocolMessage::PublishRelease(r) => r.ack(),
+        v3::ProtocolMessage::PublishRelease(r) => {
+            conn.released(r.id().get());
+            r.ack()
+        }
     })
 }
 

@@ -90,6 +90,7 @@ pub async fn handshake(ctx: Arc<MqttCtx>, h: v5::Handshake) -> Result<v5::Handsh
         expiry_s: asked_expiry,
         will,
         cert: session::peer_cert(h.io()),
+        qos2: h.io().query::<std::rc::Rc<super::framing::Qos2>>().as_ref().cloned(),
     };
     match session::authenticate(&ctx, session::Sink::V5(h.sink()), info).await {
         Ok(accepted) => {
@@ -103,8 +104,8 @@ pub async fn handshake(ctx: Arc<MqttCtx>, h: v5::Handshake) -> Result<v5::Handsh
                 a.wildcard_subscription_available = true;
                 a.subscription_identifiers_available = true;
                 a.shared_subscription_available = true;
-                // QoS 2 publishes are taken exactly once (ntex-mqtt holds the packet id until
-                // PUBREL); deliveries to subscribers are at most QoS 1.
+                // QoS 2 both ways: publishes are taken exactly once (ntex-mqtt holds the
+                // packet id until PUBREL) and subscriptions are granted QoS 2.
                 a.max_qos = QoS::ExactlyOnce;
                 if expiry_s != asked_expiry {
                     a.session_expiry_interval_secs = Some(expiry_s);
@@ -147,8 +148,18 @@ pub async fn publish(conn: &Conn, p: v5::Publish) -> Result<v5::PublishAck, Clos
         utf8: pp.is_utf8_payload,
         expires_at_ms: pp.message_expiry_interval.map(|s| conn.now_ms() + s.get() as u64 * 1000),
     };
-    let incoming =
-        Incoming { topic: p.packet().topic.clone(), payload, qos: session::qos_u8(p.qos()), retain: p.retain(), props };
+    let incoming = Incoming {
+        topic: p.packet().topic.clone(),
+        payload,
+        // The framing guard hands QoS 2 over as QoS 1 (see `framing`).
+        qos: match p.id() {
+            Some(id) if conn.was_qos2(id.get()) => 2,
+            _ => session::qos_u8(p.qos()),
+        },
+        packet_id: p.id().map(|id| id.get()),
+        retain: p.retain(),
+        props,
+    };
     match conn.publish(incoming).await {
         Verdict::Accepted => Ok(p.ack()),
         Verdict::Refused(err) | Verdict::NotAuthorized(err) => Ok(refused_ack(p, &err)),
@@ -192,6 +203,7 @@ pub async fn protocol(conn: &Conn, msg: v5::ProtocolMessage) -> Result<v5::Proto
                     Err(SubRefusal::Quota) => s.fail(codec::SubscribeAckReason::QuotaExceeded),
                 }
             }
+            conn.subscriptions_changed().await.map_err(|e| CloseConnection(e.to_string()))?;
             sub.ack()
         }
         v5::ProtocolMessage::Unsubscribe(mut unsub) => {
@@ -205,6 +217,7 @@ pub async fn protocol(conn: &Conn, msg: v5::ProtocolMessage) -> Result<v5::Proto
                     f.fail(codec::UnsubscribeAckReason::NoSubscriptionExisted);
                 }
             }
+            conn.subscriptions_changed().await.map_err(|e| CloseConnection(e.to_string()))?;
             unsub.ack()
         }
         v5::ProtocolMessage::Disconnect(d) => {
@@ -214,7 +227,10 @@ pub async fn protocol(conn: &Conn, msg: v5::ProtocolMessage) -> Result<v5::Proto
             d.ack()
         }
         v5::ProtocolMessage::Ping(p) => p.ack(),
-        v5::ProtocolMessage::PublishRelease(r) => r.ack(),
+        v5::ProtocolMessage::PublishRelease(r) => {
+            conn.released(r.packet().packet_id.get());
+            r.ack()
+        }
         // Enhanced authentication is not offered.
         m @ v5::ProtocolMessage::Auth(_) => {
             m.disconnect_with(codec::Disconnect::new(codec::DisconnectReasonCode::BadAuthenticationMethod))

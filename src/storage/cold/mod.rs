@@ -391,6 +391,27 @@ impl Cold {
         orbs: Option<(&str, &str)>,
         from: u64,
         to: u64,
+        keep: impl FnMut(&str, u64) -> bool,
+        out: &mut Vec<ColdRow>,
+    ) -> Result<(), ColdError> {
+        let before = out.len();
+        match self.read_file(o, orbs, from, to, keep, out).await {
+            // Retention deleted it after this read listed it (the manifest entry goes first):
+            // its points are past retention, the read goes on without them.
+            Err(_) if !self.store.ks.get(Ks::Cold).contains_key(o.key()).unwrap_or(true) => {
+                out.truncate(before);
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    async fn read_file(
+        &self,
+        o: &ColdObject,
+        orbs: Option<(&str, &str)>,
+        from: u64,
+        to: u64,
         mut keep: impl FnMut(&str, u64) -> bool,
         out: &mut Vec<ColdRow>,
     ) -> Result<(), ColdError> {
@@ -574,7 +595,8 @@ impl Cold {
     }
 
     /// Deletes cold files of `tenant` whose every point is older than `before_ms`: the manifest
-    /// entry first (from then on nothing reads the file), then the file and its mirror.
+    /// entry first (from then on no read lists the file; a read that listed it before skips it,
+    /// see [`Cold::read_object`]), then the file and its mirror.
     pub async fn expire(&self, tenant: &TenantId, before_ms: u64) -> Result<u64, ColdError> {
         let _one = self.spill_lock.lock().await;
         let old: Vec<ColdObject> = self
@@ -794,5 +816,61 @@ mod tests {
         // 2026-11-27T23:00:00Z
         assert_eq!(partition(1_795_820_400_000), "date=2026-11-27/hour=23");
         assert_eq!(partition(0), "date=1970-01-01/hour=00");
+    }
+}
+
+#[cfg(test)]
+mod read_tests {
+    use super::*;
+    use crate::model::{OrbId, TelemetryPoint};
+    use crate::storage::Batch;
+
+    /// A read that listed a file retention then deleted goes on without it; a file that is
+    /// still referenced but unreadable is an error, as before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_expired_during_a_read_is_skipped_and_a_broken_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &Default::default(), Arc::new(crate::metrics::Metrics::default())).unwrap();
+        let cold = Cold::open(store.clone(), &ObjectTarget::Local(dir.path().join("objects"))).unwrap();
+        let key = OrbKey::new(TenantId::parse("acme").unwrap(), OrbId::parse("o1").unwrap());
+        let hour = 3_600_000;
+        let now = 1_795_820_400_000;
+        let mut batch = Batch::new();
+        Store::add_orb(&mut batch, &crate::model::orb::OrbRecord::provisioned(key.clone(), None, 1));
+        store.commit(batch).await.unwrap();
+        for (i, ts) in [now - 30 * hour, now - 29 * hour].into_iter().enumerate() {
+            let point = TelemetryPoint {
+                ts,
+                msg_id: None,
+                battery: Some(i as f64),
+                position: None,
+                speed: None,
+                mode: None,
+                metrics: vec![],
+            };
+            let mut batch = Batch::new();
+            Store::add_telemetry(&mut batch, &key, &point, ts, format!("p{i}").as_bytes());
+            store.commit(batch).await.unwrap();
+        }
+        let opts = SpillOptions { hot_window_ms: hour, tenant_windows: false, buffer_bytes: 1 << 20 };
+        cold.spill(now, &opts, Some(&key.tenant)).await.unwrap();
+        let listed = cold.objects_between(&key.tenant, 0, now).unwrap();
+        assert_eq!(listed.len(), 2, "one file per hour");
+
+        // Broken while referenced: an error.
+        let broken = &listed[1];
+        std::fs::write(dir.path().join("objects").join(&broken.path), b"not parquet").unwrap();
+        let mut rows = Vec::new();
+        assert!(cold.read_object(broken, None, 0, now, |_, _| true, &mut rows).await.is_err());
+
+        // Expired after the listing: skipped.
+        assert_eq!(cold.expire(&key.tenant, now).await.unwrap(), 2);
+        for o in &listed {
+            let mut rows = Vec::new();
+            cold.read_object(o, None, 0, now, |_, _| true, &mut rows).await.unwrap();
+            assert!(rows.is_empty());
+        }
+        drop(cold);
+        tokio::task::spawn_blocking(move || store.close()).await.unwrap();
     }
 }
