@@ -518,7 +518,19 @@ pub struct SimArgs {
     /// The webhook's secret, to verify each delivery's signature.
     #[arg(long, default_value = "")]
     pub webhook_secret: String,
-    /// Bearer token for `--stream-http` (not needed under --dev).
+    /// Every Nth message of each orb is a state report (`state/{t}/{o}`) instead of telemetry;
+    /// 0: telemetry only. OrbManager, direct connections.
+    #[arg(long, default_value_t = 0)]
+    pub state_every: u64,
+    /// Commands created per second through the gRPC API (`--api-grpc`), to random orbs, each
+    /// received and acknowledged (`succeeded`) by its simulated orb; reports create ->
+    /// delivered and create -> acknowledgement applied latency. Direct connections.
+    #[arg(long, default_value_t = 0.0)]
+    pub commands_per_s: f64,
+    /// OrbManager gRPC address (host:port) to create commands through.
+    #[arg(long)]
+    pub api_grpc: Option<String>,
+    /// Bearer token for `--stream-http` and `--api-grpc` (not needed under --dev).
     #[arg(long, env = "ORBMANAGER_TOKEN", hide_env_values = true)]
     pub stream_token: Option<String>,
 }

@@ -50,6 +50,10 @@ pub async fn run(mut config: Config, orbs: usize, interval_ms: u64) -> Result<()
         stream: None,
         webhook: None,
         gateway_children: 0,
+        // Now and then a state report, and a command a second (received and acknowledged).
+        state_every: 30,
+        commands_per_s: 1.0,
+        api: Some((e.grpc.to_string(), None)),
     };
     let fleet = tokio::spawn(sim::run(sim_cfg, Some(stop_rx)));
     shutdown_signal().await;

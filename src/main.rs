@@ -40,6 +40,15 @@ fn sim_config(a: &SimArgs) -> anyhow::Result<SimConfig> {
     anyhow::ensure!(a.qos <= 1, "--qos must be 0 or 1");
     anyhow::ensure!(a.protocol == 4 || a.protocol == 5, "--protocol must be 4 (3.1.1) or 5");
     anyhow::ensure!(a.orbs > 0, "--orbs must be at least 1");
+    anyhow::ensure!(
+        a.gateway_children == 0 || (a.state_every == 0 && a.commands_per_s == 0.0),
+        "--state-every and --commands-per-s need direct connections (no --gateway-children)"
+    );
+    anyhow::ensure!(
+        a.commands_per_s == 0.0 || a.api_grpc.is_some(),
+        "--commands-per-s needs --api-grpc (the gRPC address to create commands through)"
+    );
+    anyhow::ensure!(a.commands_per_s >= 0.0 && a.commands_per_s.is_finite(), "--commands-per-s must be >= 0");
     let tokens = match &a.credentials {
         Some(p) => sim::read_credentials(p).map_err(anyhow::Error::msg)?,
         None => Default::default(),
@@ -64,6 +73,9 @@ fn sim_config(a: &SimArgs) -> anyhow::Result<SimConfig> {
         stream: a.stream_http.clone().map(|addr| (addr, a.stream_token.clone())),
         webhook: a.webhook_listen.clone().map(|addr| (addr, a.webhook_secret.clone())),
         gateway_children: a.gateway_children,
+        state_every: a.state_every,
+        commands_per_s: a.commands_per_s,
+        api: a.api_grpc.clone().map(|addr| (addr, a.stream_token.clone())),
     })
 }
 

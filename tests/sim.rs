@@ -26,6 +26,9 @@ fn config(ts: &TestServer, orbs: usize, gateway_children: usize, prefix: &str) -
         stream: None,
         webhook: None,
         gateway_children,
+        state_every: 0,
+        commands_per_s: 0.0,
+        api: None,
     }
 }
 
@@ -47,5 +50,38 @@ async fn the_simulator_drives_orbs_directly_and_through_gateways() {
     assert_eq!(orb["attributes"]["gateway"], "g-gw0002");
     let points = common::history(&ts, "default", "g-00059").await;
     assert!(points.len() >= 5, "{} points", points.len());
+    ts.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_mixes_state_reports_and_acknowledged_commands() {
+    let ts = TestServer::start(true).await;
+    let mut cfg = config(&ts, 10, 0, "c-");
+    cfg.duration_s = 3;
+    cfg.state_every = 4;
+    cfg.commands_per_s = 20.0;
+    cfg.api = Some((ts.grpc.to_string(), None));
+    let s = sim::run(cfg, None).await;
+    assert_eq!((s.connected, s.refused, s.errors, s.unacked), (10, 0, 0, 0), "{}", s.table());
+    assert!(s.acked == s.sent && s.sent >= 100, "{}", s.table());
+    // Every 4th message of each orb is a state report.
+    assert!(s.state_reports * 4 <= s.sent && s.state_reports * 4 + 40 >= s.sent, "{}", s.table());
+    let c = s.commands.clone().expect("command summary");
+    assert!(c.created >= 30 && c.create_failures == 0, "{}", s.table());
+    assert_eq!((c.delivered, c.acked), (c.created, c.created), "{}", s.table());
+    assert_eq!(c.round_trip_ms.samples, c.acked);
+    assert!(c.delivery_ms.p50 <= c.round_trip_ms.p50, "{}", s.table());
+
+    // The server saw the same: state reports applied, every command succeeded.
+    let (_, orb) = ts.get("/v1/orbs/c-00003?tenant_id=default").await;
+    assert_eq!(orb["reported"]["versions"]["firmware"], "sim-1.0", "{orb}");
+    let mut done = 0;
+    for i in 0..10 {
+        let (_, pending) = ts.get(&format!("/v1/orbs/c-{i:05}/commands?tenant_id=default&status=pending")).await;
+        assert_eq!(pending["commands"].as_array().map(Vec::len), Some(0), "{pending}");
+        let (_, all) = ts.get(&format!("/v1/orbs/c-{i:05}/commands?tenant_id=default")).await;
+        done += all["commands"].as_array().unwrap().iter().filter(|c| c["status"] == "succeeded").count() as u64;
+    }
+    assert_eq!(done, c.created);
     ts.stop().await;
 }

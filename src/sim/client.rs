@@ -22,6 +22,13 @@ pub enum Incoming {
     Disconnect {
         reason: u8,
     },
+    /// A PUBLISH from the server (properties skipped).
+    Publish {
+        qos: u8,
+        pkid: u16,
+        topic: String,
+        payload: Vec<u8>,
+    },
     /// Anything else (SUBACK, PUBLISH, ...): type nibble.
     Other(u8),
 }
@@ -102,6 +109,26 @@ pub fn publish_packet(out: &mut Vec<u8>, protocol: u8, topic: &str, payload: &[u
     out.extend_from_slice(payload);
 }
 
+/// SUBSCRIBE to one filter.
+pub fn subscribe_packet(protocol: u8, pkid: u16, filter: &str, qos: u8) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    if protocol == 5 {
+        body.push(0);
+    }
+    put_str(&mut body, filter.as_bytes());
+    body.push(qos);
+    let mut out = vec![0x82];
+    put_varint(&mut out, body.len());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// PUBACK (success).
+pub fn puback_packet(pkid: u16) -> [u8; 4] {
+    let [a, b] = pkid.to_be_bytes();
+    [0x40, 0x02, a, b]
+}
+
 pub const PINGREQ: [u8; 2] = [0xC0, 0x00];
 pub const DISCONNECT: [u8; 2] = [0xE0, 0x00];
 
@@ -130,9 +157,41 @@ pub async fn read_packet(r: &mut OwnedReadHalf, protocol: u8, buf: &mut Vec<u8>)
             reason: if protocol == 5 && len >= 3 { buf[2] } else { 0 },
         },
         13 => Incoming::PingResp,
+        3 => parse_publish(first, protocol, buf)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed PUBLISH"))?,
         14 => Incoming::Disconnect { reason: buf.first().copied().unwrap_or(0) },
         t => Incoming::Other(t),
     })
+}
+
+fn parse_publish(first: u8, protocol: u8, b: &[u8]) -> Option<Incoming> {
+    let qos = (first >> 1) & 3;
+    let topic_len = usize::from(u16::from_be_bytes([*b.first()?, *b.get(1)?]));
+    let topic = String::from_utf8(b.get(2..2 + topic_len)?.to_vec()).ok()?;
+    let mut at = 2 + topic_len;
+    let mut pkid = 0;
+    if qos > 0 {
+        pkid = u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]);
+        at += 2;
+    }
+    if protocol == 5 {
+        // Properties: a variable-byte length, then that many bytes.
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            let x = *b.get(at)?;
+            at += 1;
+            len |= usize::from(x & 0x7f) << shift;
+            if x & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+            if shift > 21 {
+                return None;
+            }
+        }
+        at += len;
+    }
+    Some(Incoming::Publish { qos, pkid, topic, payload: b.get(at..)?.to_vec() })
 }
 
 /// Connects and completes the CONNECT handshake; returns the split stream or the CONNACK code.
@@ -180,6 +239,19 @@ mod tests {
         let mut out = Vec::new();
         publish_packet(&mut out, 4, "a/b", b"xy", 1, 7);
         assert_eq!(out, vec![0x32, 9, 0, 3, b'a', b'/', b'b', 0, 7, b'x', b'y']);
+    }
+
+    #[test]
+    fn publishes_parse_back_in_both_versions() {
+        for protocol in [4, 5] {
+            let mut out = Vec::new();
+            publish_packet(&mut out, protocol, "commands/t/o", br#"{"x":1}"#, 1, 513);
+            let parsed = parse_publish(out[0], protocol, &out[2..]).unwrap();
+            let Incoming::Publish { qos, pkid, topic, payload } = parsed else { panic!("{parsed:?}") };
+            assert_eq!((qos, pkid, topic.as_str(), payload.as_slice()), (1, 513, "commands/t/o", &br#"{"x":1}"#[..]));
+        }
+        assert!(parse_publish(0x32, 4, &[0, 9, b'a']).is_none(), "truncated");
+        assert_eq!(subscribe_packet(4, 1, "a/b", 1), vec![0x82, 8, 0, 1, 0, 3, b'a', b'/', b'b', 1]);
     }
 
     #[test]

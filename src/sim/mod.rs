@@ -3,6 +3,7 @@
 //! slow server cannot hide behind a client that slows down with it.
 
 pub mod client;
+mod commands;
 mod webhook;
 pub mod workload;
 
@@ -19,6 +20,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
 use client::Incoming;
+pub use commands::CommandSummary;
 pub use webhook::WebhookSummary;
 pub use workload::Workload;
 
@@ -48,6 +50,14 @@ pub struct SimConfig {
     /// Orbs per edge-gateway connection (0: every orb has its own connection). Gateway `g`
     /// is orb `<prefix>gw<g>`; its children connect through it (`gateway/{t}/{gw}/connect`).
     pub gateway_children: usize,
+    /// Every Nth message of an orb is a state report on `state/{t}/{o}` instead of telemetry
+    /// (0: telemetry only). Direct connections.
+    pub state_every: u64,
+    /// Commands created per second through the gRPC API at `api`, each received and
+    /// acknowledged (`succeeded`) by its simulated orb (0: none). Direct connections.
+    pub commands_per_s: f64,
+    /// `(gRPC host:port, bearer token)` of the OrbManager to create commands through.
+    pub api: Option<(String, Option<String>)>,
 }
 
 /// Percentiles in milliseconds.
@@ -90,6 +100,10 @@ pub struct Summary {
     pub stream_latency_ms: Option<Percentiles>,
     /// What the built-in webhook receiver saw (`--webhook-listen`).
     pub webhook: Option<WebhookSummary>,
+    /// State reports among the sent messages (`--state-every`).
+    pub state_reports: u64,
+    /// Command traffic (`--commands-per-s`): created, delivered, acknowledged, latencies.
+    pub commands: Option<CommandSummary>,
 }
 
 #[derive(Default)]
@@ -102,6 +116,7 @@ struct Stats {
     refused: AtomicU64,
     errors: AtomicU64,
     unacked: AtomicU64,
+    state_sent: AtomicU64,
 }
 
 const HIST_SHARDS: usize = 16;
@@ -152,6 +167,20 @@ pub async fn run(cfg: SimConfig, stop: Option<watch::Receiver<bool>>) -> Summary
         None => None,
     };
     let mut tasks = tokio::task::JoinSet::new();
+    let tracker = match (&cfg.api, cfg.commands_per_s > 0.0 && cfg.gateway_children == 0) {
+        (Some((addr, token)), true) => {
+            let tracker = Arc::new(commands::Tracker::new(cfg.commands_per_s));
+            // The last commands get a moment to come back before the orbs leave.
+            let margin = Duration::from_millis(cfg.duration_s.saturating_mul(1000).min(8_000) / 4);
+            let (addr, token, tenant, prefix) = (addr.clone(), token.clone(), cfg.tenant.clone(), cfg.prefix.clone());
+            let t = tracker.clone();
+            tasks.spawn(async move {
+                commands::create_loop(&addr, token.as_deref(), &tenant, &prefix, &t, publish_start, end - margin).await;
+            });
+            Some(tracker)
+        }
+        _ => None,
+    };
     if cfg.gateway_children > 0 {
         // Connections are gateways: the ramp is their children's admissions.
         let k = cfg.gateway_children;
@@ -166,8 +195,9 @@ pub async fn run(cfg: SimConfig, stop: Option<watch::Receiver<bool>>) -> Summary
     for i in (0..cfg.orbs).filter(|_| cfg.gateway_children == 0) {
         let connect_at = start + Duration::from_secs_f64(i as f64 / f64::from(cfg.connect_rate.max(1)));
         let (cfg, stats, hists, stop) = (cfg.clone(), stats.clone(), hists.clone(), stop.clone());
+        let tracker = tracker.clone();
         tasks.spawn(async move {
-            orb_task(i, &cfg, &stats, hists, connect_at, publish_start, end, stop).await;
+            orb_task(i, &cfg, &stats, hists, tracker, connect_at, publish_start, end, stop).await;
         });
     }
     let stream_task = cfg.stream.clone().map(|(addr, token)| {
@@ -216,6 +246,8 @@ pub async fn run(cfg: SimConfig, stop: Option<watch::Receiver<bool>>) -> Summary
         puback_latency_ms: percentiles(&all),
         stream_latency_ms,
         webhook,
+        state_reports: s.state_sent.load(Ordering::Relaxed),
+        commands: tracker.map(|t| t.summary()),
     }
 }
 
@@ -260,6 +292,7 @@ async fn orb_task(
     cfg: &SimConfig,
     stats: &Arc<Stats>,
     hists: Arc<Vec<Mutex<Histogram<u64>>>>,
+    tracker: Option<Arc<commands::Tracker>>,
     connect_at: Instant,
     publish_start: Instant,
     end: Instant,
@@ -294,10 +327,26 @@ async fn orb_task(
     };
     stats.connected.fetch_add(1, Ordering::Relaxed);
     let topic = format!("telemetry/{}/{}", cfg.tenant, orb);
+    let state_topic = format!("state/{}/{}", cfg.tenant, orb);
+    let ack_topic = format!("commands/{}/{}/ack", cfg.tenant, orb);
     let inflight: Arc<Mutex<HashMap<u16, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
     let permits = Arc::new(Semaphore::new(cfg.inflight_max.max(1)));
-
-    let reader_task = spawn_reader(reader, cfg.protocol, inflight.clone(), permits.clone(), stats.clone(), hists, i);
+    // Commands: received by the reader, acknowledged from here (the writer's task).
+    let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel::<commands::Received>(64);
+    let acks: Arc<Mutex<HashMap<u16, u64>>> = Arc::default();
+    if tracker.is_some() {
+        let sub = client::subscribe_packet(cfg.protocol, 1, &format!("commands/{}/{}", cfg.tenant, orb), 1);
+        if writer.write_all(&sub).await.is_err() {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    }
+    if let Some(t) = &tracker {
+        t.ready(i);
+    }
+    let side = Commands { tracker: tracker.clone(), tx: cmd_tx, acks: acks.clone() };
+    let reader_task =
+        spawn_reader(reader, cfg.protocol, inflight.clone(), permits.clone(), stats.clone(), hists, i, side);
 
     let interval = Duration::from_millis(cfg.interval_ms.max(1));
     let phase = Duration::from_micros(fastrand::u64(..interval.as_micros() as u64));
@@ -330,6 +379,22 @@ async fn orb_task(
         let wake = next.min(last_write + ping_every);
         tokio::select! {
             _ = tokio::time::sleep_until(wake) => {}
+            Some(cmd) = cmd_rx.recv() => {
+                // PUBACK the command, then acknowledge it (QoS 1, outside the telemetry window).
+                out.clear();
+                out.extend_from_slice(&client::puback_packet(cmd.pkid));
+                pkid = pkid.wrapping_add(1).max(1);
+                if let Some(id) = cmd.sim_id {
+                    acks.lock().expect("acks lock").insert(pkid, id);
+                }
+                client::publish_packet(&mut out, cfg.protocol, &ack_topic, &commands::ack_payload(&cmd.command_id), 1, pkid);
+                if writer.write_all(&out).await.is_err() {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                last_write = Instant::now();
+                continue;
+            }
             _ = &mut stopped => {
                 was_stopped = true;
                 break;
@@ -363,14 +428,23 @@ async fn orb_task(
                 break;
             }
         }
-        let payload = cfg.workload.payload(&orb, seq, &mut motion, interval);
+        let state = cfg.state_every > 0 && seq % cfg.state_every == cfg.state_every - 1;
+        let payload = if state {
+            serde_json::json!({"firmware": "sim-1.0", "config": {"sim_seq": seq}}).to_string().into_bytes()
+        } else {
+            cfg.workload.payload(&orb, seq, &mut motion, interval)
+        };
         seq += 1;
         out.clear();
         if cfg.qos > 0 {
             pkid = pkid.wrapping_add(1).max(1);
             inflight.lock().expect("inflight lock").insert(pkid, intended);
         }
-        client::publish_packet(&mut out, cfg.protocol, &topic, &payload, cfg.qos, pkid);
+        let topic = if state { &state_topic } else { &topic };
+        client::publish_packet(&mut out, cfg.protocol, topic, &payload, cfg.qos, pkid);
+        if state {
+            stats.state_sent.fetch_add(1, Ordering::Relaxed);
+        }
         if writer.write_all(&out).await.is_err() {
             stats.errors.fetch_add(1, Ordering::Relaxed);
             break;
@@ -389,20 +463,21 @@ async fn orb_task(
         }
     }
     // Wait for outstanding acknowledgements, then leave cleanly.
-    finish(writer, reader_task, &inflight, stats).await;
+    finish(writer, reader_task, &inflight, &acks, stats).await;
 }
 
-/// Waits (up to 5 s) for outstanding acknowledgements, leaves cleanly and counts what was
-/// never acknowledged.
+/// Waits (up to 5 s) for outstanding acknowledgements (of messages and of command acks),
+/// leaves cleanly and counts what was never acknowledged.
 async fn finish(
     mut writer: tokio::net::tcp::OwnedWriteHalf,
     reader_task: tokio::task::JoinHandle<()>,
     inflight: &Mutex<HashMap<u16, Instant>>,
+    acks: &Mutex<HashMap<u16, u64>>,
     stats: &Stats,
 ) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline && !inflight.lock().expect("inflight lock").is_empty() && !reader_task.is_finished()
-    {
+    let waiting = || !inflight.lock().expect("inflight lock").is_empty() || !acks.lock().expect("acks lock").is_empty();
+    while Instant::now() < deadline && waiting() && !reader_task.is_finished() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = writer.write_all(&client::DISCONNECT).await;
@@ -412,8 +487,18 @@ async fn finish(
     stats.unacked.fetch_add(left, Ordering::Relaxed);
 }
 
+/// The reader's side of commands: received ones go to the orb's task; the PUBACKs of its
+/// acknowledgements complete their round trip.
+struct Commands {
+    tracker: Option<Arc<commands::Tracker>>,
+    tx: tokio::sync::mpsc::Sender<commands::Received>,
+    /// Packet id of an acknowledgement -> the command's simulator id.
+    acks: Arc<Mutex<HashMap<u16, u64>>>,
+}
+
 /// Reads PUBACKs: each releases a window slot and records its latency from the message's
-/// intended send time.
+/// intended send time. Command PUBLISHes go to the orb's task to be acknowledged.
+#[allow(clippy::too_many_arguments)]
 fn spawn_reader(
     mut reader: tokio::net::tcp::OwnedReadHalf,
     protocol: u8,
@@ -422,6 +507,7 @@ fn spawn_reader(
     stats: Arc<Stats>,
     hists: Arc<Vec<Mutex<Histogram<u64>>>>,
     shard: usize,
+    commands: Commands,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut buf = Vec::with_capacity(64);
@@ -438,6 +524,21 @@ fn spawn_reader(
                         }
                         let us = (at.elapsed().as_micros() as u64).max(1);
                         let _ = hists[shard % HIST_SHARDS].lock().expect("histogram lock").record(us);
+                    } else if let Some(id) = commands.acks.lock().expect("acks lock").remove(&pkid)
+                        && let Some(t) = &commands.tracker
+                    {
+                        t.acked(id);
+                    }
+                }
+                Ok(Incoming::Publish { qos, pkid, topic, payload }) => {
+                    if let Some(t) = &commands.tracker
+                        && topic.starts_with("commands/")
+                        && let Some(cmd) = t.received(pkid, &payload)
+                    {
+                        // An error means the orb's task stopped: nothing to acknowledge.
+                        let _ = commands.tx.send(cmd).await;
+                    } else if qos > 0 {
+                        tracing::debug!(topic, "unexpected PUBLISH to a simulated orb");
                     }
                 }
                 Ok(Incoming::Disconnect { .. }) | Err(_) => break,
@@ -515,7 +616,9 @@ async fn gateway_task(
     }
     let inflight: Arc<Mutex<HashMap<u16, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
     let permits = Arc::new(Semaphore::new(cfg.inflight_max.max(1)));
-    let reader_task = spawn_reader(reader, cfg.protocol, inflight.clone(), permits.clone(), stats.clone(), hists, g);
+    let side = Commands { tracker: None, tx: tokio::sync::mpsc::channel(1).0, acks: Arc::default() };
+    let reader_task =
+        spawn_reader(reader, cfg.protocol, inflight.clone(), permits.clone(), stats.clone(), hists, g, side);
 
     // Every child's schedule, earliest first.
     let interval = Duration::from_millis(cfg.interval_ms.max(1));
@@ -579,7 +682,7 @@ async fn gateway_task(
         }
         stats.sent.fetch_add(1, Ordering::Relaxed);
     }
-    finish(writer, reader_task, &inflight, stats).await;
+    finish(writer, reader_task, &inflight, &Mutex::default(), stats).await;
 }
 
 impl Summary {
@@ -623,6 +726,35 @@ impl Summary {
                     w.received, w.bad_signatures, l.p50, l.p95, l.p99, l.max, l.samples
                 )
             })
-        )
+        ) + &self.commands_table()
+    }
+
+    fn commands_table(&self) -> String {
+        let mut out = String::new();
+        if self.state_reports > 0 {
+            out += &format!("\nstate reports {} of the sent messages", self.state_reports);
+        }
+        if let Some(c) = &self.commands {
+            let (d, r) = (&c.delivery_ms, &c.round_trip_ms);
+            out += &format!(
+                "\ncommands {:.1}/s: created {} ({} failed)  delivered {}  acked {}\n\
+                 create -> delivered ms  p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}\n\
+                 create -> ack applied ms  p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}",
+                c.rate_per_s,
+                c.created,
+                c.create_failures,
+                c.delivered,
+                c.acked,
+                d.p50,
+                d.p95,
+                d.p99,
+                d.max,
+                r.p50,
+                r.p95,
+                r.p99,
+                r.max
+            );
+        }
+        out
     }
 }
