@@ -171,9 +171,11 @@ pub async fn tenants(args: &ClientArgs, cmd: &TenantsCmd) -> Result<String, Clie
             let rows: Vec<Vec<String>> = v
                 .sessions
                 .iter()
-                .map(|s| vec![s.client_id.clone(), s.online.to_string(), s.subscriptions.join(" ")])
+                .map(|s| {
+                    vec![s.client_id.clone(), s.online.to_string(), s.queued.to_string(), s.subscriptions.join(" ")]
+                })
                 .collect();
-            out.push_str(&table(&["CLIENT_ID", "ONLINE", "SUBSCRIPTIONS"], &rows));
+            out.push_str(&table(&["CLIENT_ID", "ONLINE", "QUEUED", "SUBSCRIPTIONS"], &rows));
             let rows: Vec<Vec<String>> = v
                 .retained
                 .iter()

@@ -5,35 +5,11 @@ mod common;
 
 use std::time::Duration;
 
+use common::raw::{packet, utf8};
 use common::{TestServer, V5};
 use rumqttc::v5::mqttbytes::v5::PubAckReason;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// A packet: fixed header byte, remaining length (variable-length encoded), body.
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    let mut n = body.len();
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
-
-fn utf8(s: &[u8]) -> Vec<u8> {
-    let mut out = (s.len() as u16).to_be_bytes().to_vec();
-    out.extend_from_slice(s);
-    out
-}
 
 /// CONNECT with a clean session, keep-alive 30 s; `version` 4 (3.1.1) or 5.
 fn connect(version: u8, client_id: &str) -> Vec<u8> {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::TestServer;
 use common::peer::{Peer, opts};
+use common::raw::{packet, utf8};
 use rumqttc::v5::MqttOptions;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, SubscribeReasonCode};
@@ -180,31 +181,6 @@ async fn persistent_sessions_and_their_queues_survive_a_restart() {
     w.silent(1.0, "acknowledged before the restart").await;
     w.disconnect().await;
     ts.stop().await;
-}
-
-/// A packet: fixed header byte, remaining length, body.
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    let mut n = body.len();
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
-
-fn utf8(s: &[u8]) -> Vec<u8> {
-    let mut out = (s.len() as u16).to_be_bytes().to_vec();
-    out.extend_from_slice(s);
-    out
 }
 
 /// A raw v5 subscriber with a persistent session (expiry 300 s, clean start 0).
@@ -390,5 +366,41 @@ async fn qos2_publishers_keep_going_past_the_receive_maximum_and_reuse_packet_id
         assert_eq!(text(&sub.next_publish(5.0).await.unwrap_or_else(|| panic!("n{i}")).payload), format!("n{i}"));
     }
     sub.silent(0.5, "each once").await;
+    ts.stop().await;
+}
+
+/// A message larger than the subscriber's maximum packet size is discarded as if sent
+/// [MQTT-3.1.2-25]: the next ones arrive, and it is not queued again for the next connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_larger_than_the_clients_maximum_packet_size_is_discarded_not_retried() {
+    let ts = TestServer::start(true).await;
+    let small = |addr: SocketAddr| {
+        let mut o = persistent(addr, "tiny", 300);
+        o.set_max_packet_size(Some(256));
+        o
+    };
+    let (mut s, _) = Peer::connect(small(ts.mqtt)).await;
+    let codes = s
+        .subscribe(vec![Filter::new("sized/1", QoS::AtLeastOnce), Filter::new("sized/2", QoS::ExactlyOnce)], None)
+        .await;
+    assert_eq!(codes.len(), 2);
+    let mut p = Peer::dev(ts.mqtt, "sized-pub").await;
+    p.publish("sized/1", &[b'x'; 1024]).await;
+    p.publish_qos2("sized/2", &[b'y'; 1024]).await;
+    p.publish("sized/1", b"fits").await;
+    assert_eq!(&s.next_publish(5.0).await.expect("the small one").payload[..], b"fits");
+    s.silent(0.5, "too large for the client").await;
+    p.disconnect().await;
+    s.disconnect().await;
+    // Nothing is left for the session, in memory or in the store.
+    let queued = |view: &serde_json::Value| view["sessions"][0]["queued"].as_u64();
+    assert_eq!(queued(&ts.get("/v1/tenants/default/mqtt").await.1), Some(0));
+    let dir = ts.stop().await;
+    let ts = TestServer::start_in(dir, true, |_| {}).await;
+    let view = ts.get("/v1/tenants/default/mqtt").await.1;
+    assert_eq!((view["sessions"][0]["client_id"].as_str(), queued(&view)), (Some("tiny"), Some(0)), "{view}");
+    let (mut s, ack) = Peer::connect(small(ts.mqtt)).await;
+    assert!(ack.session_present);
+    s.silent(1.0, "a discarded message is not sent again").await;
     ts.stop().await;
 }

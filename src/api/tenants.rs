@@ -143,6 +143,9 @@ pub struct MqttSessionView {
     pub client_id: String,
     pub online: bool,
     pub subscriptions: Vec<String>,
+    /// Messages waiting for it (queued, and sent on an ended connection without their final
+    /// acknowledgement).
+    pub queued: usize,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -163,7 +166,12 @@ impl Api {
             sessions: broker
                 .sessions(&tenant)
                 .into_iter()
-                .map(|(client_id, online, subscriptions)| MqttSessionView { client_id, online, subscriptions })
+                .map(|(client_id, online, subscriptions, queued)| MqttSessionView {
+                    client_id,
+                    online,
+                    subscriptions,
+                    queued,
+                })
                 .collect(),
             retained: broker
                 .retained(&tenant)

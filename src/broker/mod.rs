@@ -913,13 +913,17 @@ impl Broker {
         });
     }
 
-    /// Sessions of a tenant: (client id, online, filters).
-    pub fn sessions(&self, tenant: &TenantId) -> Vec<(String, bool, Vec<String>)> {
+    /// Sessions of a tenant: (client id, online, filters, messages waiting). What an online
+    /// connection has sent and not yet had acknowledged is not counted.
+    pub fn sessions(&self, tenant: &TenantId) -> Vec<(String, bool, Vec<String>, usize)> {
         let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         let mut v: Vec<_> = sessions
             .values()
             .filter(|s| &s.tenant == tenant)
-            .map(|s| (s.client_id.clone(), s.online.load(Ordering::Acquire), s.filters()))
+            .map(|s| {
+                let waiting = s.tx.max_capacity() - s.tx.capacity() + s.lock().redeliver.len();
+                (s.client_id.clone(), s.online.load(Ordering::Acquire), s.filters(), waiting)
+            })
             .collect();
         v.sort();
         v

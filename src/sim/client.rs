@@ -33,7 +33,8 @@ pub enum Incoming {
     Other(u8),
 }
 
-fn put_varint(out: &mut Vec<u8>, mut n: usize) {
+/// Appends `n` as an MQTT variable-byte integer.
+pub fn put_varint(out: &mut Vec<u8>, mut n: usize) {
     loop {
         let mut b = (n % 128) as u8;
         n /= 128;

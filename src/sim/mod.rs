@@ -117,6 +117,9 @@ struct Stats {
     errors: AtomicU64,
     unacked: AtomicU64,
     state_sent: AtomicU64,
+    /// This run's id, in every `msg_id` (`<orb>.<run>-<seq>`): a rerun against the same
+    /// server is new data, not deduplicated as resends of the previous run.
+    run: u32,
 }
 
 const HIST_SHARDS: usize = 16;
@@ -149,7 +152,7 @@ pub fn orb_id(prefix: &str, i: usize) -> String {
 /// Runs the simulation until `duration_s` passes or `stop` turns true.
 pub async fn run(cfg: SimConfig, stop: Option<watch::Receiver<bool>>) -> Summary {
     let cfg = Arc::new(cfg);
-    let stats = Arc::new(Stats::default());
+    let stats = Arc::new(Stats { run: fastrand::u32(..), ..Stats::default() });
     let hists: Arc<Vec<Mutex<Histogram<u64>>>> =
         Arc::new((0..HIST_SHARDS).map(|_| Mutex::new(new_histogram())).collect());
     let start = Instant::now();
@@ -328,6 +331,7 @@ async fn orb_task(
     stats.connected.fetch_add(1, Ordering::Relaxed);
     let topic = format!("telemetry/{}/{}", cfg.tenant, orb);
     let state_topic = format!("state/{}/{}", cfg.tenant, orb);
+    let msg_prefix = format!("{orb}.{:08x}", stats.run);
     let ack_topic = format!("commands/{}/{}/ack", cfg.tenant, orb);
     let inflight: Arc<Mutex<HashMap<u16, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
     let permits = Arc::new(Semaphore::new(cfg.inflight_max.max(1)));
@@ -432,7 +436,7 @@ async fn orb_task(
         let payload = if state {
             serde_json::json!({"firmware": "sim-1.0", "config": {"sim_seq": seq}}).to_string().into_bytes()
         } else {
-            cfg.workload.payload(&orb, seq, &mut motion, interval)
+            cfg.workload.payload(&msg_prefix, seq, &mut motion, interval)
         };
         seq += 1;
         out.clear();
@@ -581,6 +585,7 @@ async fn gateway_task(
     let mut buf = Vec::with_capacity(256);
     let mut out = Vec::new();
     let ids: Vec<String> = children.clone().map(|i| orb_id(&cfg.prefix, i)).collect();
+    let msg_prefixes: Vec<String> = ids.iter().map(|id| format!("{id}.{:08x}", stats.run)).collect();
     let topics: Vec<String> = ids.iter().map(|id| format!("telemetry/{}/{id}", cfg.tenant)).collect();
     for (n, batch) in ids.chunks(crate::limits::GATEWAY_CONNECT_BATCH_MAX).enumerate() {
         let body = serde_json::to_vec(&serde_json::json!({ "orbs": batch })).expect("json");
@@ -672,7 +677,7 @@ async fn gateway_task(
             pkid = pkid.wrapping_add(1).max(1);
             inflight.lock().expect("inflight lock").insert(pkid, at);
         }
-        let payload = cfg.workload.payload(&ids[j], seqs[j], &mut motions[j], interval);
+        let payload = cfg.workload.payload(&msg_prefixes[j], seqs[j], &mut motions[j], interval);
         seqs[j] += 1;
         out.clear();
         client::publish_packet(&mut out, cfg.protocol, &topics[j], &payload, cfg.qos, pkid);

@@ -201,7 +201,12 @@ impl pb::tenant_service_server::TenantService for Services {
             sessions: v
                 .sessions
                 .into_iter()
-                .map(|s| pb::MqttSession { client_id: s.client_id, online: s.online, subscriptions: s.subscriptions })
+                .map(|s| pb::MqttSession {
+                    client_id: s.client_id,
+                    online: s.online,
+                    subscriptions: s.subscriptions,
+                    queued: s.queued as u64,
+                })
                 .collect(),
             retained: v
                 .retained

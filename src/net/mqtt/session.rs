@@ -976,9 +976,15 @@ async fn deliver(ctx: Arc<MqttCtx>, session: Arc<Session>, sink: Sink, mut ended
         let mut fut = sink.send_qos1(&d, now);
         unacked.borrow_mut().insert(id, d);
         // The first poll writes the PUBLISH (credit is available), so the order on the wire is
-        // the queue's; the PUBACK is awaited by its own task.
-        if futures::poll!(fut.as_mut()).is_ready() {
-            unacked.borrow_mut().remove(&id);
+        // the queue's; the PUBACK is awaited by its own task. Ready at once: not sent.
+        if let std::task::Poll::Ready(done) = futures::poll!(fut.as_mut()) {
+            if !done {
+                // The connection is gone: it stays in `unacked`, for the next connection.
+                break;
+            }
+            if let Some(d) = unacked.borrow_mut().remove(&id) {
+                ctx.ingest.broker.acked(&session, &d);
+            }
             continue;
         }
         ctx.ingest.metrics.messages_out.inc();
@@ -1089,18 +1095,33 @@ impl Sink {
         };
     }
 
-    /// A QoS 1 publish; resolves to whether the client acknowledged it.
+    /// A QoS 1 publish; resolves to whether it is done with (acknowledged, or too large for
+    /// the client, see [`Sink::done`]).
     fn send_qos1(&self, d: &Delivery, now_ms: u64) -> Pin<Box<dyn Future<Output = bool>>> {
         let payload = d.msg.payload.clone();
         match self {
             Sink::V3(s) => {
                 let f = Self::v3_builder(s, d).send_at_least_once(payload);
-                Box::pin(async move { f.await.is_ok() })
+                Box::pin(async move { Self::done(f.await) })
             }
             Sink::V5(s) => {
                 let f = Self::v5_builder(s, d, now_ms).send_at_least_once(payload);
-                Box::pin(async move { f.await.is_ok() })
+                Box::pin(async move { Self::done(f.await) })
             }
+        }
+    }
+
+    /// Whether a send is done with: acknowledged, or not encodable because it is larger than
+    /// the client's maximum packet size, which the server must treat as sent
+    /// [MQTT-3.1.2-25]. Anything else (the connection ended) keeps it for the next connection.
+    fn done<T>(r: Result<T, ntex_mqtt::error::SendPacketError>) -> bool {
+        match r {
+            Ok(_) => true,
+            Err(ntex_mqtt::error::SendPacketError::Encode(e)) => {
+                tracing::debug!(error = %e, "a message larger than the client's maximum packet size is discarded");
+                true
+            }
+            Err(_) => false,
         }
     }
 
@@ -1112,12 +1133,12 @@ impl Sink {
         match self {
             Sink::V3(s) => match Self::v3_builder(s, d).packet_id(id).send_exactly_once(payload).await {
                 Ok(rec) => rec.release().await.is_ok(),
-                Err(_) => false,
+                Err(e) => Self::done::<()>(Err(e)),
             },
             Sink::V5(s) => match Self::v5_builder(s, d, now_ms).packet_id(id).send_exactly_once(payload).await {
                 Ok(rec) if (rec.packet().reason_code as u8) >= 0x80 => true,
                 Ok(rec) => rec.release().await.is_ok(),
-                Err(_) => false,
+                Err(e) => Self::done::<()>(Err(e)),
             },
         }
     }
