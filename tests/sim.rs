@@ -85,3 +85,22 @@ async fn the_simulator_mixes_state_reports_and_acknowledged_commands() {
     assert_eq!(done, c.created);
     ts.stop().await;
 }
+
+/// The demo runs the simulator without an end and stops it on Ctrl-C: every part of a run,
+/// the command creator included, ends when told to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_without_an_end_stops_when_told_to() {
+    let ts = TestServer::start(true).await;
+    let mut cfg = config(&ts, 5, 0, "s-");
+    cfg.duration_s = 3_600;
+    cfg.commands_per_s = 5.0;
+    cfg.api = Some((ts.grpc.to_string(), None));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(sim::run(cfg, Some(stopped)));
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    stop.send(true).unwrap();
+    let s = tokio::time::timeout(std::time::Duration::from_secs(15), run).await.expect("stopped in time").unwrap();
+    assert!(s.acked > 0 && s.acked == s.sent, "{}", s.table());
+    assert!(s.commands.expect("commands").created > 0);
+    ts.stop().await;
+}

@@ -131,9 +131,10 @@ pub fn ack_payload(command_id: &str) -> Vec<u8> {
     serde_json::json!({"command_id": command_id, "status": "succeeded", "detail": "sim"}).to_string().into_bytes()
 }
 
-/// Creates commands at the tracker's rate from `start` until `end`, each for a random orb
-/// among those connected and subscribed (a tick with none is skipped); at most
-/// [`CREATES_IN_FLIGHT_MAX`] create calls wait for their answer.
+/// Creates commands at the tracker's rate from `start` until `end` (or until `stop` turns
+/// true), each for a random orb among those connected and subscribed (a tick with none is
+/// skipped); at most [`CREATES_IN_FLIGHT_MAX`] create calls wait for their answer.
+#[allow(clippy::too_many_arguments)]
 pub async fn create_loop(
     addr: &str,
     token: Option<&str>,
@@ -142,6 +143,7 @@ pub async fn create_loop(
     tracker: &std::sync::Arc<Tracker>,
     start: Instant,
     end: Instant,
+    mut stop: Option<tokio::sync::watch::Receiver<bool>>,
 ) {
     let channel = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
         Ok(e) => match e.connect().await {
@@ -161,8 +163,20 @@ pub async fn create_loop(
     let interval = Duration::from_secs_f64(1.0 / tracker.rate_per_s.max(1e-3));
     let mut next = start;
     let mut calls = tokio::task::JoinSet::new();
+    let stopped = async {
+        match stop.as_mut() {
+            Some(s) => {
+                let _ = s.wait_for(|v| *v).await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::pin!(stopped);
     while next < end {
-        tokio::time::sleep_until(next).await;
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = &mut stopped => break,
+        }
         let intended = next;
         next += interval;
         while calls.len() >= CREATES_IN_FLIGHT_MAX {

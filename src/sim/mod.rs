@@ -176,9 +176,10 @@ pub async fn run(cfg: SimConfig, stop: Option<watch::Receiver<bool>>) -> Summary
             // The last commands get a moment to come back before the orbs leave.
             let margin = Duration::from_millis(cfg.duration_s.saturating_mul(1000).min(8_000) / 4);
             let (addr, token, tenant, prefix) = (addr.clone(), token.clone(), cfg.tenant.clone(), cfg.prefix.clone());
-            let t = tracker.clone();
+            let (t, stop) = (tracker.clone(), stop.clone());
             tasks.spawn(async move {
-                commands::create_loop(&addr, token.as_deref(), &tenant, &prefix, &t, publish_start, end - margin).await;
+                commands::create_loop(&addr, token.as_deref(), &tenant, &prefix, &t, publish_start, end - margin, stop)
+                    .await;
             });
             Some(tracker)
         }
