@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tonic::Request;
 
-use super::{Percentiles, new_histogram, orb_id, percentiles};
+use super::{Percentiles, new_histogram, orb_id, percentiles, stopped};
 use crate::net::grpc::pb;
 use pb::command_service_client::CommandServiceClient;
 
@@ -163,14 +163,7 @@ pub async fn create_loop(
     let interval = Duration::from_secs_f64(1.0 / tracker.rate_per_s.max(1e-3));
     let mut next = start;
     let mut calls = tokio::task::JoinSet::new();
-    let stopped = async {
-        match stop.as_mut() {
-            Some(s) => {
-                let _ = s.wait_for(|v| *v).await;
-            }
-            None => std::future::pending::<()>().await,
-        }
-    };
+    let stopped = stopped(stop.as_mut());
     tokio::pin!(stopped);
     while next < end {
         tokio::select! {

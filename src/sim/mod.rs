@@ -255,6 +255,16 @@ pub async fn run(cfg: SimConfig, stop: Option<watch::Receiver<bool>>) -> Summary
     }
 }
 
+/// Resolves once `stop` turns true (never without one).
+pub(crate) async fn stopped(stop: Option<&mut watch::Receiver<bool>>) {
+    match stop {
+        Some(s) => {
+            let _ = s.wait_for(|v| *v).await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
 pub(crate) fn percentiles(h: &Histogram<u64>) -> Percentiles {
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     Percentiles { p50: ms(0.5), p95: ms(0.95), p99: ms(0.99), max: h.max() as f64 / 1000.0, samples: h.len() }
@@ -368,14 +378,7 @@ async fn orb_task(
         let n = (end - first).as_nanos().div_ceil(interval.as_nanos()) as u64;
         stats.scheduled.fetch_add(n, Ordering::Relaxed);
     }
-    let stopped = async {
-        match stop.as_mut() {
-            Some(s) => {
-                let _ = s.wait_for(|v| *v).await;
-            }
-            None => std::future::pending::<()>().await,
-        }
-    };
+    let stopped = stopped(stop.as_mut());
     tokio::pin!(stopped);
     let mut was_stopped = false;
     // Messages behind schedule are sent as soon as the window allows (open loop), but never
@@ -645,14 +648,8 @@ async fn gateway_task(
     let mut seqs = vec![0u64; ids.len()];
     let mut motions: Vec<_> = children.clone().map(|i| cfg.workload.start(i)).collect();
     let mut pkid: u16 = 0;
-    let stopped = async move {
-        match stop {
-            Some(mut s) => {
-                let _ = s.wait_for(|v| *v).await;
-            }
-            None => std::future::pending::<()>().await,
-        }
-    };
+    let mut stop = stop;
+    let stopped = stopped(stop.as_mut());
     tokio::pin!(stopped);
     while let Some(std::cmp::Reverse((at, j))) = due.pop() {
         if at >= end || Instant::now() >= end {
