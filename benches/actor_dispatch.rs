@@ -44,7 +44,7 @@ fn bench(c: &mut Criterion) {
         position: Some((37.7, -122.4)),
         speed: Some(1.0),
         mode: Some("mission".into()),
-        metrics: vec![("t".into(), 1.0)],
+        metrics: orbmanager::model::telemetry::MetricSet::from_pairs([("t", 1.0)]).unwrap(),
     });
     let mut g = c.benchmark_group("actor_dispatch");
     g.throughput(Throughput::Elements(1));

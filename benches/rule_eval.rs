@@ -34,8 +34,10 @@ fn bench(c: &mut Criterion) {
         versions: vec![("firmware".into(), "2.3.1".into())].into_boxed_slice(),
         attrs: vec![("depot".into(), "sf-3".into())].into_boxed_slice(),
     };
-    let metrics: Vec<(String, f64)> =
-        (0..20).map(|i| (format!("m{i:02}"), i as f64)).chain([("motor_temp_c".to_string(), 85.0)]).collect();
+    let metrics = orbmanager::model::telemetry::MetricSet::from_pairs(
+        (0..20).map(|i| (format!("m{i:02}"), i as f64)).chain([("motor_temp_c".to_string(), 85.0)]),
+    )
+    .unwrap();
     let env = Conditions::default();
     let mut g = c.benchmark_group("rule_eval");
 

@@ -8,8 +8,8 @@
 #   ORBS=100000 CHILDREN=10000 INTERVAL=20000 DUR=30 scripts/bench-gateways.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --quiet
-B=target/release/orbmanager
+# BIN=path runs another build (an A/B against an older commit) and skips the build.
+if [ -n "${BIN:-}" ]; then B=$BIN; else cargo build --release --quiet; B=target/release/orbmanager; fi
 ORBS=${ORBS:-500000}; CHILDREN=${CHILDREN:-10000}; INTERVAL=${INTERVAL:-60000}; DUR=${DUR:-60}
 # Publishing starts ORBS / CONNECT_RATE seconds in (the children's admissions take about that).
 CONNECT_RATE=${CONNECT_RATE:-8000}

@@ -15,8 +15,8 @@ if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
   apt-get update -qq && apt-get install -y -qq mosquitto
 fi
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-cargo build --release --quiet
-B=target/release/orbmanager
+# BIN=path runs another build (an A/B against an older commit) and skips the build.
+if [ -n "${BIN:-}" ]; then B=$BIN; else cargo build --release --quiet; B=target/release/orbmanager; fi
 DUR=${DUR:-30}; BYTES=${BYTES:-1024}; SCENARIOS=${SCENARIOS:-"saturation devices"}
 OUT=${OUT:-target/bench-vs-mosquitto}
 rm -rf "$OUT"; mkdir -p "$OUT"

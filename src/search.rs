@@ -57,6 +57,23 @@ impl Row {
         }
     }
 
+    /// Takes what a telemetry point changes (the values, status, presence and last-seen time)
+    /// from `s`, keeping the row's strings: no allocation unless the mode changed.
+    fn refresh(&mut self, s: &OrbState) {
+        let last = s.last.as_ref();
+        self.status = s.record.status;
+        self.online = s.presence.online;
+        self.battery = last.and_then(|p| p.battery);
+        self.speed = last.and_then(|p| p.speed);
+        self.lat = last.and_then(|p| p.position.map(|x| x.0));
+        self.lon = last.and_then(|p| p.position.map(|x| x.1));
+        let mode = last.and_then(|p| p.mode.as_deref());
+        if self.mode.as_deref() != mode {
+            self.mode = mode.map(Arc::from);
+        }
+        self.last_seen_ms = s.last_seen_ms;
+    }
+
     fn num(&self, f: &Field) -> Option<f64> {
         match f {
             Field::Battery => self.battery,
@@ -356,6 +373,21 @@ impl FleetIndex {
         self.put(key, row, true);
     }
 
+    /// Applies a telemetry point's change to the orb's row in place (per message: rebuilding
+    /// the row would copy its attributes and versions); a missing row is built whole.
+    pub fn refresh_telemetry(&self, key: &OrbKey, state: &OrbState) {
+        {
+            let mut shard = self.shard(key).write().expect("index lock");
+            if let Some(t) = shard.get_mut(&key.tenant)
+                && let Some(&i) = t.pos.get(&key.orb)
+            {
+                t.rows[i].refresh(state);
+                return;
+            }
+        }
+        self.upsert(key.clone(), Row::of(state));
+    }
+
     /// Inserts a row unless one exists (the start-up load never overwrites fresher rows).
     pub fn insert_if_absent(&self, key: OrbKey, row: Row) {
         self.put(key, row, false);
@@ -583,6 +615,31 @@ mod tests {
             .unwrap();
         assert_eq!(ids(&r), ["a", "b"]);
         assert_eq!(r.total, 2);
+    }
+
+    #[test]
+    fn a_telemetry_refresh_matches_a_rebuilt_row_and_inserts_a_missing_one() {
+        use crate::model::orb::{OrbRecord, OrbState};
+        use crate::model::telemetry::parse;
+        let (idx, t) = index();
+        let key = OrbKey::new(t.clone(), OrbId::parse("g").unwrap());
+        let mut record = OrbRecord::provisioned(key.clone(), None, 1);
+        record.attributes.insert("depot".into(), "sf-3".into());
+        let mut state = OrbState::new(record);
+        idx.refresh_telemetry(&key, &state);
+        assert_eq!(idx.get(&key), Some(Row::of(&state)), "inserted whole");
+        for (json, seen) in [
+            (r#"{"ts":1700000000000,"battery":42,"lat":1,"lon":2,"speed":3,"mode":"idle"}"#, 5),
+            (r#"{"ts":1700000000001,"battery":41,"mode":"idle"}"#, 6),
+            (r#"{"ts":1700000000002,"mode":"charging"}"#, 7),
+        ] {
+            state.last = Some(Arc::new(parse(json.as_bytes(), 1_800_000_000_000, 4096).unwrap()));
+            state.last_seen_ms = Some(seen);
+            state.presence.online = true;
+            idx.refresh_telemetry(&key, &state);
+            assert_eq!(idx.get(&key), Some(Row::of(&state)), "{json}");
+        }
+        assert_eq!(ids(&idx.search(&t, &req(r#"mode = "charging""#)).unwrap()), ["g"]);
     }
 
     #[test]

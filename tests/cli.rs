@@ -260,3 +260,34 @@ async fn mqtt_policies_and_certificates_from_the_command_line() {
     assert!(o.ok, "{}", o.stderr);
     ts.stop().await;
 }
+
+/// The load harness refuses a workload it cannot run, before connecting to anything, with an
+/// error naming the flag (and a failing exit code).
+#[test]
+fn sim_refuses_workloads_it_cannot_run() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--orbs", "0"], "--orbs must be at least 1"),
+        (&["--qos", "2"], "--qos must be 0 or 1"),
+        (&["--protocol", "3"], "--protocol must be 4 (3.1.1) or 5"),
+        (&["--commands-per-s", "5"], "--commands-per-s needs --api-grpc"),
+        (&["--commands-per-s=-1", "--api-grpc", "127.0.0.1:9"], "--commands-per-s must be >= 0"),
+        (&["--commands-per-s", "NaN", "--api-grpc", "127.0.0.1:9"], "--commands-per-s must be >= 0"),
+        (&["--gateway-children", "10", "--state-every", "5"], "need direct connections (no --gateway-children)"),
+        (
+            &["--gateway-children", "10", "--commands-per-s", "1", "--api-grpc", "127.0.0.1:9"],
+            "need direct connections (no --gateway-children)",
+        ),
+    ];
+    for (flags, error) in cases {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_orbmanager"))
+            .args(["sim", "--mqtt", "127.0.0.1:9", "--duration-s", "60"])
+            .args(*flags)
+            .output()
+            .expect("run orbmanager sim");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{flags:?} was accepted");
+        assert!(stderr.contains(error), "{flags:?}: stderr {stderr:?} does not say {error:?}");
+        // Refused up front: a run (60 s against nothing) would end with a summary on stdout.
+        assert!(o.stdout.is_empty(), "{flags:?}: printed a summary");
+    }
+}

@@ -80,7 +80,7 @@ fn stored_point_v1() {
             position: Some((37.7, -122.4)),
             speed: Some(3.0),
             mode: Some("mission".into()),
-            metrics: vec![("temp".into(), 21.0)],
+            metrics: orbmanager::model::telemetry::MetricSet::from_pairs([("temp", 21.0)]).unwrap(),
         },
         received_ms: 1_700_000_000_010,
     };

@@ -207,7 +207,9 @@ proptest! {
                 prop_assert!(p.battery.is_none_or(|b| (0.0..=100.0).contains(&b)));
                 prop_assert!(p.position.is_none_or(|(la, lo)| (-90.0..=90.0).contains(&la) && (-180.0..=180.0).contains(&lo)));
                 prop_assert!(p.speed.is_none_or(|s| s >= 0.0));
-                prop_assert!(p.metrics.windows(2).all(|w| w[0].0 < w[1].0), "sorted and unique");
+                let names: Vec<&str> = p.metrics.iter().map(|(n, _)| n).collect();
+                prop_assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted and unique");
+                prop_assert!(names.iter().all(|n| p.metrics.get(n).is_some()), "every name found");
                 prop_assert!(p.metrics.iter().all(|(n, v)| !n.is_empty() && n.len() <= 64 && v.is_finite()));
                 prop_assert!(p.ts >= 946_684_800_000 && p.ts <= NOW + 24 * 3_600_000);
                 let again = telemetry::parse(p.to_json().to_string().as_bytes(), NOW, 64 * 1024);

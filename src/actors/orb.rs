@@ -174,152 +174,164 @@ impl Actor for OrbActor {
         msg: OrbMsg,
         state: &mut OrbActorState,
     ) -> Result<(), ActorProcessingErr> {
-        let now = state.ctx.clock.now_ms();
-        match msg {
-            // The connection stopped waiting (its call timed out under load and it dropped the
-            // kick receiver): admitting it would leave the orb online with a connection nobody
-            // holds.
-            OrbMsg::Connect { kick, reply, .. } if kick.is_closed() => {
-                let _ = reply.send(Err(ErrorCode::Unavailable));
-            }
-            OrbMsg::Connect { req, kick, reply } => match state.orb.admit(&req, now) {
-                Admission::Accepted { conn_seq, effects } => {
-                    state.orb.presence.boot_id = state.ctx.boot_id;
-                    perform(state, effects).await?;
-                    state.kick = Some((conn_seq, kick));
-                    let answered = reply.send(Ok(conn_seq)).is_ok();
-                    publish(state, ChangeKind::Presence, now);
-                    if !answered {
-                        // It gave up while this was being made durable: the connection is gone.
-                        let effects = state
-                            .orb
-                            .apply(Event::Disconnected { conn_seq, reason: DisconnectReason::ConnectionLost }, now);
-                        state.kick = None;
-                        perform(state, effects).await?;
-                        publish(state, ChangeKind::Presence, now);
-                    }
-                }
-                Admission::Refused(code) => {
-                    let _ = reply.send(Err(code));
-                }
-            },
-            OrbMsg::Disconnected { conn_seq, reason } => {
-                let effects = state.orb.apply(Event::Disconnected { conn_seq, reason }, now);
-                if !effects.is_empty() {
+        // ractor keeps the future of its message loop, which holds this one inline, boxed for
+        // the life of the actor: inline, this handler's ~2.7 KB future (twice that in ractor's
+        // wrappers) was the largest part of a live orb's memory. Boxed, it exists only while a
+        // message is handled (BENCHMARKS.md, "Memory per orb through gateways").
+        Box::pin(handle(msg, state)).await
+    }
+}
+
+async fn handle(msg: OrbMsg, state: &mut OrbActorState) -> Result<(), ActorProcessingErr> {
+    let now = state.ctx.clock.now_ms();
+    match msg {
+        // The connection stopped waiting (its call timed out under load and it dropped the
+        // kick receiver): admitting it would leave the orb online with a connection nobody
+        // holds.
+        OrbMsg::Connect { kick, reply, .. } if kick.is_closed() => {
+            let _ = reply.send(Err(ErrorCode::Unavailable));
+        }
+        OrbMsg::Connect { req, kick, reply } => match state.orb.admit(&req, now) {
+            Admission::Accepted { conn_seq, effects } => {
+                state.orb.presence.boot_id = state.ctx.boot_id;
+                perform(state, effects).await?;
+                state.kick = Some((conn_seq, kick));
+                let answered = reply.send(Ok(conn_seq)).is_ok();
+                publish(state, ChangeKind::Presence, now);
+                if !answered {
+                    // It gave up while this was being made durable: the connection is gone.
+                    let effects = state
+                        .orb
+                        .apply(Event::Disconnected { conn_seq, reason: DisconnectReason::ConnectionLost }, now);
                     state.kick = None;
-                }
-                if state.outbox.as_ref().is_some_and(|o| o.conn_seq == conn_seq) {
-                    state.outbox = None;
-                }
-                let changed = !effects.is_empty();
-                perform(state, effects).await?;
-                if changed {
+                    perform(state, effects).await?;
                     publish(state, ChangeKind::Presence, now);
                 }
             }
-            OrbMsg::Telemetry(point, _in_flight) => {
-                let effects = state.orb.apply(Event::Telemetry(&point), now);
-                perform(state, effects).await?;
-                publish(state, ChangeKind::Telemetry, now);
-                if let Some(alerting) = state.ctx.alerting.get()
-                    && let Some(vars) = alerting.interest(&state.key.tenant)
-                {
-                    use crate::model::rule::var_bit;
-                    let wants_metrics = vars & (var_bit("metrics") | var_bit("rate") | var_bit("zscore")) != 0;
-                    let metrics = if wants_metrics { point.metrics.clone() } else { Vec::new() };
-                    alerting.observe(&state.key, crate::search::Row::of(&state.orb), point.ts, metrics).await;
-                }
+            Admission::Refused(code) => {
+                let _ = reply.send(Err(code));
             }
-            OrbMsg::Report { report, reply } => {
-                let result = report_state(state, &report, now).await;
-                if result.is_ok() {
-                    publish(state, ChangeKind::Reported, now);
-                }
-                let _ = reply.send(result);
+        },
+        OrbMsg::Disconnected { conn_seq, reason } => {
+            let effects = state.orb.apply(Event::Disconnected { conn_seq, reason }, now);
+            if !effects.is_empty() {
+                state.kick = None;
             }
-            OrbMsg::Refused { code, reason } => {
-                state.orb.apply(Event::Refused { code, reason: &reason }, now);
+            if state.outbox.as_ref().is_some_and(|o| o.conn_seq == conn_seq) {
+                state.outbox = None;
             }
-            OrbMsg::Touch { reply } => {
-                let _ = reply.send(Ok(state.orb.record.status));
-            }
-            OrbMsg::Certificate { serial, reply } => {
-                let effects = state.orb.apply(Event::Certificate(serial.as_deref()), now);
-                let result = perform(state, effects).await.map_err(ApiError::internal);
-                publish(state, ChangeKind::Status, now);
-                let _ = reply.send(result);
-            }
-            OrbMsg::Decommission { reply } => {
-                let effects = state.orb.apply(Event::Decommission, now);
-                let result = perform(state, effects).await.map_err(ApiError::internal);
-                publish(state, ChangeKind::Status, now);
-                let _ = reply.send(result);
-            }
-            OrbMsg::SetAttributes { set, remove, reply } => {
-                let result = match state.orb.prepare_attributes(&set, &remove) {
-                    Ok(next) => {
-                        let effects = state.orb.apply(Event::Attributes(&next), now);
-                        let wrote = !effects.is_empty();
-                        // A failed write fails the actor: it restarts from what is durable.
-                        perform(state, effects).await?;
-                        if wrote {
-                            publish(state, ChangeKind::Attributes, now);
-                        }
-                        Ok(())
-                    }
-                    Err(AttributeError::Decommissioned) => {
-                        Err(ApiError::new(ErrorCode::Decommissioned, format!("orb {} is decommissioned", state.key)))
-                    }
-                    Err(AttributeError::Invalid(m)) => Err(ApiError::new(ErrorCode::InvalidArgument, m)),
-                };
-                let _ = reply.send(result);
-            }
-            OrbMsg::View { reply } => {
-                let _ = reply.send(Box::new(state.orb.clone()));
-            }
-            OrbMsg::CreateCommand { req, reply } => {
-                // A failed commit fails the actor: the shard restarts it from the store, so the
-                // in-memory queue never runs ahead of what is durable.
-                let result = commands::create(state, req, now).await?;
-                let created = result.as_ref().is_ok_and(|(_, created)| *created);
-                let _ = reply.send(result);
-                if created {
-                    commands::deliver(state, now).await?;
-                }
-            }
-            OrbMsg::CommandAck { ack, reply } => {
-                let result = commands::ack(state, &ack, now).await?;
-                let _ = reply.send(result);
-            }
-            OrbMsg::CommandDelivered { conn_seq, command_id } => {
-                commands::delivered(state, conn_seq, &command_id, now).await?;
-            }
-            OrbMsg::CommandsSubscribed { conn_seq, outbox } => {
-                if state.orb.presence.online && state.orb.presence.conn_seq == conn_seq {
-                    state.outbox = Some(Outbox { conn_seq, tx: outbox, sent_upto: 0, in_flight: 0 });
-                    commands::deliver(state, now).await?;
-                }
-            }
-            OrbMsg::CancelCommand { command_id, reply } => {
-                let result = commands::cancel(state, &command_id, now).await?;
-                let _ = reply.send(result);
-            }
-            OrbMsg::PullCommands { reply } => {
-                let result = commands::pull(state, now).await?;
-                let _ = reply.send(Ok(result));
-            }
-            OrbMsg::Tick => commands::tick(state, now).await?,
-            OrbMsg::InjectPanic => {
-                panic!("fault injection: orb actor {} panics on request", state.key);
+            let changed = !effects.is_empty();
+            perform(state, effects).await?;
+            if changed {
+                publish(state, ChangeKind::Presence, now);
             }
         }
-        Ok(())
+        OrbMsg::Telemetry(point, _in_flight) => {
+            let effects = state.orb.apply(Event::Telemetry(&point), now);
+            perform(state, effects).await?;
+            publish(state, ChangeKind::Telemetry, now);
+            if let Some(alerting) = state.ctx.alerting.get()
+                && let Some(vars) = alerting.interest(&state.key.tenant)
+            {
+                use crate::model::rule::var_bit;
+                let wants_metrics = vars & (var_bit("metrics") | var_bit("rate") | var_bit("zscore")) != 0;
+                let metrics = if wants_metrics { point.metrics.clone() } else { Default::default() };
+                alerting.observe(&state.key, crate::search::Row::of(&state.orb), point.ts, metrics).await;
+            }
+        }
+        OrbMsg::Report { report, reply } => {
+            let result = report_state(state, &report, now).await;
+            if result.is_ok() {
+                publish(state, ChangeKind::Reported, now);
+            }
+            let _ = reply.send(result);
+        }
+        OrbMsg::Refused { code, reason } => {
+            state.orb.apply(Event::Refused { code, reason: &reason }, now);
+        }
+        OrbMsg::Touch { reply } => {
+            let _ = reply.send(Ok(state.orb.record.status));
+        }
+        OrbMsg::Certificate { serial, reply } => {
+            let effects = state.orb.apply(Event::Certificate(serial.as_deref()), now);
+            let result = perform(state, effects).await.map_err(ApiError::internal);
+            publish(state, ChangeKind::Status, now);
+            let _ = reply.send(result);
+        }
+        OrbMsg::Decommission { reply } => {
+            let effects = state.orb.apply(Event::Decommission, now);
+            let result = perform(state, effects).await.map_err(ApiError::internal);
+            publish(state, ChangeKind::Status, now);
+            let _ = reply.send(result);
+        }
+        OrbMsg::SetAttributes { set, remove, reply } => {
+            let result = match state.orb.prepare_attributes(&set, &remove) {
+                Ok(next) => {
+                    let effects = state.orb.apply(Event::Attributes(&next), now);
+                    let wrote = !effects.is_empty();
+                    // A failed write fails the actor: it restarts from what is durable.
+                    perform(state, effects).await?;
+                    if wrote {
+                        publish(state, ChangeKind::Attributes, now);
+                    }
+                    Ok(())
+                }
+                Err(AttributeError::Decommissioned) => {
+                    Err(ApiError::new(ErrorCode::Decommissioned, format!("orb {} is decommissioned", state.key)))
+                }
+                Err(AttributeError::Invalid(m)) => Err(ApiError::new(ErrorCode::InvalidArgument, m)),
+            };
+            let _ = reply.send(result);
+        }
+        OrbMsg::View { reply } => {
+            let _ = reply.send(Box::new(state.orb.clone()));
+        }
+        OrbMsg::CreateCommand { req, reply } => {
+            // A failed commit fails the actor: the shard restarts it from the store, so the
+            // in-memory queue never runs ahead of what is durable.
+            let result = commands::create(state, req, now).await?;
+            let created = result.as_ref().is_ok_and(|(_, created)| *created);
+            let _ = reply.send(result);
+            if created {
+                commands::deliver(state, now).await?;
+            }
+        }
+        OrbMsg::CommandAck { ack, reply } => {
+            let result = commands::ack(state, &ack, now).await?;
+            let _ = reply.send(result);
+        }
+        OrbMsg::CommandDelivered { conn_seq, command_id } => {
+            commands::delivered(state, conn_seq, &command_id, now).await?;
+        }
+        OrbMsg::CommandsSubscribed { conn_seq, outbox } => {
+            if state.orb.presence.online && state.orb.presence.conn_seq == conn_seq {
+                state.outbox = Some(Outbox { conn_seq, tx: outbox, sent_upto: 0, in_flight: 0 });
+                commands::deliver(state, now).await?;
+            }
+        }
+        OrbMsg::CancelCommand { command_id, reply } => {
+            let result = commands::cancel(state, &command_id, now).await?;
+            let _ = reply.send(result);
+        }
+        OrbMsg::PullCommands { reply } => {
+            let result = commands::pull(state, now).await?;
+            let _ = reply.send(Ok(result));
+        }
+        OrbMsg::Tick => commands::tick(state, now).await?,
+        OrbMsg::InjectPanic => {
+            panic!("fault injection: orb actor {} panics on request", state.key);
+        }
     }
+    Ok(())
 }
 
 /// Tells live-stream subscribers and the search index about a change that was just applied.
 fn publish(state: &OrbActorState, kind: ChangeKind, now: u64) {
-    state.ctx.index_orb(&state.orb);
+    if kind == ChangeKind::Telemetry {
+        state.ctx.index.refresh_telemetry(&state.key, &state.orb);
+    } else {
+        state.ctx.index_orb(&state.orb);
+    }
     state.ctx.hub.publish(OrbChange::of(&state.orb, kind, now));
 }
 

@@ -21,6 +21,7 @@ use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Metrics;
 use crate::model::alert::{Alert, AlertState};
 use crate::model::rule::{Compiled, Ewma, Rule, Transition, Window, in_polygon, var_bit};
+use crate::model::telemetry::MetricSet;
 use crate::model::{OrbId, OrbKey, TenantId};
 use crate::search::{FleetIndex, Row};
 use crate::storage::{Batch, Store, WindowRecord};
@@ -143,7 +144,7 @@ pub enum RuleMsg {
         row: Box<Row>,
         /// The device time of the point observed.
         ts: u64,
-        metrics: Vec<(String, f64)>,
+        metrics: MetricSet,
     },
     Tick,
     Alert {
@@ -262,7 +263,7 @@ impl Alerting {
 
     /// Hands an observation to the orb's partition; waits while the partition is full, so
     /// orb actors slow down instead of memory growing.
-    pub async fn observe(&self, key: &OrbKey, row: Row, ts: u64, metrics: Vec<(String, f64)>) {
+    pub async fn observe(&self, key: &OrbKey, row: Row, ts: u64, metrics: MetricSet) {
         let part = partition_of(key);
         let (actor, queued) = loop {
             let (actor, queued) = self.slot(part).await;
@@ -436,7 +437,7 @@ impl Default for Conditions {
 impl Conditions {
     /// The scope of one observation, holding only the variables some rule reads (`vars`, the
     /// union of [`Compiled::vars`] of the rules evaluated).
-    pub fn scope(&self, vars: u16, row: &Row, metrics: &[(String, f64)]) -> Context<'_> {
+    pub fn scope(&self, vars: u16, row: &Row, metrics: &MetricSet) -> Context<'_> {
         let mut c = self.0.new_inner_scope();
         bind(&mut c, vars, row, metrics);
         c
@@ -465,7 +466,7 @@ fn root_context() -> Context<'static> {
 }
 
 /// Adds the variables of one observation that some rule reads (`vars`) to a child scope.
-fn bind(c: &mut Context<'_>, vars: u16, row: &Row, metrics: &[(String, f64)]) {
+fn bind(c: &mut Context<'_>, vars: u16, row: &Row, metrics: &MetricSet) {
     let want = |name: &str| vars & var_bit(name) != 0;
     for (name, v) in [("battery", row.battery), ("speed", row.speed), ("lat", row.lat), ("lon", row.lon)] {
         if let Some(v) = v
@@ -489,7 +490,7 @@ fn bind(c: &mut Context<'_>, vars: u16, row: &Row, metrics: &[(String, f64)]) {
         c.add_variable_from_value("online", row.online);
     }
     if want("metrics") {
-        let m: HashMap<String, f64> = metrics.iter().cloned().collect();
+        let m: HashMap<String, f64> = metrics.iter().map(|(k, v)| (k.to_string(), v)).collect();
         c.add_variable_from_value("metrics", m);
     }
     let pairs = |p: &[(Box<str>, Box<str>)]| -> HashMap<String, String> {
@@ -510,8 +511,9 @@ pub fn holds(p: &Program, c: &Context<'_>) -> bool {
 }
 
 /// The orb's values an alert keeps; `ts` is the device time of the point that decided it.
-fn values_json(row: &Row, ts: Option<u64>, metrics: &[(String, f64)]) -> String {
-    let m: serde_json::Map<String, serde_json::Value> = metrics.iter().map(|(k, v)| (k.clone(), (*v).into())).collect();
+fn values_json(row: &Row, ts: Option<u64>, metrics: &MetricSet) -> String {
+    let m: serde_json::Map<String, serde_json::Value> =
+        metrics.iter().map(|(k, v)| (k.to_string(), v.into())).collect();
     serde_json::json!({
         "battery": row.battery, "speed": row.speed, "lat": row.lat, "lon": row.lon,
         "mode": row.mode.as_deref(), "online": row.online, "last_seen_ms": row.last_seen_ms, "ts": ts, "metrics": m,
@@ -524,14 +526,14 @@ async fn observe(
     key: &OrbKey,
     row: &Row,
     ts: u64,
-    metrics: &[(String, f64)],
+    metrics: &MetricSet,
     now: u64,
 ) -> Result<(), ActorProcessingErr> {
     let Some(rules) = st.ctx.book.of(&key.tenant) else { return Ok(()) };
     let vars = vars_of(&rules);
     let mut cel = st.root.scope(vars, row, metrics);
     if rules.iter().any(|c| c.needs_history) {
-        let mut fields: Vec<(&str, f64)> = metrics.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        let mut fields: Vec<(&str, f64)> = metrics.iter().collect();
         fields.extend(row.battery.map(|v| ("battery", v)));
         fields.extend(row.speed.map(|v| ("speed", v)));
         if st.history.len() < HISTORY_ORBS_MAX || st.history.contains_key(key) {
@@ -703,7 +705,8 @@ async fn tick(st: &mut PartitionState, now: u64) -> Result<(), ActorProcessingEr
                             && w.clone().tick(c.rule.for_s * 1000, now) == Transition::Fire
                         {
                             let row = st.ctx.index.get(&OrbKey::new(t.clone(), orb.clone()));
-                            let values = row.map_or_else(|| "{}".to_string(), |r| values_json(&r, None, &[]));
+                            let values =
+                                row.map_or_else(|| "{}".to_string(), |r| values_json(&r, None, &MetricSet::default()));
                             due.push((c.clone(), orb.clone(), values));
                         }
                     }

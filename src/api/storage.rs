@@ -124,7 +124,7 @@ fn value_of(p: &StoredPoint, field: &str) -> Option<f64> {
     match field {
         "speed" => t.speed,
         "battery" => t.battery,
-        name => t.metrics.binary_search_by(|(n, _)| n.as_str().cmp(name)).ok().map(|i| t.metrics[i].1),
+        name => t.metrics.get(name),
     }
 }
 

@@ -508,7 +508,7 @@ mod tests {
             position: None,
             speed: None,
             mode: None,
-            metrics: vec![],
+            metrics: Default::default(),
         }
     }
 

@@ -15,7 +15,14 @@ pub const FORMAT_VERSION: u8 = 1;
 
 /// Encodes a record with its version byte.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = vec![FORMAT_VERSION];
+    encode_sized(value, 64)
+}
+
+/// [`encode`] into a buffer of `capacity` bytes to start with: a record larger than the
+/// default would grow it several times (a telemetry point, per message).
+pub fn encode_sized<T: Serialize>(value: &T, capacity: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(capacity.max(1));
+    out.push(FORMAT_VERSION);
     // Serializing plain data into a Vec cannot fail: postcard only fails on unsupported serde
     // features (e.g. `deserialize_any`), which our record types do not use.
     postcard::to_io(value, &mut out).expect("record types are postcard-serializable");

@@ -57,8 +57,12 @@ pub fn telemetry_prefix(key: &OrbKey) -> Vec<u8> {
 
 /// The key of one telemetry point.
 pub fn telemetry(key: &OrbKey, ts: u64, suffix: u64) -> Vec<u8> {
-    let mut k = telemetry_prefix(key);
-    k.reserve(16);
+    let (t, o) = (key.tenant.as_str().as_bytes(), key.orb.as_str().as_bytes());
+    let mut k = Vec::with_capacity(t.len() + o.len() + 18);
+    k.extend_from_slice(t);
+    k.push(0);
+    k.extend_from_slice(o);
+    k.push(0);
     k.extend_from_slice(&ts.to_be_bytes());
     k.extend_from_slice(&suffix.to_be_bytes());
     k

@@ -283,8 +283,15 @@ impl Store {
             Some(id) => hash64(id.as_bytes()),
             None => hash64(raw),
         };
-        let stored = StoredPoint { point: point.clone(), received_ms };
-        batch.put(Ks::Telemetry, keys::telemetry(key, point.ts, suffix), encode(&stored));
+        // Encoded as a `StoredPoint`, without copying the point into one.
+        #[derive(Serialize)]
+        struct StoredPointRef<'a> {
+            point: &'a TelemetryPoint,
+            received_ms: u64,
+        }
+        let stored = StoredPointRef { point, received_ms };
+        let size = 64 + point.msg_id.as_ref().map_or(0, String::len) + point.metrics.encoded_len_hint();
+        batch.put(Ks::Telemetry, keys::telemetry(key, point.ts, suffix), codec::encode_sized(&stored, size));
         if let Some(id) = &point.msg_id {
             let bucket = dedupe::DedupeFilter::bucket(received_ms);
             let mut ident = keys::orb(key);

@@ -71,7 +71,7 @@ pub fn point_to_pb(sp: &crate::model::TelemetryPoint, received_ms: u64) -> pb::T
         lon: sp.position.map(|p| p.1),
         speed: sp.speed,
         mode: sp.mode.clone().unwrap_or_default(),
-        metrics: sp.metrics.iter().cloned().collect(),
+        metrics: sp.metrics.iter().map(|(k, v)| (k.to_string(), v)).collect(),
         received_ms,
     }
 }

@@ -28,6 +28,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::SortingColumn;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 
+use crate::model::telemetry::MetricSet;
 use crate::model::{OrbId, TelemetryPoint};
 use crate::storage::StoredPoint;
 
@@ -127,9 +128,9 @@ pub fn to_batch(rows: &[ColdRow]) -> Result<RecordBatch, arrow_schema::ArrowErro
         lon.append_option(p.position.map(|(_, lo)| lo));
         speed.append_option(p.speed);
         mode.append_option(p.mode.as_deref());
-        for (name, value) in &p.metrics {
+        for (name, value) in p.metrics.iter() {
             metrics.keys().append_value(name);
-            metrics.values().append_value(*value);
+            metrics.values().append_value(value);
         }
         metrics.append(true)?;
     }
@@ -220,7 +221,8 @@ pub fn from_batch(
             position,
             speed: opt_f64(speed, i),
             mode: (!mode.is_null(i)).then(|| mode.value(i).to_string()),
-            metrics: (s..e).map(|j| (mkeys.value(j).to_string(), mvalues.value(j))).collect(),
+            metrics: MetricSet::from_pairs((s..e).map(|j| (mkeys.value(j), mvalues.value(j))))
+                .map_err(|name| ShapeError { column: "metrics", detail: format!("metric {name:?} appears twice") })?,
         };
         out.push(ColdRow {
             orb: orb_id,
@@ -248,7 +250,7 @@ mod tests {
                     position: (!ts.is_multiple_of(3)).then_some((37.7, -122.4)),
                     speed: None,
                     mode: Some("mission".into()),
-                    metrics,
+                    metrics: MetricSet::from_pairs(metrics).unwrap(),
                 },
                 received_ms: ts + 5,
             },

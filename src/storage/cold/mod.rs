@@ -794,7 +794,7 @@ mod tests {
                 position: None,
                 speed: None,
                 mode: None,
-                metrics: vec![],
+                metrics: Default::default(),
             },
             received_ms: ts,
         }
@@ -846,7 +846,7 @@ mod read_tests {
                 position: None,
                 speed: None,
                 mode: None,
-                metrics: vec![],
+                metrics: Default::default(),
             };
             let mut batch = Batch::new();
             Store::add_telemetry(&mut batch, &key, &point, ts, format!("p{i}").as_bytes());
