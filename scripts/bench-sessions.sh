@@ -15,8 +15,9 @@
 #   ORBS=2000 INTERVAL=1000 DUR=30 CMDS=100 scripts/bench-sessions.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet
-B=target/release/orbmanager
+# BIN=path runs another build (an A/B against an older commit) and skips the build; SKIP_BUILD=1
+# uses target/release as it is.
+if [ -n "${BIN:-}" ]; then B=$BIN; else [ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet; B=target/release/orbmanager; fi
 ORBS=${ORBS:-2000}; INTERVAL=${INTERVAL:-1000}; DUR=${DUR:-20}; CMDS=${CMDS:-50}
 OUT=${OUT:-target/bench-sessions}
 rm -rf "$OUT"; mkdir -p "$OUT/data"

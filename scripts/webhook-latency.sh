@@ -12,8 +12,8 @@
 # orb_id.endsWith('7')" a tenth of the fleet fires within the same two seconds: storms).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --quiet
-B=target/release/orbmanager
+# BIN=path runs another build (an A/B against an older commit) and skips the build.
+if [ -n "${BIN:-}" ]; then B=$BIN; else cargo build --release --quiet; B=target/release/orbmanager; fi
 ORBS=${ORBS:-10000}; DUR=${DUR:-120}; RATE=${RATE:-2000}; WORKLOAD=${WORKLOAD:-city}
 COND=${COND:-"metrics.motor_temp_c > 56.0"}
 OUT=${OUT:-target/webhook-latency}
