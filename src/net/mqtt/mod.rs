@@ -215,7 +215,9 @@ fn service<F: ntex::io::Filter>(
         }))
         .publish(fn_factory_with_config(async |conn: ntex_mqtt::v3::Session<Conn>| {
             let conn = Conn::clone(&conn);
-            Ok::<_, CloseConnection>(fn_service(async move |p| v3::publish(&conn, p).await))
+            // Boxed: ntex nests the handler's ~3.4 KB future in six layers of its own futures
+            // and moves each per message (BENCHMARKS.md, "Memory per orb through gateways").
+            Ok::<_, CloseConnection>(fn_service(async move |p| Box::pin(v3::publish(&conn, p)).await))
         }));
     let v5 = ntex_mqtt::v5::MqttServer::new(fn_service(async move |h| v5::handshake(c5.clone(), h).await))
         .protocol(fn_factory_with_config(async |conn: ntex_mqtt::v5::Session<Conn>| {
@@ -229,7 +231,7 @@ fn service<F: ntex::io::Filter>(
         }))
         .publish(fn_factory_with_config(async |conn: ntex_mqtt::v5::Session<Conn>| {
             let conn = Conn::clone(&conn);
-            Ok::<_, CloseConnection>(fn_service(async move |p| v5::publish(&conn, p).await))
+            Ok::<_, CloseConnection>(fn_service(async move |p| Box::pin(v5::publish(&conn, p)).await))
         }));
     // Every connection gets the framing guard under the MQTT codec.
     ntex::service::chain_factory(fn_service(async |io: ntex::io::Io<F>| {
