@@ -39,22 +39,23 @@ pub struct Row {
 
 impl Row {
     pub fn of(s: &OrbState) -> Row {
-        let last = s.last.as_ref();
         let pairs =
             |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| (k.as_str().into(), v.as_str().into())).collect();
-        Row {
+        let mut row = Row {
             orb: s.record.orb.clone(),
             status: s.record.status,
-            online: s.presence.online,
-            battery: last.and_then(|p| p.battery),
-            speed: last.and_then(|p| p.speed),
-            lat: last.and_then(|p| p.position.map(|x| x.0)),
-            lon: last.and_then(|p| p.position.map(|x| x.1)),
-            mode: last.and_then(|p| p.mode.as_deref().map(Arc::from)),
-            last_seen_ms: s.last_seen_ms,
+            online: false,
+            battery: None,
+            speed: None,
+            lat: None,
+            lon: None,
+            mode: None,
+            last_seen_ms: None,
             versions: pairs(&s.reported.versions),
             attrs: pairs(&s.record.attributes),
-        }
+        };
+        row.refresh(s);
+        row
     }
 
     /// Takes what a telemetry point changes (the values, status, presence and last-seen time)

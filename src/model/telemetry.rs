@@ -125,7 +125,9 @@ impl<'de> Deserialize<'de> for MetricSet {
     }
 }
 
-/// Collects metrics into one name buffer while parsing (no allocation per name).
+/// Collects metrics into one name buffer while parsing (no allocation per name). The entries'
+/// names tile `names` in entry order: each name is appended, then made an entry
+/// ([`MetricsBuilder::end_name`]) or cut off again.
 #[derive(Default)]
 struct MetricsBuilder {
     names: String,
@@ -139,9 +141,18 @@ impl MetricsBuilder {
     }
 
     fn push(&mut self, name: &str, value: f64) {
-        let start = self.names.len() as u32;
+        let start = self.names.len();
         self.names.push_str(name);
-        self.entries.push((start, self.names.len() as u32, value));
+        self.end_name(start, Some(value));
+    }
+
+    /// The name appended to `names` since `start` becomes an entry with `value`, or is cut off
+    /// without one (a null metric).
+    fn end_name(&mut self, start: usize, value: Option<f64>) {
+        match value {
+            Some(v) => self.entries.push((start as u32, self.names.len() as u32, v)),
+            None => self.names.truncate(start),
+        }
     }
 
     fn name(&self, e: &(u32, u32, f64)) -> &str {
@@ -157,10 +168,8 @@ impl MetricsBuilder {
         let names = &self.names;
         let name = |e: &(u32, u32, f64)| &names[e.0 as usize..e.1 as usize];
         // Devices usually send the same names in the same order, often sorted: then the
-        // buffer is kept as it is (when no null metric left a gap in it).
-        let contiguous = self.entries.first().is_none_or(|e| e.0 == 0)
-            && self.entries.last().is_none_or(|e| e.1 as usize == names.len());
-        if contiguous && self.entries.windows(2).all(|w| w[0].1 == w[1].0 && name(&w[0]) < name(&w[1])) {
+        // buffer (whose names tile it in entry order) is kept as it is.
+        if self.entries.windows(2).all(|w| name(&w[0]) < name(&w[1])) {
             let ends = self.entries.iter().map(|e| e.1).collect();
             let values = self.entries.iter().map(|e| e.2).collect();
             return Ok(MetricSet { names: self.names.into_boxed_str(), ends, values });
@@ -352,10 +361,7 @@ impl<'de> Visitor<'de> for MetricsSeed<'_> {
             }
             let v: MetricValue =
                 map.next_value().map_err(|e| field_err::<A::Error>(&format!("metrics.{}", &b.names[start..]), e))?;
-            match v.0 {
-                Some(v) => b.entries.push((start as u32, b.names.len() as u32, v)),
-                None => b.names.truncate(start),
-            }
+            b.end_name(start, v.0);
         }
     }
 }

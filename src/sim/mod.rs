@@ -568,7 +568,7 @@ async fn gateway_task(
     hists: Arc<Vec<Mutex<Histogram<u64>>>>,
     publish_start: Instant,
     end: Instant,
-    stop: Option<watch::Receiver<bool>>,
+    mut stop: Option<watch::Receiver<bool>>,
 ) {
     let gw = format!("{}gw{g:04}", cfg.prefix);
     let username = format!("{}/{}", cfg.tenant, gw);
@@ -648,7 +648,6 @@ async fn gateway_task(
     let mut seqs = vec![0u64; ids.len()];
     let mut motions: Vec<_> = children.clone().map(|i| cfg.workload.start(i)).collect();
     let mut pkid: u16 = 0;
-    let mut stop = stop;
     let stopped = stopped(stop.as_mut());
     tokio::pin!(stopped);
     while let Some(std::cmp::Reverse((at, j))) = due.pop() {

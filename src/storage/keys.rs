@@ -32,8 +32,13 @@ use crate::model::OrbKey;
 
 /// `t 0 o`: the key of an orb's registry, presence and reported records.
 pub fn orb(key: &OrbKey) -> Vec<u8> {
+    orb_with_room(key, 0)
+}
+
+/// [`orb`] in a buffer with room for `extra` more bytes (one allocation for longer keys).
+fn orb_with_room(key: &OrbKey, extra: usize) -> Vec<u8> {
     let (t, o) = (key.tenant.as_str().as_bytes(), key.orb.as_str().as_bytes());
-    let mut k = Vec::with_capacity(t.len() + 1 + o.len());
+    let mut k = Vec::with_capacity(t.len() + 1 + o.len() + extra);
     k.extend_from_slice(t);
     k.push(0);
     k.extend_from_slice(o);
@@ -50,18 +55,14 @@ pub fn tenant_prefix(tenant: &str) -> Vec<u8> {
 
 /// `t 0 o 0`: the prefix of one orb's telemetry.
 pub fn telemetry_prefix(key: &OrbKey) -> Vec<u8> {
-    let mut k = orb(key);
+    let mut k = orb_with_room(key, 1);
     k.push(0);
     k
 }
 
 /// The key of one telemetry point.
 pub fn telemetry(key: &OrbKey, ts: u64, suffix: u64) -> Vec<u8> {
-    let (t, o) = (key.tenant.as_str().as_bytes(), key.orb.as_str().as_bytes());
-    let mut k = Vec::with_capacity(t.len() + o.len() + 18);
-    k.extend_from_slice(t);
-    k.push(0);
-    k.extend_from_slice(o);
+    let mut k = orb_with_room(key, 17);
     k.push(0);
     k.extend_from_slice(&ts.to_be_bytes());
     k.extend_from_slice(&suffix.to_be_bytes());
