@@ -165,6 +165,12 @@ async fn telemetry_raises_an_alert_that_reaches_a_signed_webhook_and_follows_its
         ]
     );
     assert_eq!(*rx.bad_signatures.lock().unwrap(), 0);
+    // Outcomes are recorded in batches after the responses: the receiver can count a POST
+    // before the server's counter moves.
+    wait_until("five deliveries recorded", 10, || async {
+        ts.metric("orbmanager_webhook_delivered_total").await >= 5.0
+    })
+    .await;
     assert_eq!(ts.metric("orbmanager_webhook_delivered_total").await, 5.0);
     ts.stop().await;
 }
