@@ -102,6 +102,8 @@ pub struct Metrics {
     pub commit_groups: Counter,
     pub commit_requests: Counter,
     pub commit_latency: Histogram,
+    /// How long a commit request waited in the queue before its group started.
+    pub commit_wait: Histogram,
     pub live_actors: Gauge,
     /// Durable telemetry points handed to orb actors and not applied yet.
     pub telemetry_in_flight: Gauge,
@@ -329,6 +331,12 @@ impl Metrics {
             "commit_latency_seconds",
             "Duration of one group commit including fsync.",
             &self.commit_latency,
+        );
+        histogram(
+            &mut out,
+            "commit_wait_seconds",
+            "Time a commit request waits in the queue before its group starts (the committer is behind, or an fsync stalled).",
+            &self.commit_wait,
         );
         histogram(
             &mut out,

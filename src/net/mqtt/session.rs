@@ -710,10 +710,10 @@ impl Conn {
         }
     }
 
-    /// Handles one PUBLISH. Returns only after the effect is durable.
-    /// Handles a PUBLISH. A QoS 2 publish the session took on an earlier connection and the
-    /// client has not released yet is a resend after a reconnect: acknowledged (PUBREC), not
-    /// processed again [MQTT-4.3.3-10]. ntex-mqtt does the same within one connection.
+    /// Handles one PUBLISH; returns only after its effect is durable. A QoS 2 publish the
+    /// session took on an earlier connection and the client has not released yet is a resend
+    /// after a reconnect: acknowledged (PUBREC), not processed again [MQTT-4.3.3-10]. ntex-mqtt
+    /// does the same within one connection.
     pub async fn publish(&self, incoming: Incoming) -> Verdict {
         let qos2 = incoming.packet_id.filter(|_| incoming.qos == 2);
         if let Some(id) = qos2
