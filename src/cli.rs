@@ -486,6 +486,10 @@ pub struct SimArgs {
     /// How long to publish, in seconds.
     #[arg(long, default_value_t = 10)]
     pub duration_s: u64,
+    /// Leave messages of the first N seconds of publishing out of the PUBACK and stream
+    /// latencies (each orb's first message activates it); counts and rates cover the whole run.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_s: u64,
     /// Tenant of the simulated orbs.
     #[arg(long, default_value = "default")]
     pub tenant: String,

@@ -54,6 +54,7 @@ pub async fn run(mut config: Config, orbs: usize, interval_ms: u64) -> Result<()
         state_every: 30,
         commands_per_s: 1.0,
         api: Some((e.grpc.to_string(), None)),
+        warmup_s: 0,
     };
     let fleet = tokio::spawn(sim::run(sim_cfg, Some(stop_rx)));
     shutdown_signal().await;

@@ -49,6 +49,10 @@ fn sim_config(a: &SimArgs) -> anyhow::Result<SimConfig> {
         "--commands-per-s needs --api-grpc (the gRPC address to create commands through)"
     );
     anyhow::ensure!(a.commands_per_s >= 0.0 && a.commands_per_s.is_finite(), "--commands-per-s must be >= 0");
+    anyhow::ensure!(
+        a.warmup_s < a.duration_s,
+        "--warmup-s must be shorter than --duration-s (latencies are measured after the warm-up)"
+    );
     let tokens = match &a.credentials {
         Some(p) => sim::read_credentials(p).map_err(anyhow::Error::msg)?,
         None => Default::default(),
@@ -76,6 +80,7 @@ fn sim_config(a: &SimArgs) -> anyhow::Result<SimConfig> {
         state_every: a.state_every,
         commands_per_s: a.commands_per_s,
         api: a.api_grpc.clone().map(|addr| (addr, a.stream_token.clone())),
+        warmup_s: a.warmup_s,
     })
 }
 

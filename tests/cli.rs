@@ -273,6 +273,7 @@ fn sim_refuses_workloads_it_cannot_run() {
         (&["--commands-per-s=-1", "--api-grpc", "127.0.0.1:9"], "--commands-per-s must be >= 0"),
         (&["--commands-per-s", "NaN", "--api-grpc", "127.0.0.1:9"], "--commands-per-s must be >= 0"),
         (&["--gateway-children", "10", "--state-every", "5"], "need direct connections (no --gateway-children)"),
+        (&["--warmup-s", "60"], "--warmup-s must be shorter than --duration-s"),
         (
             &["--gateway-children", "10", "--commands-per-s", "1", "--api-grpc", "127.0.0.1:9"],
             "need direct connections (no --gateway-children)",

@@ -58,6 +58,10 @@ pub struct SimConfig {
     pub commands_per_s: f64,
     /// `(gRPC host:port, bearer token)` of the OrbManager to create commands through.
     pub api: Option<(String, Option<String>)>,
+    /// Seconds at the start of publishing whose messages are left out of the PUBACK and stream
+    /// latencies (each orb's first contact activates it; JIT and caches warm up). Counts and
+    /// rates cover the whole run.
+    pub warmup_s: u64,
 }
 
 /// Percentiles in milliseconds.
@@ -82,6 +86,8 @@ pub struct Summary {
     pub payload_bytes: usize,
     pub interval_ms: u64,
     pub duration_s: f64,
+    /// Leading seconds of publishing left out of the latencies (`--warmup-s`).
+    pub warmup_s: u64,
     /// Messages whose intended send time fell inside the run (the offered load).
     pub scheduled: u64,
     pub sent: u64,
@@ -124,6 +130,36 @@ struct Stats {
 
 const HIST_SHARDS: usize = 16;
 
+/// PUBACK latencies, in shards so the readers of many connections rarely share a lock.
+/// Messages intended before `from` (the warm-up) are not recorded.
+struct Latencies {
+    shards: Vec<Mutex<Histogram<u64>>>,
+    from: Instant,
+}
+
+impl Latencies {
+    fn new(from: Instant) -> Self {
+        Latencies { shards: (0..HIST_SHARDS).map(|_| Mutex::new(new_histogram())).collect(), from }
+    }
+
+    /// Records the latency of a message intended at `intended`, acknowledged now.
+    fn record(&self, shard: usize, intended: Instant) {
+        if intended < self.from {
+            return;
+        }
+        let us = (intended.elapsed().as_micros() as u64).max(1);
+        let _ = self.shards[shard % HIST_SHARDS].lock().expect("histogram lock").record(us);
+    }
+
+    fn merged(&self) -> Histogram<u64> {
+        let mut all = new_histogram();
+        for h in &self.shards {
+            let _ = all.add(&*h.lock().expect("histogram lock"));
+        }
+        all
+    }
+}
+
 pub(crate) fn new_histogram() -> Histogram<u64> {
     // 1 µs .. 10 min at 3 significant digits.
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("static histogram bounds are valid")
@@ -153,12 +189,12 @@ pub fn orb_id(prefix: &str, i: usize) -> String {
 pub async fn run(cfg: SimConfig, stop: Option<watch::Receiver<bool>>) -> Summary {
     let cfg = Arc::new(cfg);
     let stats = Arc::new(Stats { run: fastrand::u32(..), ..Stats::default() });
-    let hists: Arc<Vec<Mutex<Histogram<u64>>>> =
-        Arc::new((0..HIST_SHARDS).map(|_| Mutex::new(new_histogram())).collect());
     let start = Instant::now();
     let ramp = Duration::from_secs_f64(cfg.orbs as f64 / f64::from(cfg.connect_rate.max(1)));
     let publish_start = start + ramp;
     let end = publish_start + Duration::from_secs(cfg.duration_s);
+    let measure_from = publish_start + Duration::from_secs(cfg.warmup_s);
+    let hists = Arc::new(Latencies::new(measure_from));
     let receiver = match &cfg.webhook {
         Some((addr, secret)) => match webhook::Receiver::start(addr, secret).await {
             Ok(r) => Some(r),
@@ -207,7 +243,9 @@ pub async fn run(cfg: SimConfig, stop: Option<watch::Receiver<bool>>) -> Summary
     let stream_task = cfg.stream.clone().map(|(addr, token)| {
         let tenant = cfg.tenant.clone();
         let until = end + Duration::from_secs(2);
-        tokio::spawn(async move { stream_latency(&addr, token.as_deref(), &tenant, until).await })
+        // The stream carries device timestamps (wall clock): the warm-up's end on that clock.
+        let from_ms = workload::now_ms() + measure_from.saturating_duration_since(Instant::now()).as_millis() as u64;
+        tokio::spawn(async move { stream_latency(&addr, token.as_deref(), &tenant, from_ms, until).await })
     });
     while tasks.join_next().await.is_some() {}
     // Deliveries of the last points are still on their way.
@@ -223,10 +261,7 @@ pub async fn run(cfg: SimConfig, stop: Option<watch::Receiver<bool>>) -> Summary
         None => None,
     };
     let elapsed = Instant::now().saturating_duration_since(publish_start).as_secs_f64().max(1e-9);
-    let mut all = new_histogram();
-    for h in hists.iter() {
-        let _ = all.add(&*h.lock().expect("histogram lock"));
-    }
+    let all = hists.merged();
     let s = &stats;
     Summary {
         target: cfg.addr.clone(),
@@ -238,6 +273,7 @@ pub async fn run(cfg: SimConfig, stop: Option<watch::Receiver<bool>>) -> Summary
         payload_bytes: cfg.workload.payload_bytes(),
         interval_ms: cfg.interval_ms,
         duration_s: elapsed,
+        warmup_s: cfg.warmup_s,
         scheduled: s.scheduled.load(Ordering::Relaxed),
         sent: s.sent.load(Ordering::Relaxed),
         acked: s.acked.load(Ordering::Relaxed),
@@ -270,9 +306,16 @@ pub(crate) fn percentiles(h: &Histogram<u64>) -> Percentiles {
     Percentiles { p50: ms(0.5), p95: ms(0.95), p99: ms(0.99), max: h.max() as f64 / 1000.0, samples: h.len() }
 }
 
-/// Reads the server's SSE stream until `until` and records, for every telemetry change,
-/// the time from the device timestamp (set when the sim built the payload) to arrival.
-async fn stream_latency(addr: &str, token: Option<&str>, tenant: &str, until: Instant) -> Option<Histogram<u64>> {
+/// Reads the server's SSE stream until `until` and records, for every telemetry change with a
+/// device timestamp from `from_ms` on, the time from that timestamp (set when the sim built
+/// the payload) to arrival.
+async fn stream_latency(
+    addr: &str,
+    token: Option<&str>,
+    tenant: &str,
+    from_ms: u64,
+    until: Instant,
+) -> Option<Histogram<u64>> {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut sock = tokio::net::TcpStream::connect(addr).await.ok()?;
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
@@ -292,7 +335,7 @@ async fn stream_latency(addr: &str, token: Option<&str>, tenant: &str, until: In
         if v["kind"] != "telemetry" {
             continue;
         }
-        if let Some(ts) = v["ts"].as_u64() {
+        if let Some(ts) = v["ts"].as_u64().filter(|ts| *ts >= from_ms) {
             let now = workload::now_ms();
             let _ = h.record(now.saturating_sub(ts).max(1) * 1000);
         }
@@ -305,7 +348,7 @@ async fn orb_task(
     i: usize,
     cfg: &SimConfig,
     stats: &Arc<Stats>,
-    hists: Arc<Vec<Mutex<Histogram<u64>>>>,
+    hists: Arc<Latencies>,
     tracker: Option<Arc<commands::Tracker>>,
     connect_at: Instant,
     publish_start: Instant,
@@ -513,7 +556,7 @@ fn spawn_reader(
     inflight: Arc<Mutex<HashMap<u16, Instant>>>,
     permits: Arc<Semaphore>,
     stats: Arc<Stats>,
-    hists: Arc<Vec<Mutex<Histogram<u64>>>>,
+    hists: Arc<Latencies>,
     shard: usize,
     commands: Commands,
 ) -> tokio::task::JoinHandle<()> {
@@ -530,8 +573,7 @@ fn spawn_reader(
                         } else {
                             stats.acked.fetch_add(1, Ordering::Relaxed);
                         }
-                        let us = (at.elapsed().as_micros() as u64).max(1);
-                        let _ = hists[shard % HIST_SHARDS].lock().expect("histogram lock").record(us);
+                        hists.record(shard, at);
                     } else if let Some(id) = commands.acks.lock().expect("acks lock").remove(&pkid)
                         && let Some(t) = &commands.tracker
                     {
@@ -565,7 +607,7 @@ async fn gateway_task(
     children: std::ops::Range<usize>,
     cfg: &SimConfig,
     stats: &Arc<Stats>,
-    hists: Arc<Vec<Mutex<Histogram<u64>>>>,
+    hists: Arc<Latencies>,
     publish_start: Instant,
     end: Instant,
     mut stop: Option<watch::Receiver<bool>>,
@@ -694,7 +736,7 @@ impl Summary {
         format!(
             "target {}  mqtt {}  qos {}  orbs {} ({} connected, {} failed)\n\
              scheduled {}  sent {}  acked {}  refused {}  unacked {}  errors {}\n\
-             offered {:.0} msg/s  sent {:.0} msg/s  acked {:.0} msg/s over {:.1} s\n\
+             offered {:.0} msg/s  sent {:.0} msg/s  acked {:.0} msg/s over {:.1} s{}\n\
              PUBACK latency ms  p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}  ({} samples){}{}",
             self.target,
             if self.protocol == 5 { "5.0" } else { "3.1.1" },
@@ -712,6 +754,11 @@ impl Summary {
             self.sent_rate,
             self.acked_rate,
             self.duration_s,
+            if self.warmup_s > 0 {
+                format!("; latencies after a {} s warm-up", self.warmup_s)
+            } else {
+                String::new()
+            },
             l.p50,
             l.p95,
             l.p99,
