@@ -59,7 +59,7 @@ pub struct SimConfig {
     /// `(gRPC host:port, bearer token)` of the OrbManager to create commands through.
     pub api: Option<(String, Option<String>)>,
     /// Seconds at the start of publishing whose messages are left out of the PUBACK and stream
-    /// latencies (each orb's first contact activates it; JIT and caches warm up). Counts and
+    /// latencies (each orb's first contact activates it; caches warm up). Counts and
     /// rates cover the whole run.
     pub warmup_s: u64,
 }
