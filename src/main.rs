@@ -50,7 +50,7 @@ fn sim_config(a: &SimArgs) -> anyhow::Result<SimConfig> {
     );
     anyhow::ensure!(a.commands_per_s >= 0.0 && a.commands_per_s.is_finite(), "--commands-per-s must be >= 0");
     anyhow::ensure!(
-        a.warmup_s < a.duration_s,
+        a.warmup_s == 0 || a.warmup_s < a.duration_s,
         "--warmup-s must be shorter than --duration-s (latencies are measured after the warm-up)"
     );
     let tokens = match &a.credentials {
