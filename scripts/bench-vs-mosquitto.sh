@@ -4,7 +4,8 @@
 # only after an fsync'd commit), one after the other in the same session on this machine, with
 # the load generator (`orbmanager sim`) on the same cores. Writes $OUT/results.json and prints a
 # table: acked rate, PUBACK latency, broker CPU per acknowledged message (over the whole run and
-# in the steady state after the connection ramp) and RSS.
+# in the steady state after the connection ramp) and RSS; and where OrbManager's steady-state CPU
+# goes, per message, by thread group (MQTT workers, group commit, actors, LSM workers).
 #   scripts/bench-vs-mosquitto.sh                       # both scenarios
 #   SCENARIOS=saturation DUR=20 scripts/bench-vs-mosquitto.sh
 # Scenarios: `saturation` (1,000 connections x 1 KiB every 10 ms: 100K msg/s offered, more than
@@ -21,6 +22,25 @@ DUR=${DUR:-30}; BYTES=${BYTES:-1024}; SCENARIOS=${SCENARIOS:-"saturation devices
 OUT=${OUT:-target/bench-vs-mosquitto}
 rm -rf "$OUT"; mkdir -p "$OUT"
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # utime + stime, in clock ticks
+# thread_ticks PID: utime + stime of each thread group of the process, as JSON (OrbManager's
+# threads are named: MQTT workers, the group-commit thread, the actor runtime, the LSM workers).
+# A group whose threads ended during the window can shrink; that counts as 0.
+thread_ticks() {
+  python3 - "$1" <<'PY'
+import json, os, sys
+pid, groups = sys.argv[1], {}
+for t in os.listdir(f"/proc/{pid}/task"):
+    try:
+        s = open(f"/proc/{pid}/task/{t}/stat").read()
+    except OSError:
+        continue  # the thread ended
+    comm, f = s[s.index("(") + 1:s.rindex(")")], s[s.rindex(")") + 2:].split()
+    g = ("mqtt" if "mqtt" in comm else "commit" if comm == "orb-commit" else "actors" if comm == "orb-rt"
+         else "lsm" if comm.startswith("fjall") else comm if comm == "mosquitto" else "other")
+    groups[g] = groups.get(g, 0) + int(f[11]) + int(f[12])
+print(json.dumps(groups))
+PY
+}
 HZ=$(getconf CLK_TCK)
 
 # run_one NAME SCENARIO ADDR PID SIM_FLAGS...: runs the simulator, records the broker's CPU and RSS.
@@ -39,10 +59,13 @@ run_one() {
   # Steady state: from 3 s after the connection ramp to the end of the run.
   sleep $(( ramp + 3 ))
   local ts; ts=$(ticks "$pid")
+  local gs; gs=$(thread_ticks "$pid")
   wait $sim
   local t1; t1=$(ticks "$pid")
+  local g1; g1=$(thread_ticks "$pid")
   local rss; rss=$(ps -o rss= -p "$pid" | tr -d ' ')
-  python3 -c "import json; print(json.dumps({'cpu_s': ($t1 - $t0) / $HZ, 'steady_cpu_s': ($t1 - $ts) / $HZ, 'steady_s': $DUR - 3, 'rss_kib': $rss}))" \
+  python3 -c "import json; a, b = $gs, $g1; print(json.dumps({'cpu_s': ($t1 - $t0) / $HZ, 'steady_cpu_s': ($t1 - $ts) / $HZ, 'steady_s': $DUR - 3, 'rss_kib': $rss,
+    'steady_cpu_s_by_thread': {k: max(v - a.get(k, 0), 0) / $HZ for k, v in b.items()}}))" \
     > "$OUT/$scenario-$name.proc.json"
 }
 
@@ -86,10 +109,14 @@ for sc in scenarios:
                # CPU per message once every connection is up (acked rate x the steady window).
                "steady_cpu_us_per_msg": proc["steady_cpu_s"] * 1e6 / max(sim["acked_rate"] * proc["steady_s"], 1),
                "rss_mib": proc["rss_kib"] / 1024}
+        steady_msgs = max(sim["acked_rate"] * proc["steady_s"], 1)
+        row["steady_cpu_us_per_msg_by_thread"] = {k: v * 1e6 / steady_msgs for k, v in proc["steady_cpu_s_by_thread"].items()}
         results[sc][b] = row
         l = row["puback_latency_ms"]
         print(f"{sc:<11} {b:<11} {row['acked_rate']:>9.0f} {l['p50']:>8.2f} {l['p95']:>8.2f} {l['p99']:>8.2f} {row['cpu_us_per_msg']:>10.1f} {row['steady_cpu_us_per_msg']:>7.1f} {row['rss_mib']:>8.0f}")
     m, o = results[sc]["mosquitto"], results[sc]["orbmanager"]
+    by = o["steady_cpu_us_per_msg_by_thread"]
+    print(f"{sc:<11} orbmanager steady CPU us/msg by thread: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(by.items(), key=lambda kv: -kv[1])))
     results[sc]["ratios"] = {"throughput_orbmanager_over_mosquitto": o["acked_rate"] / max(m["acked_rate"], 1e-9),
                              "cpu_per_msg_orbmanager_over_mosquitto": o["cpu_us_per_msg"] / max(m["cpu_us_per_msg"], 1e-9),
                              "steady_cpu_per_msg_orbmanager_over_mosquitto": o["steady_cpu_us_per_msg"] / max(m["steady_cpu_us_per_msg"], 1e-9)}
