@@ -103,13 +103,13 @@ for sc in scenarios:
         sim = json.load(open(f"{out}/{sc}-{b}.json"))
         proc = json.load(open(f"{out}/{sc}-{b}.proc.json"))
         acked = max(sim["acked"], 1)
+        # Messages acknowledged in the steady window (once every connection is up): acked rate x its length.
+        steady_msgs = max(sim["acked_rate"] * proc["steady_s"], 1)
         row = {"acked_rate": sim["acked_rate"], "acked": sim["acked"], "sent": sim["sent"], "scheduled": sim["scheduled"],
                "errors": sim["errors"], "unacked": sim["unacked"], "puback_latency_ms": sim["puback_latency_ms"],
                "cpu_s": proc["cpu_s"], "cpu_us_per_msg": proc["cpu_s"] * 1e6 / acked,
-               # CPU per message once every connection is up (acked rate x the steady window).
-               "steady_cpu_us_per_msg": proc["steady_cpu_s"] * 1e6 / max(sim["acked_rate"] * proc["steady_s"], 1),
+               "steady_cpu_us_per_msg": proc["steady_cpu_s"] * 1e6 / steady_msgs,
                "rss_mib": proc["rss_kib"] / 1024}
-        steady_msgs = max(sim["acked_rate"] * proc["steady_s"], 1)
         row["steady_cpu_us_per_msg_by_thread"] = {k: v * 1e6 / steady_msgs for k, v in proc["steady_cpu_s_by_thread"].items()}
         results[sc][b] = row
         l = row["puback_latency_ms"]
