@@ -5,14 +5,26 @@
 //! group; `orbmanager_commit_wait_seconds` the time a request queued before its group started
 //! (an fsync stalled behind other disk writes shows there, for every request behind it).
 //!
+//! Replies: a writer on a thread that called [`deliver_replies_here`] (each MQTT worker) gets
+//! its reply through that thread's reply hub: the committer hands each hub one list per group
+//! and wakes it once; the hub's task, on the writer's own thread, completes the waits there.
+//! Woken one by one from the commit thread instead, a single-threaded executor would run each
+//! woken PUBLISH and then, before the next, the task that writes its PUBACK: one `sendto` per
+//! acknowledgement. Other writers (actors, HTTP, bulk loads) are answered directly.
+//!
 //! Bound: the queue holds `commit_queue_max` requests; senders wait (back-pressure reaches the
-//! MQTT connection, which stops reading). Invariant: a reply of `Ok` means the write is on disk.
+//! MQTT connection, which stops reading). A hub holds at most the replies of requests that
+//! passed that queue. Invariant: a reply of `Ok` means the write is on disk.
 //! A poisoned store (a failed fsync) is fatal: the thread answers every waiter with an error and
 //! aborts the process, so nothing after the failure is acknowledged and recovery replays the
 //! journal.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -90,10 +102,104 @@ pub enum Outcome {
     Duplicate,
 }
 
+type Answer = Result<Outcome, Error>;
+/// One group's answers for one hub: each waiter with its answer.
+type AnswerList = Vec<(oneshot::Sender<Answer>, Answer)>;
+
 enum Request {
     /// A batch, its reply and when it was queued.
-    Commit(Batch, oneshot::Sender<Result<Outcome, Error>>, Instant),
+    Commit(Batch, Reply, Instant),
     Shutdown,
+}
+
+/// Where a request's answer goes: its waiter, through the waiter's thread's hub if it has one.
+struct Reply {
+    tx: oneshot::Sender<Answer>,
+    hub: Option<Arc<Hub>>,
+}
+
+/// The committer's side of one thread's reply hub.
+struct Hub {
+    tx: mpsc::UnboundedSender<AnswerList>,
+    /// Lists and answers handed to the hub so far (read by tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    handed: [AtomicU64; 2],
+}
+
+impl Hub {
+    fn new(tx: mpsc::UnboundedSender<AnswerList>) -> Hub {
+        Hub { tx, handed: [AtomicU64::new(0), AtomicU64::new(0)] }
+    }
+}
+
+thread_local! {
+    static HUB: RefCell<Option<Arc<Hub>>> = const { RefCell::new(None) };
+}
+
+/// Makes commit replies to writers on this thread arrive as one batch per group (see the
+/// module doc). `spawn` must run the hub's task on this thread's single-threaded executor
+/// (an ntex worker's); the task ends when the committer's side is gone. Idempotent per thread.
+/// If the executor drops the task, later replies go straight to their waiters again.
+pub fn deliver_replies_here(spawn: impl FnOnce(Pin<Box<dyn Future<Output = ()>>>)) {
+    HUB.with(|h| {
+        let mut h = h.borrow_mut();
+        if h.as_ref().is_some_and(|hub| !hub.tx.is_closed()) {
+            return;
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel::<AnswerList>();
+        *h = Some(Arc::new(Hub::new(tx)));
+        spawn(Box::pin(async move {
+            let mut lists = Vec::new();
+            while rx.recv_many(&mut lists, 64).await > 0 {
+                for (waiter, answer) in lists.drain(..).flatten() {
+                    // A waiter that gave up (its connection closed) has nothing to learn.
+                    let _ = waiter.send(answer);
+                }
+            }
+        }));
+    });
+}
+
+/// This thread's hub, if it has a live one.
+fn local_hub() -> Option<Arc<Hub>> {
+    HUB.with(|h| h.borrow().as_ref().filter(|hub| !hub.tx.is_closed()).cloned())
+}
+
+/// Collects a group's answers per hub, then delivers each hub's list with one wake.
+#[derive(Default)]
+struct Answers {
+    lists: Vec<(Arc<Hub>, AnswerList)>,
+}
+
+impl Answers {
+    fn add(&mut self, reply: Reply, answer: Answer) {
+        let Some(hub) = reply.hub else {
+            let _ = reply.tx.send(answer);
+            return;
+        };
+        match self.lists.iter_mut().find(|(h, _)| Arc::ptr_eq(h, &hub)) {
+            Some((_, list)) => list.push((reply.tx, answer)),
+            None => self.lists.push((hub, vec![(reply.tx, answer)])),
+        }
+    }
+
+    fn deliver(&mut self) {
+        for (hub, list) in self.lists.drain(..) {
+            let answers = list.len() as u64;
+            match hub.tx.send(list) {
+                Ok(()) => {
+                    hub.handed[0].fetch_add(1, Ordering::Relaxed);
+                    hub.handed[1].fetch_add(answers, Ordering::Relaxed);
+                }
+                Err(mpsc::error::SendError(list)) => {
+                    // The hub's task is gone (its executor stopped): answer directly.
+                    for (waiter, answer) in list {
+                        let _ = waiter.send(answer);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The sending side, shared by every writer.
@@ -121,14 +227,16 @@ impl Committer {
 
     /// Submits a batch and waits until it is durable (or found to be a duplicate).
     pub(crate) async fn commit(&self, batch: Batch) -> Result<Outcome, Error> {
-        let (reply, rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
+        let reply = Reply { tx, hub: local_hub() };
         self.tx.send(Request::Commit(batch, reply, Instant::now())).await.map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
     }
 
     /// Submits a batch from a thread that is not async (bulk loads, tests).
     pub(crate) fn commit_blocking(&self, batch: Batch) -> Result<Outcome, Error> {
-        let (reply, rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
+        let reply = Reply { tx, hub: None };
         self.tx.blocking_send(Request::Commit(batch, reply, Instant::now())).map_err(|_| Error::Closed)?;
         rx.blocking_recv().map_err(|_| Error::Closed)?
     }
@@ -145,7 +253,8 @@ impl Committer {
 }
 
 fn run(db: Database, ks: Keyspaces, mut rx: mpsc::Receiver<Request>, mut filter: DedupeFilter, metrics: Arc<Metrics>) {
-    let mut group: Vec<(Batch, oneshot::Sender<Result<Outcome, Error>>)> = Vec::with_capacity(256);
+    let mut group: Vec<(Batch, Reply)> = Vec::with_capacity(256);
+    let mut answers = Answers::default();
     let mut seen: HashSet<Vec<u8>> = HashSet::new();
     let mut outcomes: Vec<Outcome> = Vec::with_capacity(256);
     let mut stopping = false;
@@ -179,14 +288,16 @@ fn run(db: Database, ks: Keyspaces, mut rx: mpsc::Receiver<Request>, mut filter:
         match result {
             Ok(()) => {
                 for ((_, reply), outcome) in group.drain(..).zip(outcomes.drain(..)) {
-                    let _ = reply.send(Ok(outcome));
+                    answers.add(reply, Ok(outcome));
                 }
+                answers.deliver();
             }
             Err(GroupError { error: e, fatal }) => {
                 tracing::error!(error = %e, "group commit failed; nothing in this group is acknowledged");
                 for (_, reply) in group.drain(..) {
-                    let _ = reply.send(Err(Error::CommitFailed(e.to_string())));
+                    answers.add(reply, Err(Error::CommitFailed(e.to_string())));
                 }
+                answers.deliver();
                 outcomes.clear();
                 if fatal {
                     // A failed fsync leaves the journal in an unknown state: crash and let
@@ -213,7 +324,7 @@ struct GroupError {
 fn write_group(
     db: &Database,
     ks: &Keyspaces,
-    group: &mut [(Batch, oneshot::Sender<Result<Outcome, Error>>)],
+    group: &mut [(Batch, Reply)],
     seen: &mut HashSet<Vec<u8>>,
     filter: &mut DedupeFilter,
     outcomes: &mut Vec<Outcome>,
@@ -257,12 +368,98 @@ fn write_group(
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::sync::atomic::Ordering;
 
+    use tokio::sync::{mpsc, oneshot};
+
+    use super::{Answers, Error, Hub, Reply, deliver_replies_here, local_hub};
     use crate::metrics::Metrics;
     use crate::model::{OrbId, OrbKey, TenantId, telemetry};
     use crate::storage::{Batch, Outcome, Store, StoreOptions};
 
     const NOW: u64 = 1_700_000_000_000;
+
+    fn point_batch(key: &OrbKey, i: u64) -> Batch {
+        let raw = format!(r#"{{"ts": {}, "msg_id": "h{i}", "metrics": {{"load": {i}}}}}"#, NOW - 1_000 + i);
+        let point = telemetry::parse(raw.as_bytes(), NOW, 4_096).unwrap();
+        let mut batch = Batch::new();
+        Store::add_telemetry(&mut batch, key, &point, NOW, raw.as_bytes());
+        batch
+    }
+
+    fn local_runtime() -> (tokio::runtime::Runtime, tokio::task::LocalSet) {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        (rt, tokio::task::LocalSet::new())
+    }
+
+    #[test]
+    fn a_thread_with_a_hub_gets_one_list_of_answers_per_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let key = OrbKey::new(TenantId::parse("t1").unwrap(), OrbId::parse("o1").unwrap());
+        let store = Store::open(dir.path(), &StoreOptions::default(), metrics.clone()).unwrap();
+        let groups_before = metrics.commit_groups.get();
+        let (rt, local) = local_runtime();
+        let hub = local.block_on(&rt, async {
+            deliver_replies_here(|task| {
+                tokio::task::spawn_local(task);
+            });
+            let hub = local_hub().expect("the hub is installed on this thread");
+            let waits: Vec<_> = (0..40)
+                .map(|i| {
+                    let (store, batch) = (store.clone(), point_batch(&key, i));
+                    tokio::task::spawn_local(async move { store.commit(batch).await })
+                })
+                .collect();
+            for w in waits {
+                assert_eq!(w.await.unwrap().unwrap(), Outcome::Stored);
+            }
+            hub
+        });
+        let groups = metrics.commit_groups.get() - groups_before;
+        assert_eq!(hub.handed[1].load(Ordering::Relaxed), 40, "every answer went through the hub");
+        assert_eq!(hub.handed[0].load(Ordering::Relaxed), groups, "one list per group");
+        let latest = store.latest_point(&key).unwrap().expect("the points are stored");
+        assert_eq!(latest.point.metrics.get("load"), Some(39.0));
+        store.close();
+    }
+
+    #[test]
+    fn a_thread_whose_hub_stopped_is_answered_directly() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = OrbKey::new(TenantId::parse("t1").unwrap(), OrbId::parse("o2").unwrap());
+        let store = Store::open(dir.path(), &StoreOptions::default(), Arc::new(Metrics::default())).unwrap();
+        {
+            let (rt, local) = local_runtime();
+            local.block_on(&rt, async {
+                deliver_replies_here(|task| {
+                    tokio::task::spawn_local(task);
+                });
+                assert!(local_hub().is_some());
+            });
+            // Dropping the executor drops the hub's task.
+        }
+        assert!(local_hub().is_none(), "a hub whose task is gone is not used");
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        assert_eq!(rt.block_on(store.commit(point_batch(&key, 1))).unwrap(), Outcome::Stored);
+        store.close();
+    }
+
+    #[test]
+    fn answers_for_a_hub_that_went_away_meanwhile_reach_their_waiters() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let hub = Arc::new(Hub::new(tx));
+        drop(rx);
+        let mut answers = Answers::default();
+        let (stored_tx, stored_rx) = oneshot::channel();
+        let (failed_tx, failed_rx) = oneshot::channel();
+        answers.add(Reply { tx: stored_tx, hub: Some(hub.clone()) }, Ok(Outcome::Stored));
+        answers.add(Reply { tx: failed_tx, hub: Some(hub.clone()) }, Err(Error::CommitFailed("disk".into())));
+        answers.deliver();
+        assert_eq!(stored_rx.blocking_recv().unwrap().unwrap(), Outcome::Stored);
+        assert!(matches!(failed_rx.blocking_recv().unwrap(), Err(Error::CommitFailed(m)) if m == "disk"));
+        assert_eq!(hub.handed[0].load(Ordering::Relaxed), 0, "nothing was handed to the gone hub");
+    }
 
     #[test]
     fn each_request_records_its_queue_wait_and_survives_a_reopen() {

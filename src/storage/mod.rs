@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub use alerts::WindowRecord;
 pub use codec::{FORMAT_VERSION, decode, encode};
-pub use commit::{Batch, Outcome};
+pub use commit::{Batch, Outcome, deliver_replies_here};
 use commit::{Committer, DedupeProbe};
 
 use crate::metrics::Metrics;

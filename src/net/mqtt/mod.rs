@@ -138,7 +138,10 @@ impl MqttListener {
                 ntex::rt::System::build().name("orbmanager-mqtt").disable_signals().build(ntex::rt::DefaultRuntime);
             runner.block_on(async move {
                 let plain_ctx = ctx.clone();
-                let factory = async move |_| service(plain_ctx.clone());
+                let factory = async move |_| {
+                    on_worker_start();
+                    service(plain_ctx.clone())
+                };
                 let builder = ntex::server::build()
                     .workers(workers)
                     .disable_signals()
@@ -151,6 +154,7 @@ impl MqttListener {
                 let builder = match (builder, tls) {
                     (Ok(b), Some((tls_listener, server_config))) => {
                         let tls_factory = async move |_| {
+                            on_worker_start();
                             ntex::service::chain_factory(ntex_tls::rustls::TlsAcceptor::new(server_config.clone()))
                                 .map_err(|e| {
                                     ntex_mqtt::MqttError::Handshake(ntex_mqtt::error::HandshakeError::Disconnected(
@@ -189,6 +193,14 @@ impl MqttListener {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
     }
+}
+
+/// Runs on each worker thread as its services are built: the worker's commit replies arrive
+/// in one batch per group (`storage::commit`), so its connections' PUBACKs leave together.
+fn on_worker_start() {
+    crate::storage::deliver_replies_here(|task| {
+        ntex::rt::spawn(task);
+    });
 }
 
 fn service<F: ntex::io::Filter>(
