@@ -91,6 +91,16 @@ pub const COMMIT_QUEUE_MAX: usize = 16_384;
 /// Most requests folded into one group commit (one fsync).
 pub const COMMIT_BATCH_MAX: usize = 8_192;
 
+/// Fewest fjall worker threads (flushes and compactions). fjall 3.1.13 keeps worker 0 of a
+/// pool for flushes: it hands every compaction request back to the queue and takes it again,
+/// spinning while the other workers are busy. Its default on two cores is a pool of two, so
+/// worker 0 spun through every compaction (~6% of the server's samples at saturation); with
+/// three, two workers take compactions and the spin is rare (BENCHMARKS.md). Not one worker:
+/// 3.1.13 can deadlock with one.
+pub const FJALL_WORKERS_MIN: usize = 3;
+/// Most fjall worker threads (fjall's own default cap).
+pub const FJALL_WORKERS_MAX: usize = 4;
+
 /// Default number of shard supervisors.
 pub const SHARDS_DEFAULT: usize = 16;
 /// Default idle time after which an offline orb actor is passivated, in seconds.

@@ -222,13 +222,18 @@ impl Store {
     /// Opens (or creates) the store under `dir`, recovering the journal.
     pub fn open(dir: &Path, opts: &StoreOptions, metrics: Arc<Metrics>) -> Result<Store, Error> {
         std::fs::create_dir_all(dir).map_err(|source| Error::DataDir { path: dir.to_path_buf(), source })?;
-        let db = Database::builder(dir.join("fjall")).cache_size(opts.cache_bytes).open().map_err(|e| match e {
-            fjall::Error::Locked => Error::DataDir {
-                path: dir.to_path_buf(),
-                source: std::io::Error::other("in use by another orbmanager process"),
-            },
-            e => Error::Engine(e),
-        })?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = cores.clamp(crate::limits::FJALL_WORKERS_MIN, crate::limits::FJALL_WORKERS_MAX);
+        let db =
+            Database::builder(dir.join("fjall")).cache_size(opts.cache_bytes).worker_threads(workers).open().map_err(
+                |e| match e {
+                    fjall::Error::Locked => Error::DataDir {
+                        path: dir.to_path_buf(),
+                        source: std::io::Error::other("in use by another orbmanager process"),
+                    },
+                    e => Error::Engine(e),
+                },
+            )?;
         let handles: Vec<Keyspace> =
             Ks::ALL.iter().map(|k| db.keyspace(k.name(), KeyspaceCreateOptions::default)).collect::<Result<_, _>>()?;
         let handles: [Keyspace; Ks::ALL.len()] =
