@@ -101,6 +101,10 @@ pub struct Metrics {
     pub refusals: [Counter; CODES],
     pub commit_groups: Counter,
     pub commit_requests: Counter,
+    /// Answer lists handed to MQTT workers' reply hubs (one per worker per group).
+    pub commit_hub_lists: Counter,
+    /// Commit answers delivered through MQTT workers' reply hubs.
+    pub commit_hub_answers: Counter,
     pub commit_latency: Histogram,
     /// How long a commit request waited in the queue before its group started.
     pub commit_wait: Histogram,
@@ -207,6 +211,18 @@ impl Metrics {
             self.commit_groups.get().to_string(),
         );
         simple("commit_requests_total", "counter", "Write requests committed.", self.commit_requests.get().to_string());
+        simple(
+            "commit_hub_lists_total",
+            "counter",
+            "Answer lists handed to MQTT workers' reply hubs (one per worker per group).",
+            self.commit_hub_lists.get().to_string(),
+        );
+        simple(
+            "commit_hub_answers_total",
+            "counter",
+            "Commit answers delivered through MQTT workers' reply hubs.",
+            self.commit_hub_answers.get().to_string(),
+        );
         simple(
             "broker_sessions",
             "gauge",

@@ -36,6 +36,8 @@ async fn acknowledged_points_are_all_in_history_in_order_once() {
         assert_eq!(ids, want, "{orb}: every point, in device-time order, once");
     }
     assert_eq!(ts.metric("orbmanager_telemetry_duplicates_total").await, 1.0);
+    // The 21 acknowledgements were answered through the MQTT workers' reply hubs.
+    assert!(ts.metric("orbmanager_commit_hub_answers_total").await >= 21.0);
 
     // Latest values by device time (not arrival): point 9.
     let (status, orb) = ts.get("/v1/orbs/orb-v3?tenant_id=acme").await;

@@ -24,7 +24,6 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -121,15 +120,6 @@ struct Reply {
 /// The committer's side of one thread's reply hub.
 struct Hub {
     tx: mpsc::UnboundedSender<AnswerList>,
-    /// Lists and answers handed to the hub so far (read by tests).
-    #[cfg_attr(not(test), allow(dead_code))]
-    handed: [AtomicU64; 2],
-}
-
-impl Hub {
-    fn new(tx: mpsc::UnboundedSender<AnswerList>) -> Hub {
-        Hub { tx, handed: [AtomicU64::new(0), AtomicU64::new(0)] }
-    }
 }
 
 thread_local! {
@@ -138,16 +128,17 @@ thread_local! {
 
 /// Makes commit replies to writers on this thread arrive as one batch per group (see the
 /// module doc). `spawn` must run the hub's task on this thread's single-threaded executor
-/// (an ntex worker's); the task ends when the committer's side is gone. Idempotent per thread.
-/// If the executor drops the task, later replies go straight to their waiters again.
-pub fn deliver_replies_here(spawn: impl FnOnce(Pin<Box<dyn Future<Output = ()>>>)) {
+/// (an ntex worker's), which must keep polling it for as long as the thread commits: the
+/// task runs until the executor drops it, and from then on replies go straight to their
+/// waiters again. Idempotent per thread.
+pub(crate) fn deliver_replies_here(spawn: impl FnOnce(Pin<Box<dyn Future<Output = ()>>>)) {
     HUB.with(|h| {
         let mut h = h.borrow_mut();
         if h.as_ref().is_some_and(|hub| !hub.tx.is_closed()) {
             return;
         }
         let (tx, mut rx) = mpsc::unbounded_channel::<AnswerList>();
-        *h = Some(Arc::new(Hub::new(tx)));
+        *h = Some(Arc::new(Hub { tx }));
         spawn(Box::pin(async move {
             let mut lists = Vec::new();
             while rx.recv_many(&mut lists, 64).await > 0 {
@@ -162,7 +153,7 @@ pub fn deliver_replies_here(spawn: impl FnOnce(Pin<Box<dyn Future<Output = ()>>>
 
 /// This thread's hub, if it has a live one.
 fn local_hub() -> Option<Arc<Hub>> {
-    HUB.with(|h| h.borrow().as_ref().filter(|hub| !hub.tx.is_closed()).cloned())
+    HUB.try_with(|h| h.borrow().as_ref().filter(|hub| !hub.tx.is_closed()).cloned()).ok().flatten()
 }
 
 /// Collects a group's answers per hub, then delivers each hub's list with one wake.
@@ -183,19 +174,20 @@ impl Answers {
         }
     }
 
-    fn deliver(&mut self) {
+    fn deliver(&mut self, metrics: &Metrics) {
         for (hub, list) in self.lists.drain(..) {
-            let answers = list.len() as u64;
-            match hub.tx.send(list) {
-                Ok(()) => {
-                    hub.handed[0].fetch_add(1, Ordering::Relaxed);
-                    hub.handed[1].fetch_add(answers, Ordering::Relaxed);
-                }
-                Err(mpsc::error::SendError(list)) => {
-                    // The hub's task is gone (its executor stopped): answer directly.
-                    for (waiter, answer) in list {
-                        let _ = waiter.send(answer);
-                    }
+            // Counted before the hand-over, so a waiter that has its answer sees it counted.
+            let handed = if hub.tx.is_closed() {
+                Err(mpsc::error::SendError(list))
+            } else {
+                metrics.commit_hub_lists.inc();
+                metrics.commit_hub_answers.add(list.len() as u64);
+                hub.tx.send(list)
+            };
+            if let Err(mpsc::error::SendError(list)) = handed {
+                // The hub's task is gone (its executor stopped): answer directly.
+                for (waiter, answer) in list {
+                    let _ = waiter.send(answer);
                 }
             }
         }
@@ -290,14 +282,14 @@ fn run(db: Database, ks: Keyspaces, mut rx: mpsc::Receiver<Request>, mut filter:
                 for ((_, reply), outcome) in group.drain(..).zip(outcomes.drain(..)) {
                     answers.add(reply, Ok(outcome));
                 }
-                answers.deliver();
+                answers.deliver(&metrics);
             }
             Err(GroupError { error: e, fatal }) => {
                 tracing::error!(error = %e, "group commit failed; nothing in this group is acknowledged");
                 for (_, reply) in group.drain(..) {
                     answers.add(reply, Err(Error::CommitFailed(e.to_string())));
                 }
-                answers.deliver();
+                answers.deliver(&metrics);
                 outcomes.clear();
                 if fatal {
                     // A failed fsync leaves the journal in an unknown state: crash and let
@@ -368,7 +360,6 @@ fn write_group(
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::sync::atomic::Ordering;
 
     use tokio::sync::{mpsc, oneshot};
 
@@ -387,6 +378,15 @@ mod tests {
         batch
     }
 
+    /// A fresh store with its metrics, and the key of orb `orb` of tenant t1.
+    fn open_store(orb: &str) -> (tempfile::TempDir, Arc<Metrics>, OrbKey, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let key = OrbKey::new(TenantId::parse("t1").unwrap(), OrbId::parse(orb).unwrap());
+        let store = Store::open(dir.path(), &StoreOptions::default(), metrics.clone()).unwrap();
+        (dir, metrics, key, store)
+    }
+
     fn local_runtime() -> (tokio::runtime::Runtime, tokio::task::LocalSet) {
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         (rt, tokio::task::LocalSet::new())
@@ -394,17 +394,14 @@ mod tests {
 
     #[test]
     fn a_thread_with_a_hub_gets_one_list_of_answers_per_group() {
-        let dir = tempfile::tempdir().unwrap();
-        let metrics = Arc::new(Metrics::default());
-        let key = OrbKey::new(TenantId::parse("t1").unwrap(), OrbId::parse("o1").unwrap());
-        let store = Store::open(dir.path(), &StoreOptions::default(), metrics.clone()).unwrap();
+        let (_dir, metrics, key, store) = open_store("o1");
         let groups_before = metrics.commit_groups.get();
         let (rt, local) = local_runtime();
-        let hub = local.block_on(&rt, async {
+        local.block_on(&rt, async {
             deliver_replies_here(|task| {
                 tokio::task::spawn_local(task);
             });
-            let hub = local_hub().expect("the hub is installed on this thread");
+            assert!(local_hub().is_some(), "the hub is installed on this thread");
             let waits: Vec<_> = (0..40)
                 .map(|i| {
                     let (store, batch) = (store.clone(), point_batch(&key, i));
@@ -414,21 +411,20 @@ mod tests {
             for w in waits {
                 assert_eq!(w.await.unwrap().unwrap(), Outcome::Stored);
             }
-            hub
         });
-        let groups = metrics.commit_groups.get() - groups_before;
-        assert_eq!(hub.handed[1].load(Ordering::Relaxed), 40, "every answer went through the hub");
-        assert_eq!(hub.handed[0].load(Ordering::Relaxed), groups, "one list per group");
         let latest = store.latest_point(&key).unwrap().expect("the points are stored");
         assert_eq!(latest.point.metrics.get("load"), Some(39.0));
+        // Joining the commit thread orders its counter updates before these reads.
         store.close();
+        let groups = metrics.commit_groups.get() - groups_before;
+        assert_eq!(metrics.commit_hub_answers.get(), 40, "every answer went through the hub");
+        assert_eq!(metrics.commit_hub_lists.get(), groups, "one list per group");
+        assert!(metrics.render().contains("orbmanager_commit_hub_answers_total 40\n"));
     }
 
     #[test]
     fn a_thread_whose_hub_stopped_is_answered_directly() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = OrbKey::new(TenantId::parse("t1").unwrap(), OrbId::parse("o2").unwrap());
-        let store = Store::open(dir.path(), &StoreOptions::default(), Arc::new(Metrics::default())).unwrap();
+        let (_dir, _metrics, key, store) = open_store("o2");
         {
             let (rt, local) = local_runtime();
             local.block_on(&rt, async {
@@ -448,25 +444,23 @@ mod tests {
     #[test]
     fn answers_for_a_hub_that_went_away_meanwhile_reach_their_waiters() {
         let (tx, rx) = mpsc::unbounded_channel();
-        let hub = Arc::new(Hub::new(tx));
+        let hub = Arc::new(Hub { tx });
         drop(rx);
+        let metrics = Metrics::default();
         let mut answers = Answers::default();
         let (stored_tx, stored_rx) = oneshot::channel();
         let (failed_tx, failed_rx) = oneshot::channel();
         answers.add(Reply { tx: stored_tx, hub: Some(hub.clone()) }, Ok(Outcome::Stored));
         answers.add(Reply { tx: failed_tx, hub: Some(hub.clone()) }, Err(Error::CommitFailed("disk".into())));
-        answers.deliver();
+        answers.deliver(&metrics);
         assert_eq!(stored_rx.blocking_recv().unwrap().unwrap(), Outcome::Stored);
         assert!(matches!(failed_rx.blocking_recv().unwrap(), Err(Error::CommitFailed(m)) if m == "disk"));
-        assert_eq!(hub.handed[0].load(Ordering::Relaxed), 0, "nothing was handed to the gone hub");
+        assert_eq!(metrics.commit_hub_lists.get(), 0, "nothing was handed to the gone hub");
     }
 
     #[test]
     fn each_request_records_its_queue_wait_and_survives_a_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let metrics = Arc::new(Metrics::default());
-        let key = OrbKey::new(TenantId::parse("t1").unwrap(), OrbId::parse("o1").unwrap());
-        let store = Store::open(dir.path(), &StoreOptions::default(), metrics.clone()).unwrap();
+        let (dir, metrics, key, store) = open_store("o1");
         for i in 0..3u64 {
             let raw = format!(r#"{{"ts": {}, "msg_id": "m{i}", "metrics": {{"load": {i}}}}}"#, NOW - 10 + i);
             let point = telemetry::parse(raw.as_bytes(), NOW, 4_096).unwrap();

@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 
 pub use alerts::WindowRecord;
 pub use codec::{FORMAT_VERSION, decode, encode};
-pub use commit::{Batch, Outcome, deliver_replies_here};
+pub(crate) use commit::deliver_replies_here;
+pub use commit::{Batch, Outcome};
 use commit::{Committer, DedupeProbe};
 
 use crate::metrics::Metrics;
