@@ -136,6 +136,16 @@ struct MetricsBuilder {
 }
 
 impl MetricsBuilder {
+    /// Sized for a JSON payload of `len` bytes, so that parsing it does not grow the buffers
+    /// (growing them was ten reallocations per 1 KiB point): its metric names take at most
+    /// its bytes, and a metric at least six of them (`"a":0,`).
+    fn for_payload(len: usize) -> Self {
+        MetricsBuilder {
+            names: String::with_capacity(len.min(TELEMETRY_METRICS_MAX * TELEMETRY_METRIC_NAME_LEN_MAX)),
+            entries: Vec::with_capacity((len / 6).min(TELEMETRY_METRICS_MAX)),
+        }
+    }
+
     fn len(&self) -> usize {
         self.entries.len()
     }
@@ -248,14 +258,14 @@ pub fn parse(payload: &[u8], now_ms: u64, max_bytes: usize) -> Result<TelemetryP
         return Err(PayloadError::TooLarge { size: payload.len(), max: max_bytes });
     }
     let mut de = serde_json::Deserializer::from_slice(payload);
-    let raw = RawSeed.deserialize(&mut de).map_err(json_error)?;
+    let raw = RawSeed { payload_len: payload.len() }.deserialize(&mut de).map_err(json_error)?;
     de.end().map_err(json_error)?;
     validate(raw, now_ms)
 }
 
 /// Parses a JSON value that is already in memory (the HTTP fallback's batches).
 pub fn parse_value(value: &serde_json::Value, now_ms: u64) -> Result<TelemetryPoint, PayloadError> {
-    let raw = RawSeed.deserialize(value).map_err(json_error)?;
+    let raw = RawSeed { payload_len: 0 }.deserialize(value).map_err(json_error)?;
     validate(raw, now_ms)
 }
 
@@ -289,16 +299,21 @@ struct Raw {
     seen: u16,
 }
 
-struct RawSeed;
+/// Parses a payload of `payload_len` bytes (0: unknown), which sizes the metric buffers.
+struct RawSeed {
+    payload_len: usize,
+}
 
 impl<'de> DeserializeSeed<'de> for RawSeed {
     type Value = Raw;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Raw, D::Error> {
-        d.deserialize_map(RawVisitor)
+        d.deserialize_map(RawVisitor { payload_len: self.payload_len })
     }
 }
 
-struct RawVisitor;
+struct RawVisitor {
+    payload_len: usize,
+}
 
 /// A JSON value that may stand as a metric: a finite number, or a boolean as 0/1.
 struct MetricValue(Option<f64>);
@@ -452,7 +467,7 @@ impl<'de> Visitor<'de> for RawVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Raw, A::Error> {
-        let mut raw = Raw::default();
+        let mut raw = Raw { metrics: MetricsBuilder::for_payload(self.payload_len), ..Raw::default() };
         while let Some(key) = map.next_key::<Key>()? {
             let bit = key.bit();
             if bit != 0 {
@@ -619,6 +634,37 @@ mod tests {
 
     fn p(s: &str) -> Result<TelemetryPoint, PayloadError> {
         parse(s.as_bytes(), NOW, MAX)
+    }
+
+    /// Parses `payload` as `parse` does and returns the metric buffers' capacities, before
+    /// and after.
+    fn metric_buffers(payload: &str) -> ((usize, usize), (usize, usize), usize) {
+        let fresh = MetricsBuilder::for_payload(payload.len());
+        let mut de = serde_json::Deserializer::from_slice(payload.as_bytes());
+        let raw = RawSeed { payload_len: payload.len() }.deserialize(&mut de).unwrap();
+        let m = &raw.metrics;
+        ((fresh.names.capacity(), fresh.entries.capacity()), (m.names.capacity(), m.entries.capacity()), m.len())
+    }
+
+    #[test]
+    fn parsing_does_not_grow_the_metric_buffers() {
+        // A typical point: 80 metrics in metrics{}, unsorted, plus top-level extras.
+        let metrics: Vec<String> = (0..80).rev().map(|i| format!(r#""sensor_{i:02}_temp":{i}.5"#)).collect();
+        let typical = format!(r#"{{"ts":{NOW},"msg_id":"m1","rpm":1200,"metrics":{{{}}}}}"#, metrics.join(","));
+        // The densest: one-letter names and one-digit values, at the metric limit.
+        let names: Vec<String> = (0..TELEMETRY_METRICS_MAX)
+            .map(|i| format!(r#""{}{}":{}"#, char::from(b'a' + (i % 26) as u8), i / 26, i % 10))
+            .collect();
+        let dense = format!(r#"{{"metrics":{{{}}}}}"#, names.join(","));
+        // Escaped names decode shorter than they are written.
+        let escaped = r#"{"metrics":{"\u0061\u0062":1,"c\"d":2,"e":3}}"#.to_string();
+        for (what, payload, count) in
+            [("typical", typical, 81), ("dense", dense, TELEMETRY_METRICS_MAX), ("escaped", escaped, 3)]
+        {
+            let (before, after, n) = metric_buffers(&payload);
+            assert_eq!(n, count, "{what}: every metric parsed");
+            assert_eq!(after, before, "{what}: the buffers kept their first size");
+        }
     }
 
     #[test]
