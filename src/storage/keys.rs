@@ -36,7 +36,7 @@ pub fn orb(key: &OrbKey) -> Vec<u8> {
 }
 
 /// [`orb`] in a buffer with room for `extra` more bytes (one allocation for longer keys).
-fn orb_with_room(key: &OrbKey, extra: usize) -> Vec<u8> {
+pub(crate) fn orb_with_room(key: &OrbKey, extra: usize) -> Vec<u8> {
     let (t, o) = (key.tenant.as_str().as_bytes(), key.orb.as_str().as_bytes());
     let mut k = Vec::with_capacity(t.len() + 1 + o.len() + extra);
     k.extend_from_slice(t);

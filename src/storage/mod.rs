@@ -300,7 +300,7 @@ impl Store {
         batch.put(Ks::Telemetry, keys::telemetry(key, point.ts, suffix), codec::encode_sized(&stored, size));
         if let Some(id) = &point.msg_id {
             let bucket = dedupe::DedupeFilter::bucket(received_ms);
-            let mut ident = keys::orb(key);
+            let mut ident = keys::orb_with_room(key, 1 + id.len());
             ident.push(0);
             ident.extend_from_slice(id.as_bytes());
             batch.dedupe = Some(DedupeProbe {
