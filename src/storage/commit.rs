@@ -122,6 +122,13 @@ struct Hub {
     tx: mpsc::UnboundedSender<AnswerList>,
 }
 
+impl Hub {
+    /// Whether the hub's task still runs (its executor has not dropped it).
+    fn is_live(&self) -> bool {
+        !self.tx.is_closed()
+    }
+}
+
 thread_local! {
     static HUB: RefCell<Option<Arc<Hub>>> = const { RefCell::new(None) };
 }
@@ -132,28 +139,25 @@ thread_local! {
 /// task runs until the executor drops it, and from then on replies go straight to their
 /// waiters again. Idempotent per thread.
 pub(crate) fn deliver_replies_here(spawn: impl FnOnce(Pin<Box<dyn Future<Output = ()>>>)) {
-    HUB.with(|h| {
-        let mut h = h.borrow_mut();
-        if h.as_ref().is_some_and(|hub| !hub.tx.is_closed()) {
-            return;
-        }
-        let (tx, mut rx) = mpsc::unbounded_channel::<AnswerList>();
-        *h = Some(Arc::new(Hub { tx }));
-        spawn(Box::pin(async move {
-            let mut lists = Vec::new();
-            while rx.recv_many(&mut lists, 64).await > 0 {
-                for (waiter, answer) in lists.drain(..).flatten() {
-                    // A waiter that gave up (its connection closed) has nothing to learn.
-                    let _ = waiter.send(answer);
-                }
+    if local_hub().is_some() {
+        return;
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<AnswerList>();
+    HUB.with(|h| *h.borrow_mut() = Some(Arc::new(Hub { tx })));
+    spawn(Box::pin(async move {
+        let mut lists = Vec::new();
+        while rx.recv_many(&mut lists, 64).await > 0 {
+            for (waiter, answer) in lists.drain(..).flatten() {
+                // A waiter that gave up (its connection closed) has nothing to learn.
+                let _ = waiter.send(answer);
             }
-        }));
-    });
+        }
+    }));
 }
 
 /// This thread's hub, if it has a live one.
 fn local_hub() -> Option<Arc<Hub>> {
-    HUB.try_with(|h| h.borrow().as_ref().filter(|hub| !hub.tx.is_closed()).cloned()).ok().flatten()
+    HUB.try_with(|h| h.borrow().as_ref().filter(|hub| hub.is_live()).cloned()).ok().flatten()
 }
 
 /// Collects a group's answers per hub, then delivers each hub's list with one wake.
@@ -175,20 +179,19 @@ impl Answers {
     }
 
     fn deliver(&mut self, metrics: &Metrics) {
-        for (hub, list) in self.lists.drain(..) {
-            // Counted before the hand-over, so a waiter that has its answer sees it counted.
-            let handed = if hub.tx.is_closed() {
-                Err(mpsc::error::SendError(list))
-            } else {
+        for (hub, mut list) in self.lists.drain(..) {
+            if hub.is_live() {
+                // Counted before the hand-over, so a waiter that has its answer sees it counted.
                 metrics.commit_hub_lists.inc();
                 metrics.commit_hub_answers.add(list.len() as u64);
-                hub.tx.send(list)
-            };
-            if let Err(mpsc::error::SendError(list)) = handed {
-                // The hub's task is gone (its executor stopped): answer directly.
-                for (waiter, answer) in list {
-                    let _ = waiter.send(answer);
+                match hub.tx.send(list) {
+                    Ok(()) => continue,
+                    Err(mpsc::error::SendError(back)) => list = back,
                 }
+            }
+            // The hub's task is gone (its executor stopped): answer directly.
+            for (waiter, answer) in list {
+                let _ = waiter.send(answer);
             }
         }
     }
