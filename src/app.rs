@@ -112,6 +112,7 @@ impl Server {
             cache_bytes: config.storage.cache_mb * 1024 * 1024,
             commit_queue_max: config.storage.commit_queue_max,
             dedupe_filter_bytes: config.storage.dedupe_filter_mb * 1024 * 1024,
+            commit_linger: std::time::Duration::from_micros(config.storage.commit_linger_us),
         };
         let dir = config.data_dir.clone();
         let m = metrics.clone();

@@ -118,6 +118,9 @@ pub struct StorageConfig {
     pub cache_mb: u64,
     /// Write requests waiting for group commit before writers wait.
     pub commit_queue_max: usize,
+    /// How long a small commit group (fewer than 32 writes) may wait for more writes to share
+    /// its fsync, in microseconds; 0: never. Adds at most this to an acknowledgement.
+    pub commit_linger_us: u64,
     /// How often expired `msg_id` dedupe entries are removed, in seconds.
     pub dedupe_sweep_interval_s: u64,
     /// Size of each of the two in-memory `msg_id` filters, in MiB (about 1% false positives
@@ -212,6 +215,7 @@ impl Default for StorageConfig {
         StorageConfig {
             cache_mb: 64,
             commit_queue_max: limits::COMMIT_QUEUE_MAX,
+            commit_linger_us: limits::COMMIT_LINGER_US,
             dedupe_sweep_interval_s: 60,
             dedupe_filter_mb: 16,
             hot_window: "6h".into(),
@@ -462,6 +466,13 @@ impl Config {
         if !(1..=1_000_000).contains(&s.commit_queue_max) {
             return invalid(format!("storage.commit_queue_max = {} must be 1..1000000", s.commit_queue_max));
         }
+        if s.commit_linger_us > limits::COMMIT_LINGER_US_MAX {
+            return invalid(format!(
+                "storage.commit_linger_us = {} must be 0..{}",
+                s.commit_linger_us,
+                limits::COMMIT_LINGER_US_MAX
+            ));
+        }
         if !(1..=4096).contains(&s.dedupe_filter_mb) {
             return invalid(format!("storage.dedupe_filter_mb = {} must be 1..4096", s.dedupe_filter_mb));
         }
@@ -587,5 +598,10 @@ mod tests {
         let mut c = Config::default();
         c.events.max_per_tenant = 0;
         assert!(c.validate().unwrap_err().to_string().contains("events.max_per_tenant"));
+        let mut c = Config::default();
+        c.storage.commit_linger_us = limits::COMMIT_LINGER_US_MAX + 1;
+        assert!(c.validate().unwrap_err().to_string().contains("storage.commit_linger_us"));
+        c.storage.commit_linger_us = 0;
+        assert!(c.validate().is_ok(), "0 turns holding off");
     }
 }

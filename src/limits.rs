@@ -90,6 +90,11 @@ pub const ORB_ATTRIBUTE_LEN_MAX: usize = 256;
 pub const COMMIT_QUEUE_MAX: usize = 16_384;
 /// Most requests folded into one group commit (one fsync).
 pub const COMMIT_BATCH_MAX: usize = 8_192;
+/// Default `storage.commit_linger_us`: how long a small commit group may wait for more writes
+/// to share its fsync. Adds at most this to a PUBACK; BENCHMARKS.md has the trade.
+pub const COMMIT_LINGER_US: u64 = 2_000;
+/// Largest `storage.commit_linger_us`.
+pub const COMMIT_LINGER_US_MAX: u64 = 100_000;
 
 /// Fewest fjall worker threads (flushes and compactions). fjall 3.1.13 keeps worker 0 of a
 /// pool for flushes: it hands every compaction request back to the queue and takes it again,

@@ -103,6 +103,8 @@ pub struct Metrics {
     pub commit_requests: Counter,
     /// Answer lists handed to MQTT workers' reply hubs (one per worker per group).
     pub commit_hub_lists: Counter,
+    /// Small commit groups held back to gather more writes (`storage.commit_linger_us`).
+    pub commit_lingers: Counter,
     /// Commit answers delivered through MQTT workers' reply hubs.
     pub commit_hub_answers: Counter,
     pub commit_latency: Histogram,
@@ -211,6 +213,12 @@ impl Metrics {
             self.commit_groups.get().to_string(),
         );
         simple("commit_requests_total", "counter", "Write requests committed.", self.commit_requests.get().to_string());
+        simple(
+            "commit_lingers_total",
+            "counter",
+            "Small commit groups held back (storage.commit_linger_us) so more writes share their fsync.",
+            self.commit_lingers.get().to_string(),
+        );
         simple(
             "commit_hub_lists_total",
             "counter",

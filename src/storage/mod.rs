@@ -196,6 +196,8 @@ pub struct StoreOptions {
     pub commit_queue_max: usize,
     /// Size of each of the two in-memory `msg_id` filters (current and previous bucket).
     pub dedupe_filter_bytes: usize,
+    /// How long a small commit group may wait for more writes (zero: never); see `commit::Linger`.
+    pub commit_linger: std::time::Duration,
 }
 
 impl Default for StoreOptions {
@@ -204,6 +206,7 @@ impl Default for StoreOptions {
             cache_bytes: 64 * 1024 * 1024,
             commit_queue_max: crate::limits::COMMIT_QUEUE_MAX,
             dedupe_filter_bytes: 16 * 1024 * 1024,
+            commit_linger: std::time::Duration::from_micros(crate::limits::COMMIT_LINGER_US),
         }
     }
 }
@@ -255,8 +258,14 @@ impl Store {
                 });
             }
         }
-        let committer =
-            Committer::start(db.clone(), ks.clone(), opts.commit_queue_max, opts.dedupe_filter_bytes, metrics.clone());
+        let committer = Committer::start(
+            db.clone(),
+            ks.clone(),
+            opts.commit_queue_max,
+            opts.dedupe_filter_bytes,
+            opts.commit_linger,
+            metrics.clone(),
+        );
         Ok(Store { db, ks, committer, metrics })
     }
 
