@@ -108,12 +108,7 @@ impl Server {
     /// Starts everything; returns once every listener is serving.
     pub async fn start(config: &Config, clock: Clock) -> Result<Server, AppError> {
         let metrics = Arc::new(Metrics::default());
-        let store_opts = StoreOptions {
-            cache_bytes: config.storage.cache_mb * 1024 * 1024,
-            commit_queue_max: config.storage.commit_queue_max,
-            dedupe_filter_bytes: config.storage.dedupe_filter_mb * 1024 * 1024,
-            commit_linger: std::time::Duration::from_micros(config.storage.commit_linger_us),
-        };
+        let store_opts = store_options(config);
         let dir = config.data_dir.clone();
         let m = metrics.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(&dir, &store_opts, m))
@@ -449,11 +444,21 @@ async fn cold_maintenance(
     }
 }
 
+/// The store's options from the `[storage]` configuration.
+fn store_options(config: &Config) -> StoreOptions {
+    StoreOptions {
+        cache_bytes: config.storage.cache_mb * 1024 * 1024,
+        commit_queue_max: config.storage.commit_queue_max,
+        dedupe_filter_bytes: config.storage.dedupe_filter_mb * 1024 * 1024,
+        commit_linger: std::time::Duration::from_micros(config.storage.commit_linger_us),
+    }
+}
+
 /// `orbmanager restore`: rebuilds an empty data directory from a checkpoint in the object
 /// store (and the cold files spilled after it). Returns a one-line JSON report.
 pub async fn restore(config: &Config, checkpoint: Option<&str>) -> Result<String, AppError> {
     let metrics = Arc::new(Metrics::default());
-    let opts = StoreOptions { cache_bytes: config.storage.cache_mb * 1024 * 1024, ..Default::default() };
+    let opts = store_options(config);
     let dir = config.data_dir.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, &opts, metrics))
         .await

@@ -3,6 +3,7 @@
 //! The binary is a thin shell (`src/main.rs`); everything a test or a bench needs to start a
 //! real server, open a store or drive a simulated fleet lives here. See ARCHITECTURE.md for the
 //! map and the invariants.
+#![forbid(unsafe_code)] // the library has none; the binary's one exception is in src/main.rs
 
 pub mod actors;
 pub mod api;
