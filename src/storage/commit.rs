@@ -356,18 +356,14 @@ fn run(
     let mut outcomes: Vec<Outcome> = Vec::with_capacity(256);
     let mut stopping = false;
     while !stopping {
-        // When the group's first request was sent: a hold is measured from it.
-        let mut oldest = None;
         match rx.blocking_recv() {
-            Some(Request::Commit(b, r, queued)) => {
-                oldest = Some(queued);
-                group.push((b, r, queued));
-            }
+            Some(Request::Commit(b, r, queued)) => group.push((b, r, queued)),
             Some(Request::Shutdown) | None => stopping = true,
         }
         take_queued(&mut rx, &mut group, &mut stopping, Instant::now());
+        // The group starts empty, so its first entry is its oldest: a hold is measured from it.
         if !stopping
-            && let Some(oldest) = oldest
+            && let Some(&(_, _, oldest)) = group.first()
             && let Some(hold) = linger.hold(group.len(), oldest.elapsed())
         {
             metrics.commit_lingers.inc();
