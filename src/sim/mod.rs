@@ -413,6 +413,7 @@ async fn orb_task(
     let mut pkid: u16 = 0;
     let mut motion = cfg.workload.start(i);
     let mut out = Vec::with_capacity(cfg.workload.payload_bytes() + 128);
+    let mut payload = Vec::with_capacity(cfg.workload.payload_bytes() + 64);
     let mut last_write = Instant::now();
     let ping_every = Duration::from_secs(u64::from(keepalive) / 2);
     // The offered load: every intended send time inside the run, sent or not.
@@ -480,11 +481,14 @@ async fn orb_task(
             }
         }
         let state = cfg.state_every > 0 && seq % cfg.state_every == cfg.state_every - 1;
-        let payload = if state {
-            serde_json::json!({"firmware": "sim-1.0", "config": {"sim_seq": seq}}).to_string().into_bytes()
+        payload.clear();
+        if state {
+            let report = serde_json::json!({"firmware": "sim-1.0", "config": {"sim_seq": seq}});
+            // Writing JSON into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut payload, &report);
         } else {
-            cfg.workload.payload(&msg_prefix, seq, &mut motion, interval)
-        };
+            cfg.workload.payload_into(&mut payload, &msg_prefix, seq, &mut motion, interval);
+        }
         seq += 1;
         out.clear();
         if cfg.qos > 0 {
@@ -630,6 +634,7 @@ async fn gateway_task(
     // Children online, in acknowledged batches.
     let mut buf = Vec::with_capacity(256);
     let mut out = Vec::new();
+    let mut payload = Vec::with_capacity(cfg.workload.payload_bytes() + 64);
     let ids: Vec<String> = children.clone().map(|i| orb_id(&cfg.prefix, i)).collect();
     let msg_prefixes: Vec<String> = ids.iter().map(|id| format!("{id}.{:08x}", stats.run)).collect();
     let topics: Vec<String> = ids.iter().map(|id| format!("telemetry/{}/{id}", cfg.tenant)).collect();
@@ -716,7 +721,8 @@ async fn gateway_task(
             pkid = pkid.wrapping_add(1).max(1);
             inflight.lock().expect("inflight lock").insert(pkid, at);
         }
-        let payload = cfg.workload.payload(&msg_prefixes[j], seqs[j], &mut motions[j], interval);
+        payload.clear();
+        cfg.workload.payload_into(&mut payload, &msg_prefixes[j], seqs[j], &mut motions[j], interval);
         seqs[j] += 1;
         out.clear();
         client::publish_packet(&mut out, cfg.protocol, &topics[j], &payload, cfg.qos, pkid);

@@ -1,7 +1,7 @@
 //! What simulated orbs send: synthetic payloads of a fixed size, or a city fleet whose
 //! robots drive around, drain their batteries and go charging.
 
-use std::fmt::Write as _;
+use std::io::Write as _;
 use std::time::Duration;
 
 /// The kind of telemetry to generate.
@@ -53,9 +53,17 @@ impl Workload {
 
     /// The next telemetry payload of `orb`.
     pub fn payload(&self, orb: &str, seq: u64, m: &mut Motion, dt: Duration) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.payload_bytes() + 64);
+        self.payload_into(&mut out, orb, seq, m, dt);
+        out
+    }
+
+    /// Appends the next telemetry payload of `orb` to `out` (the simulator reuses one buffer
+    /// per connection).
+    pub fn payload_into(&self, out: &mut Vec<u8>, orb: &str, seq: u64, m: &mut Motion, dt: Duration) {
         let ts = now_ms();
         match self {
-            Workload::Synthetic { payload_bytes } => synthetic(orb, seq, ts, *payload_bytes),
+            Workload::Synthetic { payload_bytes } => synthetic_into(out, orb, seq, ts, *payload_bytes),
             Workload::City => {
                 step(m, dt.as_secs_f64());
                 let mode = if m.charging {
@@ -65,7 +73,8 @@ impl Workload {
                 } else {
                     "idle"
                 };
-                format!(
+                let _ = write!(
+                    out,
                     r#"{{"ts":{ts},"msg_id":"{orb}-{seq}","battery":{:.1},"lat":{:.6},"lon":{:.6},"speed":{:.2},"mode":"{mode}","metrics":{{"motor_temp_c":{:.1},"odometer_km":{:.3}}}}}"#,
                     m.battery,
                     m.lat,
@@ -73,8 +82,7 @@ impl Workload {
                     m.speed,
                     30.0 + m.speed * 2.0 + fastrand::f64() * 3.0,
                     seq as f64 * m.speed * dt.as_secs_f64() / 1000.0,
-                )
-                .into_bytes()
+                );
             }
         }
     }
@@ -107,33 +115,114 @@ fn step(m: &mut Motion, dt: f64) {
 
 /// Synthetic telemetry of about `size` bytes: the standard fields, then numeric metrics.
 pub fn synthetic(orb: &str, seq: u64, ts: u64, size: usize) -> Vec<u8> {
-    let mut s = String::with_capacity(size + 64);
-    let _ = write!(
-        s,
-        r#"{{"ts":{ts},"msg_id":"{orb}-{seq}","battery":{:.1},"lat":37.{:06},"lon":-122.{:06},"speed":{:.2},"mode":"mission","metrics":{{"#,
-        50.0 + (seq % 50) as f64,
-        seq % 1_000_000,
-        (seq * 7) % 1_000_000,
-        (seq % 20) as f64 * 0.5,
-    );
-    // Metric names grow with the target so 256 metrics can fill large payloads.
-    let name_len = (size / crate::limits::TELEMETRY_METRICS_MAX).clamp(4, 60);
-    let mut n = 0;
-    while s.len() + name_len + 12 < size && n < crate::limits::TELEMETRY_METRICS_MAX {
-        if n > 0 {
-            s.push(',');
+    let mut out = Vec::with_capacity(size + 64);
+    synthetic_into(&mut out, orb, seq, ts, size);
+    out
+}
+
+/// [`synthetic`], appended to `out`. Written digit by digit rather than through `fmt`: at
+/// saturation the simulator shares the machine with the server, and formatting ~70 numbers
+/// per payload was 45% of its CPU (BENCHMARKS.md, "The simulator's own cost").
+pub fn synthetic_into(out: &mut Vec<u8>, orb: &str, seq: u64, ts: u64, size: usize) {
+    let start = out.len();
+    out.extend_from_slice(br#"{"ts":"#);
+    push_decimal(out, ts, 0);
+    out.extend_from_slice(br#","msg_id":""#);
+    out.extend_from_slice(orb.as_bytes());
+    out.push(b'-');
+    push_decimal(out, seq, 0);
+    // battery 50.0 ..= 99.0, speed 0.00 ..= 9.50 in steps of 0.5: exact in decimal.
+    out.extend_from_slice(br#"","battery":"#);
+    push_decimal(out, 50 + seq % 50, 0);
+    out.extend_from_slice(br#".0,"lat":37."#);
+    push_decimal(out, seq % 1_000_000, 6);
+    out.extend_from_slice(br#","lon":-122."#);
+    push_decimal(out, (seq * 7) % 1_000_000, 6);
+    let speed = (seq % 20) * 50;
+    out.extend_from_slice(br#","speed":"#);
+    push_decimal(out, speed / 100, 0);
+    out.push(b'.');
+    push_decimal(out, speed % 100, 2);
+    out.extend_from_slice(br#","mode":"mission","metrics":{"#);
+    // As many metrics as keep the payload under `size`. Their text is the same in every
+    // payload of this size but for the three decimals (the sequence number), so it is copied
+    // from a template and the decimals are written in.
+    let head = out.len() - start;
+    METRICS.with_borrow_mut(|t| {
+        if t.size != size || t.ends.is_empty() {
+            *t = MetricsTemplate::new(size);
         }
-        let _ = write!(s, r#""m{:0width$}":{}.{:03}"#, n, n * 3, seq % 1000, width = name_len - 1);
-        n += 1;
+        let room = size.saturating_sub(head + t.name_len + 12);
+        let n = t.ends[..t.ends.len() - 1].partition_point(|&end| (end as usize) < room);
+        let at = out.len();
+        out.extend_from_slice(&t.text[..t.ends[n] as usize]);
+        let frac = (seq % 1000) as u16;
+        let digits = [b'0' + (frac / 100) as u8, b'0' + (frac / 10 % 10) as u8, b'0' + (frac % 10) as u8];
+        for &end in &t.ends[1..=n] {
+            let end = at + end as usize;
+            out[end - 3..end].copy_from_slice(&digits);
+        }
+    });
+    out.extend_from_slice(b"}}");
+}
+
+thread_local! {
+    static METRICS: std::cell::RefCell<MetricsTemplate> = std::cell::RefCell::new(MetricsTemplate::default());
+}
+
+/// The metrics of a synthetic payload of `size` bytes with `000` decimals: metric `n`'s text
+/// (with its leading comma) ends at `ends[n + 1]`.
+#[derive(Default)]
+struct MetricsTemplate {
+    size: usize,
+    name_len: usize,
+    text: Vec<u8>,
+    ends: Vec<u32>,
+}
+
+impl MetricsTemplate {
+    fn new(size: usize) -> MetricsTemplate {
+        // Metric names grow with the target so 256 metrics can fill large payloads.
+        let name_len = (size / crate::limits::TELEMETRY_METRICS_MAX).clamp(4, 60);
+        let mut text = Vec::new();
+        let mut ends = vec![0];
+        for n in 0..crate::limits::TELEMETRY_METRICS_MAX {
+            if n > 0 {
+                text.push(b',');
+            }
+            text.extend_from_slice(b"\"m");
+            push_decimal(&mut text, n as u64, name_len - 1);
+            text.extend_from_slice(b"\":");
+            push_decimal(&mut text, n as u64 * 3, 0);
+            text.extend_from_slice(b".000");
+            ends.push(text.len() as u32);
+        }
+        MetricsTemplate { size, name_len, text, ends }
     }
-    s.push_str("}}");
-    s.into_bytes()
+}
+
+/// Appends `v` in decimal, zero-padded to at least `width` digits.
+fn push_decimal(out: &mut Vec<u8>, mut v: u64, width: usize) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    let len = digits.len() - i;
+    out.resize(out.len() + width.saturating_sub(len), b'0');
+    out.extend_from_slice(&digits[i..]);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::telemetry;
+    use std::fmt::Write as _;
 
     #[test]
     fn synthetic_payloads_are_valid_and_near_the_size() {
@@ -143,6 +232,63 @@ mod tests {
             assert_eq!(pt.msg_id.as_deref(), Some("sim-00001-42"));
             // The standard fields alone take ~140 bytes; above that the size is met closely.
             assert!(p.len() <= size.max(150) && p.len() + 80 >= size, "size {size}: got {}", p.len());
+        }
+    }
+
+    /// The layout [`synthetic_into`] writes by hand, as the format string it replaced.
+    fn synthetic_by_format(orb: &str, seq: u64, ts: u64, size: usize) -> Vec<u8> {
+        let mut s = String::with_capacity(size + 64);
+        let _ = write!(
+            s,
+            r#"{{"ts":{ts},"msg_id":"{orb}-{seq}","battery":{:.1},"lat":37.{:06},"lon":-122.{:06},"speed":{:.2},"mode":"mission","metrics":{{"#,
+            50.0 + (seq % 50) as f64,
+            seq % 1_000_000,
+            (seq * 7) % 1_000_000,
+            (seq % 20) as f64 * 0.5,
+        );
+        let name_len = (size / crate::limits::TELEMETRY_METRICS_MAX).clamp(4, 60);
+        let mut n = 0;
+        while s.len() + name_len + 12 < size && n < crate::limits::TELEMETRY_METRICS_MAX {
+            if n > 0 {
+                s.push(',');
+            }
+            let _ = write!(s, r#""m{:0width$}":{}.{:03}"#, n, n * 3, seq % 1000, width = name_len - 1);
+            n += 1;
+        }
+        s.push_str("}}");
+        s.into_bytes()
+    }
+
+    #[test]
+    fn synthetic_payloads_match_their_format_string() {
+        let mut out = b"prefix".to_vec();
+        for size in [0, 100, 150, 151, 1024, 1031, 4096, 16 * 1024, 64 * 1024] {
+            for seq in [0, 1, 9, 10, 49, 999, 1_000, 123_456, 999_999, 1_000_000, 98_765_432_109, u64::MAX / 7] {
+                for (orb, ts) in [("sim-00001", 1_700_000_000_000), ("o", 0), ("sim.0badcafe-longer-prefix", 9)] {
+                    let want = synthetic_by_format(orb, seq, ts, size);
+                    assert_eq!(synthetic(orb, seq, ts, size), want, "size {size} seq {seq} orb {orb}");
+                    out.truncate(6);
+                    synthetic_into(&mut out, orb, seq, ts, size);
+                    assert_eq!(&out[..6], b"prefix");
+                    assert_eq!(&out[6..], &want[..], "appended: size {size} seq {seq} orb {orb}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn decimals_pad_to_their_width() {
+        let mut out = Vec::new();
+        for (v, w, want) in [
+            (0, 0, "0"),
+            (7, 3, "007"),
+            (1234, 2, "1234"),
+            (u64::MAX, 0, "18446744073709551615"),
+            (5, 25, "0000000000000000000000005"),
+        ] {
+            out.clear();
+            push_decimal(&mut out, v, w);
+            assert_eq!(std::str::from_utf8(&out).unwrap(), want);
         }
     }
 
