@@ -476,7 +476,7 @@ mod tests {
     };
     use crate::metrics::Metrics;
     use crate::model::{OrbId, OrbKey, TenantId, telemetry};
-    use crate::storage::{Batch, Outcome, Store, StoreOptions};
+    use crate::storage::{Batch, Ks, Outcome, Store, StoreOptions};
 
     const NOW: u64 = 1_700_000_000_000;
 
@@ -681,6 +681,45 @@ mod tests {
         assert_eq!(stored_rx.blocking_recv().unwrap().unwrap(), Outcome::Stored);
         assert!(matches!(failed_rx.blocking_recv().unwrap(), Err(Error::CommitFailed(m)) if m == "disk"));
         assert_eq!(metrics.commit_hub_lists.get(), 0, "nothing was handed to the gone hub");
+    }
+
+    /// Flushes `n` memtables into the telemetry keyspace, each with a point of orb `a` and
+    /// one of `key`, so that each overlaps the others as a fleet's flushes do; then waits a
+    /// moment for fjall's workers to compact what they would. The L0 table count after it.
+    fn flush_points(store: &Store, key: &OrbKey, from: u64, n: u64) -> usize {
+        let first = OrbKey::new(key.tenant.clone(), OrbId::parse("a").unwrap());
+        let ks = store.ks.get(Ks::Telemetry);
+        for i in from..from + n {
+            assert_eq!(store.commit_blocking(point_batch(&first, i)).unwrap(), Outcome::Stored);
+            assert_eq!(store.commit_blocking(point_batch(key, i)).unwrap(), Outcome::Stored);
+            ks.rotate_memtable_and_wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        ks.l0_table_count()
+    }
+
+    #[test]
+    fn telemetry_merges_twelve_flushes_at_a_time_also_after_a_reopen() {
+        let (dir, _metrics, key, store) = open_store("z1");
+        // The first flush finds the levels empty and is moved below L0; fjall's default (4
+        // runs) would have merged the rest into L1 by now.
+        assert_eq!(flush_points(&store, &key, 0, 8), 7);
+        store.close();
+        drop(store);
+        let store = Store::open(dir.path(), &StoreOptions::default(), Arc::new(Metrics::default())).unwrap();
+        assert_eq!(flush_points(&store, &key, 8, 3), 10, "the keyspace keeps its option");
+        // The twelfth run starts the merge.
+        let ks = store.ks.get(Ks::Telemetry);
+        flush_points(&store, &key, 11, 2);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while ks.l0_table_count() >= 12 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(ks.l0_table_count() < 12, "twelve runs are merged into L1");
+        let points = store.points(&key, 0, u64::MAX, None, 100).unwrap();
+        let loads: Vec<f64> = points.iter().filter_map(|(_, p)| p.point.metrics.get("load")).collect();
+        assert_eq!(loads, (0..13).map(|i| i as f64).collect::<Vec<_>>(), "nothing lost or reordered in the merge");
+        store.close();
     }
 
     #[test]

@@ -222,6 +222,21 @@ pub struct Store {
 
 const META_FORMAT: &[u8] = b"format_version";
 
+/// How a keyspace is created. fjall keeps these options with the keyspace: a store created by
+/// an earlier version keeps the ones it was created with.
+fn keyspace_options(k: Ks) -> KeyspaceCreateOptions {
+    let opts = KeyspaceCreateOptions::default();
+    match k {
+        // Telemetry is most of what is written and its keys are orb-first, so every flushed
+        // memtable overlaps all of L1: merging 12 flushes at a time instead of fjall's 4
+        // rewrites L1 a third as often (BENCHMARKS.md, "Telemetry compaction").
+        Ks::Telemetry => opts.compaction_strategy(Arc::new(
+            fjall::compaction::Leveled::default().with_l0_threshold(crate::limits::TELEMETRY_L0_RUNS),
+        )),
+        _ => opts,
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store under `dir`, recovering the journal.
     pub fn open(dir: &Path, opts: &StoreOptions, metrics: Arc<Metrics>) -> Result<Store, Error> {
@@ -239,7 +254,7 @@ impl Store {
                 },
             )?;
         let handles: Vec<Keyspace> =
-            Ks::ALL.iter().map(|k| db.keyspace(k.name(), KeyspaceCreateOptions::default)).collect::<Result<_, _>>()?;
+            Ks::ALL.iter().map(|k| db.keyspace(k.name(), || keyspace_options(*k))).collect::<Result<_, _>>()?;
         let handles: [Keyspace; Ks::ALL.len()] =
             handles.try_into().unwrap_or_else(|_| unreachable!("one handle per keyspace"));
         let ks = Keyspaces(Arc::new(handles));
