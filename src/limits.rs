@@ -105,10 +105,11 @@ pub const COMMIT_LINGER_US_MAX: u64 = 100_000;
 pub const FJALL_WORKERS_MIN: usize = 3;
 /// Most fjall worker threads (fjall's own default cap).
 pub const FJALL_WORKERS_MAX: usize = 4;
-/// Flushed memtables (L0 runs) of the telemetry keyspace merged into L1 at a time (fjall's
-/// default is 4). fjall slows writes down from 20 runs on and stops them at 30, so 8 runs
-/// (512 MiB at fjall's 64 MiB memtables, ~8 s of saturation ingest) are left for a merge to
-/// finish before the writers are slowed.
+/// Flushed memtables (L0 tables, one per flush) of the telemetry keyspace that start a merge
+/// into L1 (fjall's default is 4); in lsm-tree 3.1 it also multiplies L1's target size (64 MiB
+/// x this). fjall 3.1 slows writers from 20 L0 runs on (a spin growing with each run over 20)
+/// and stops them at 30, so 8 flushes (512 MiB at 64 MiB memtables, ~8 s of saturation
+/// ingest) are left for a merge to finish before writers are slowed.
 pub const TELEMETRY_L0_RUNS: u8 = 12;
 
 /// Default number of shard supervisors.

@@ -412,8 +412,8 @@ async fn orb_task(
     let mut seq: u64 = 0;
     let mut pkid: u16 = 0;
     let mut motion = cfg.workload.start(i);
-    let mut out = Vec::with_capacity(cfg.workload.payload_bytes() + 128);
-    let mut payload = Vec::with_capacity(cfg.workload.payload_bytes() + 64);
+    let mut out = Vec::with_capacity(cfg.workload.buffer_bytes() + 128);
+    let mut payload = Vec::with_capacity(cfg.workload.buffer_bytes());
     let mut last_write = Instant::now();
     let ping_every = Duration::from_secs(u64::from(keepalive) / 2);
     // The offered load: every intended send time inside the run, sent or not.
@@ -634,7 +634,7 @@ async fn gateway_task(
     // Children online, in acknowledged batches.
     let mut buf = Vec::with_capacity(256);
     let mut out = Vec::new();
-    let mut payload = Vec::with_capacity(cfg.workload.payload_bytes() + 64);
+    let mut payload = Vec::with_capacity(cfg.workload.buffer_bytes());
     let ids: Vec<String> = children.clone().map(|i| orb_id(&cfg.prefix, i)).collect();
     let msg_prefixes: Vec<String> = ids.iter().map(|id| format!("{id}.{:08x}", stats.run)).collect();
     let topics: Vec<String> = ids.iter().map(|id| format!("telemetry/{}/{id}", cfg.tenant)).collect();

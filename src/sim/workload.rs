@@ -51,9 +51,15 @@ impl Workload {
         }
     }
 
+    /// Room for one payload: the target size (at most the server's payload limit; synthetic
+    /// payloads never exceed ~19 KiB whatever the target) and the standard fields.
+    pub fn buffer_bytes(&self) -> usize {
+        self.payload_bytes().min(crate::limits::TELEMETRY_PAYLOAD_MAX_BYTES) + 64
+    }
+
     /// The next telemetry payload of `orb`.
     pub fn payload(&self, orb: &str, seq: u64, m: &mut Motion, dt: Duration) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.payload_bytes() + 64);
+        let mut out = Vec::with_capacity(self.buffer_bytes());
         self.payload_into(&mut out, orb, seq, m, dt);
         out
     }
@@ -115,14 +121,15 @@ fn step(m: &mut Motion, dt: f64) {
 
 /// Synthetic telemetry of about `size` bytes: the standard fields, then numeric metrics.
 pub fn synthetic(orb: &str, seq: u64, ts: u64, size: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(size + 64);
+    let mut out = Vec::with_capacity(Workload::Synthetic { payload_bytes: size }.buffer_bytes());
     synthetic_into(&mut out, orb, seq, ts, size);
     out
 }
 
 /// [`synthetic`], appended to `out`. Written digit by digit rather than through `fmt`: at
-/// saturation the simulator shares the machine with the server, and formatting ~70 numbers
-/// per payload was 45% of its CPU (BENCHMARKS.md, "The simulator's own cost").
+/// saturation the simulator shares the machine with the server, and building a 1 KiB payload
+/// (~190 numbers through `fmt`: 64 metrics of three numbers each, and the standard fields) was
+/// 45% of its CPU (BENCHMARKS.md, "The simulator's own cost").
 pub fn synthetic_into(out: &mut Vec<u8>, orb: &str, seq: u64, ts: u64, size: usize) {
     let start = out.len();
     out.extend_from_slice(br#"{"ts":"#);

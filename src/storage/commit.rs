@@ -684,8 +684,8 @@ mod tests {
     }
 
     /// Flushes `n` memtables into the telemetry keyspace, each with a point of orb `a` and
-    /// one of `key`, so that each overlaps the others as a fleet's flushes do; then waits a
-    /// moment for fjall's workers to compact what they would. The L0 table count after it.
+    /// one of `key`, so that each overlaps the others as a fleet's flushes do. The L0 table
+    /// count after it.
     fn flush_points(store: &Store, key: &OrbKey, from: u64, n: u64) -> usize {
         let first = OrbKey::new(key.tenant.clone(), OrbId::parse("a").unwrap());
         let ks = store.ks.get(Ks::Telemetry);
@@ -694,31 +694,63 @@ mod tests {
             assert_eq!(store.commit_blocking(point_batch(key, i)).unwrap(), Outcome::Stored);
             ks.rotate_memtable_and_wait().unwrap();
         }
-        std::thread::sleep(Duration::from_millis(500));
         ks.l0_table_count()
     }
 
+    /// Waits (at most 30 s) until fjall's workers bring the telemetry keyspace's L0 table
+    /// count to where `done` says; the count then.
+    fn l0_settles(store: &Store, done: impl Fn(usize) -> bool) -> usize {
+        let ks = store.ks.get(Ks::Telemetry);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !done(ks.l0_table_count()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ks.l0_table_count()
+    }
+
+    /// The L0 table count after giving fjall's workers half a second to merge what they would.
+    fn l0_after_a_moment(store: &Store) -> usize {
+        std::thread::sleep(Duration::from_millis(500));
+        store.ks.get(Ks::Telemetry).l0_table_count()
+    }
+
     #[test]
-    fn telemetry_merges_twelve_flushes_at_a_time_also_after_a_reopen() {
+    fn telemetry_merges_twelve_flushes_at_a_time() {
         let (dir, _metrics, key, store) = open_store("z1");
-        // The first flush finds the levels empty and is moved below L0; fjall's default (4
-        // runs) would have merged the rest into L1 by now.
-        assert_eq!(flush_points(&store, &key, 0, 8), 7);
+        // The first flush finds the levels empty and is moved below L0.
+        flush_points(&store, &key, 0, 1);
+        assert_eq!(l0_settles(&store, |n| n == 0), 0);
+        flush_points(&store, &key, 1, 7);
+        // fjall's default (4 runs) would have merged these.
+        assert_eq!(l0_after_a_moment(&store), 7);
         store.close();
         drop(store);
         let store = Store::open(dir.path(), &StoreOptions::default(), Arc::new(Metrics::default())).unwrap();
-        assert_eq!(flush_points(&store, &key, 8, 3), 10, "the keyspace keeps its option");
-        // The twelfth run starts the merge.
-        let ks = store.ks.get(Ks::Telemetry);
-        flush_points(&store, &key, 11, 2);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while ks.l0_table_count() >= 12 && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(ks.l0_table_count() < 12, "twelve runs are merged into L1");
+        assert_eq!(flush_points(&store, &key, 8, 4), 11);
+        assert_eq!(l0_after_a_moment(&store), 11, "eleven runs wait, also after a reopen");
+        flush_points(&store, &key, 12, 1);
+        assert_eq!(l0_settles(&store, |n| n == 0), 0, "the twelfth run starts the merge");
         let points = store.points(&key, 0, u64::MAX, None, 100).unwrap();
         let loads: Vec<f64> = points.iter().filter_map(|(_, p)| p.point.metrics.get("load")).collect();
         assert_eq!(loads, (0..13).map(|i| i as f64).collect::<Vec<_>>(), "nothing lost or reordered in the merge");
+        store.close();
+    }
+
+    #[test]
+    fn a_telemetry_keyspace_created_by_an_earlier_version_keeps_its_options() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // What stores created before the telemetry keyspace had its own options hold.
+            let db = fjall::Database::builder(dir.path().join("fjall")).open().unwrap();
+            db.keyspace(Ks::Telemetry.name(), fjall::KeyspaceCreateOptions::default).unwrap();
+        }
+        let store = Store::open(dir.path(), &StoreOptions::default(), Arc::new(Metrics::default())).unwrap();
+        let key = OrbKey::new(TenantId::parse("t1").unwrap(), OrbId::parse("z1").unwrap());
+        flush_points(&store, &key, 0, 1);
+        assert_eq!(l0_settles(&store, |n| n == 0), 0);
+        flush_points(&store, &key, 1, 4);
+        assert_eq!(l0_settles(&store, |n| n == 0), 0, "fjall's default merges at four runs");
+        assert_eq!(store.points(&key, 0, u64::MAX, None, 100).unwrap().len(), 5);
         store.close();
     }
 

@@ -229,7 +229,10 @@ fn keyspace_options(k: Ks) -> KeyspaceCreateOptions {
     match k {
         // Telemetry is most of what is written and its keys are orb-first, so every flushed
         // memtable overlaps all of L1: merging 12 flushes at a time instead of fjall's 4
-        // rewrites L1 a third as often (BENCHMARKS.md, "Telemetry compaction").
+        // merges into L1 a third as often. In lsm-tree 3.1 the threshold also sets L1's
+        // target size (64 MiB tables x 12 = 768 MiB instead of 256) and through it every
+        // deeper level's: the tree is three times wider per level and shallower for the same
+        // data (BENCHMARKS.md, "Telemetry compaction").
         Ks::Telemetry => opts.compaction_strategy(Arc::new(
             fjall::compaction::Leveled::default().with_l0_threshold(crate::limits::TELEMETRY_L0_RUNS),
         )),
