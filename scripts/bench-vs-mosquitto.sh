@@ -5,9 +5,11 @@
 # the load generator (`orbmanager sim`) on the same cores. Writes $OUT/results.json and prints a
 # table: acked rate, PUBACK latency, broker CPU per acknowledged message (over the whole run and
 # in the steady state after the connection ramp) and RSS; and where OrbManager's steady-state CPU
-# goes, per message, by thread group (MQTT workers, group commit, actors, LSM workers).
-#   scripts/bench-vs-mosquitto.sh                       # both scenarios
+# goes, per message, by thread group (MQTT workers, group commit, actors, LSM workers), and the
+# peak of the telemetry keyspace's write backlog (L0 tables, sealed memtables) during the run.
+#   scripts/bench-vs-mosquitto.sh                       # both scenarios, 30 s each
 #   SCENARIOS=saturation DUR=20 scripts/bench-vs-mosquitto.sh
+#   SCENARIOS=saturation DUR=300 scripts/bench-vs-mosquitto.sh   # sustained: compaction catches up
 # Scenarios: `saturation` (1,000 connections x 1 KiB every 10 ms: 100K msg/s offered, more than
 # either broker takes here) and `devices` (15,000 connections x 1 KiB every 2 s: 7.5K msg/s).
 set -euo pipefail
@@ -88,8 +90,34 @@ CONF
     > "$OUT/orbmanager.log" 2>&1 &
   OM=$!
   sleep 2
+  # The telemetry keyspace's write backlog, scraped every second until the server stops: its
+  # peaks go into the results (fjall slows writers from 20 L0 runs; long runs show it).
+  python3 - "$OUT/data/endpoints.json" "$OM" > "$OUT/$scenario-backlog.json" <<'PY' &
+import json, os, sys, time, urllib.request
+path, pid, peak = sys.argv[1], int(sys.argv[2]), {}
+for _ in range(100):
+    if os.path.exists(path):
+        break
+    time.sleep(0.1)
+http = json.load(open(path))["http"]
+while True:
+    try:
+        os.kill(pid, 0)
+        text = urllib.request.urlopen(f"http://{http}/metrics", timeout=2).read().decode()
+    except Exception:
+        break
+    for line in text.splitlines():
+        if line.startswith("orbmanager_storage_telemetry_"):
+            name, value = line.split()
+            name = name.removeprefix("orbmanager_storage_telemetry_")
+            peak[name] = max(peak.get(name, 0), float(value))
+    time.sleep(1)
+print(json.dumps(peak))
+PY
+  SAMPLER=$!
   run_one orbmanager "$scenario" 127.0.0.1:21884 "$OM"
   kill -TERM "$OM"; wait "$OM" 2>/dev/null || true
+  wait "$SAMPLER" 2>/dev/null || true
 done
 
 python3 - "$OUT" $SCENARIOS <<'PY'
@@ -117,6 +145,12 @@ for sc in scenarios:
     m, o = results[sc]["mosquitto"], results[sc]["orbmanager"]
     by = o["steady_cpu_us_per_msg_by_thread"]
     print(f"{sc:<11} orbmanager steady CPU us/msg by thread: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(by.items(), key=lambda kv: -kv[1])))
+    try:
+        o["telemetry_backlog_peak"] = json.load(open(f"{out}/{sc}-backlog.json"))
+        pk = o["telemetry_backlog_peak"]
+        print(f"{sc:<11} orbmanager telemetry keyspace peak: L0 tables {pk.get('l0_tables', 0):.0f}, sealed memtables {pk.get('sealed_memtables', 0):.0f}")
+    except (OSError, ValueError):
+        pass
     results[sc]["ratios"] = {"throughput_orbmanager_over_mosquitto": o["acked_rate"] / max(m["acked_rate"], 1e-9),
                              "cpu_per_msg_orbmanager_over_mosquitto": o["cpu_us_per_msg"] / max(m["cpu_us_per_msg"], 1e-9),
                              "steady_cpu_per_msg_orbmanager_over_mosquitto": o["steady_cpu_us_per_msg"] / max(m["steady_cpu_us_per_msg"], 1e-9)}

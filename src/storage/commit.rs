@@ -693,25 +693,25 @@ mod tests {
             assert_eq!(store.commit_blocking(point_batch(&first, i)).unwrap(), Outcome::Stored);
             assert_eq!(store.commit_blocking(point_batch(key, i)).unwrap(), Outcome::Stored);
             ks.rotate_memtable_and_wait().unwrap();
+            assert_eq!(store.telemetry_backlog().sealed_memtables, 0, "flushed");
         }
-        ks.l0_table_count()
+        store.telemetry_backlog().l0_tables
     }
 
     /// Waits (at most 30 s) until fjall's workers bring the telemetry keyspace's L0 table
     /// count to where `done` says; the count then.
     fn l0_settles(store: &Store, done: impl Fn(usize) -> bool) -> usize {
-        let ks = store.ks.get(Ks::Telemetry);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !done(ks.l0_table_count()) && std::time::Instant::now() < deadline {
+        while !done(store.telemetry_backlog().l0_tables) && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        ks.l0_table_count()
+        store.telemetry_backlog().l0_tables
     }
 
     /// The L0 table count after giving fjall's workers half a second to merge what they would.
     fn l0_after_a_moment(store: &Store) -> usize {
         std::thread::sleep(Duration::from_millis(500));
-        store.ks.get(Ks::Telemetry).l0_table_count()
+        store.telemetry_backlog().l0_tables
     }
 
     #[test]

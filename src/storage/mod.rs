@@ -222,6 +222,16 @@ pub struct Store {
 
 const META_FORMAT: &[u8] = b"format_version";
 
+/// The telemetry keyspace's write backlog. fjall 3.1 slows writers from 20 L0 runs on (one
+/// run per flush while nothing is merging) and stops them at 30 L0 runs or 4 sealed memtables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TelemetryBacklog {
+    /// Tables in L0: flushed, not merged into L1 yet.
+    pub l0_tables: usize,
+    /// Memtables sealed and waiting for their flush.
+    pub sealed_memtables: usize,
+}
+
 /// How a keyspace is created. fjall keeps these options with the keyspace: a store created by
 /// an earlier version keeps the ones it was created with.
 fn keyspace_options(k: Ks) -> KeyspaceCreateOptions {
@@ -290,6 +300,13 @@ impl Store {
     /// Commits everything queued, fsyncs and stops the committer. Idempotent.
     pub fn close(&self) {
         self.committer.shutdown();
+    }
+
+    /// What the telemetry keyspace has not flushed or merged yet (fjall slows and stops
+    /// writers on it: see [`TelemetryBacklog`]).
+    pub fn telemetry_backlog(&self) -> TelemetryBacklog {
+        let ks = self.ks.get(Ks::Telemetry);
+        TelemetryBacklog { l0_tables: ks.l0_table_count(), sealed_memtables: ks.sealed_memtable_count() }
     }
 
     /// Makes `batch` durable.
