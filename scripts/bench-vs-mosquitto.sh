@@ -6,7 +6,8 @@
 # table: acked rate, PUBACK latency, broker CPU per acknowledged message (over the whole run and
 # in the steady state after the connection ramp) and RSS; and where OrbManager's steady-state CPU
 # goes, per message, by thread group (MQTT workers, group commit, actors, LSM workers), and the
-# peak of the telemetry keyspace's write backlog (L0 tables, sealed memtables) during the run.
+# peak of the telemetry keyspace's write backlog (L0 tables and runs, sealed memtables) during
+# the run, sampled every second.
 #   scripts/bench-vs-mosquitto.sh                       # both scenarios, 30 s each
 #   SCENARIOS=saturation DUR=20 scripts/bench-vs-mosquitto.sh
 #   SCENARIOS=saturation DUR=300 scripts/bench-vs-mosquitto.sh   # sustained: compaction catches up
@@ -44,6 +45,9 @@ print(json.dumps(groups))
 PY
 }
 HZ=$(getconf CLK_TCK)
+MQ=""; OM=""; SAMPLER=""
+# If a step fails (set -e), stop what is still running.
+trap 'kill $MQ $OM $SAMPLER 2>/dev/null || true' EXIT
 
 # run_one NAME SCENARIO ADDR PID SIM_FLAGS...: runs the simulator, records the broker's CPU and RSS.
 run_one() {
@@ -83,7 +87,7 @@ CONF
   MQ=$!
   sleep 1
   run_one mosquitto "$scenario" 127.0.0.1:21883 "$MQ" --anonymous
-  kill "$MQ"; wait "$MQ" 2>/dev/null || true
+  kill "$MQ"; wait "$MQ" 2>/dev/null || true; MQ=""
 
   rm -rf "$OUT/data"
   "$B" serve --dev --data-dir "$OUT/data" --mqtt-addr 127.0.0.1:21884 --http-addr 127.0.0.1:0 --mqtts-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 \
@@ -91,33 +95,47 @@ CONF
   OM=$!
   sleep 2
   # The telemetry keyspace's write backlog, scraped every second until the server stops: its
-  # peaks go into the results (fjall slows writers from 20 L0 runs; long runs show it).
-  python3 - "$OUT/data/endpoints.json" "$OM" > "$OUT/$scenario-backlog.json" <<'PY' &
+  # peaks go into the results (long runs show compaction falling behind). Errors are counted,
+  # not fatal; the sampler's own errors go to $OUT/$scenario-backlog.err.
+  python3 - "$OUT/data/endpoints.json" "$OM" > "$OUT/$scenario-backlog.json" 2> "$OUT/$scenario-backlog.err" <<'PY' &
 import json, os, sys, time, urllib.request
-path, pid, peak = sys.argv[1], int(sys.argv[2]), {}
-for _ in range(100):
-    if os.path.exists(path):
-        break
-    time.sleep(0.1)
-http = json.load(open(path))["http"]
-while True:
+path, pid = sys.argv[1], int(sys.argv[2])
+peak, samples, errors = {}, 0, 0
+def alive():
     try:
         os.kill(pid, 0)
-        text = urllib.request.urlopen(f"http://{http}/metrics", timeout=2).read().decode()
-    except Exception:
+        return True
+    except OSError:
+        return False
+for _ in range(100):
+    if os.path.exists(path) or not alive():
         break
-    for line in text.splitlines():
-        if line.startswith("orbmanager_storage_telemetry_"):
-            name, value = line.split()
-            name = name.removeprefix("orbmanager_storage_telemetry_")
-            peak[name] = max(peak.get(name, 0), float(value))
+    time.sleep(0.1)
+try:
+    http = json.load(open(path))["http"]
+except (OSError, ValueError, KeyError) as e:
+    print(f"no endpoints: {e}", file=sys.stderr)
+    http = None
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
+while http and alive():
+    try:
+        text = opener.open(f"http://{http}/metrics", timeout=2).read().decode()
+        for line in text.splitlines():
+            if line.startswith("orbmanager_storage_telemetry_"):
+                name, value = line.rsplit(None, 1)
+                name = name.removeprefix("orbmanager_storage_telemetry_")
+                peak[name] = max(peak.get(name, 0), float(value))
+        samples += 1
+    except Exception as e:
+        errors += 1
+        print(f"scrape: {e}", file=sys.stderr)
     time.sleep(1)
-print(json.dumps(peak))
+print(json.dumps({"samples": samples, "errors": errors, "peak": peak}))
 PY
   SAMPLER=$!
   run_one orbmanager "$scenario" 127.0.0.1:21884 "$OM"
-  kill -TERM "$OM"; wait "$OM" 2>/dev/null || true
-  wait "$SAMPLER" 2>/dev/null || true
+  kill -TERM "$OM"; wait "$OM" 2>/dev/null || true; OM=""
+  wait "$SAMPLER" 2>/dev/null || true; SAMPLER=""
 done
 
 python3 - "$OUT" $SCENARIOS <<'PY'
@@ -146,11 +164,16 @@ for sc in scenarios:
     by = o["steady_cpu_us_per_msg_by_thread"]
     print(f"{sc:<11} orbmanager steady CPU us/msg by thread: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(by.items(), key=lambda kv: -kv[1])))
     try:
-        o["telemetry_backlog_peak"] = json.load(open(f"{out}/{sc}-backlog.json"))
-        pk = o["telemetry_backlog_peak"]
-        print(f"{sc:<11} orbmanager telemetry keyspace peak: L0 tables {pk.get('l0_tables', 0):.0f}, sealed memtables {pk.get('sealed_memtables', 0):.0f}")
+        bl = json.load(open(f"{out}/{sc}-backlog.json"))
     except (OSError, ValueError):
-        pass
+        bl = {"samples": 0, "errors": 0, "peak": {}}
+    o["telemetry_backlog"] = bl
+    pk = bl["peak"]
+    if bl["samples"]:
+        print(f"{sc:<11} orbmanager telemetry keyspace peak (sampled every 1 s, {bl['samples']} samples, {bl['errors']} errors): "
+              + ", ".join(f"{k.replace('_', ' ')} {pk[k]:.0f}" for k in ("l0_tables", "l0_runs", "sealed_memtables") if k in pk))
+    else:
+        print(f"{sc:<11} orbmanager telemetry keyspace peak: n/a (no sample; see {out}/{sc}-backlog.err)")
     results[sc]["ratios"] = {"throughput_orbmanager_over_mosquitto": o["acked_rate"] / max(m["acked_rate"], 1e-9),
                              "cpu_per_msg_orbmanager_over_mosquitto": o["cpu_us_per_msg"] / max(m["cpu_us_per_msg"], 1e-9),
                              "steady_cpu_per_msg_orbmanager_over_mosquitto": o["steady_cpu_us_per_msg"] / max(m["steady_cpu_us_per_msg"], 1e-9)}

@@ -105,12 +105,13 @@ pub const COMMIT_LINGER_US_MAX: u64 = 100_000;
 pub const FJALL_WORKERS_MIN: usize = 3;
 /// Most fjall worker threads (fjall's own default cap).
 pub const FJALL_WORKERS_MAX: usize = 4;
-/// Flushed memtables (L0 tables, one per flush) of the telemetry keyspace that start a merge
-/// into L1 (fjall's default is 4); in lsm-tree 3.1 it also multiplies L1's target size (64 MiB
-/// x this). fjall 3.1 slows writers from 20 L0 runs on (a spin growing with each run over 20)
-/// and stops them at 30, so 8 flushes (512 MiB at 64 MiB memtables, ~8 s of saturation
-/// ingest) are left for a merge to finish before writers are slowed.
-pub const TELEMETRY_L0_RUNS: u8 = 12;
+/// L0 tables of the telemetry keyspace (flushed memtables, one 64 MiB table each unless
+/// flushes back up) at which all of L0 is merged into L1 (fjall's default is 4). In lsm-tree
+/// 3.1 it also multiplies L1's target size (64 MiB x this) and so every deeper level's. fjall
+/// 3.1.13 makes each write batch (a commit group) spin briefly from 21 L0 runs on and stops
+/// writers at 30 runs or 4 sealed memtables; 12 keeps the usual L0 well under that. These are
+/// fjall internals: recheck them when fjall is upgraded.
+pub const TELEMETRY_L0_MERGE_TABLES: u8 = 12;
 
 /// Default number of shard supervisors.
 pub const SHARDS_DEFAULT: usize = 16;

@@ -113,13 +113,12 @@ pub struct Metrics {
     pub live_actors: Gauge,
     /// Durable telemetry points handed to orb actors and not applied yet.
     pub telemetry_in_flight: Gauge,
-    /// Telemetry keyspace tables in L0 (flushed memtables not merged into L1 yet), read from
-    /// the store when metrics are scraped: fjall 3.1 slows writers from 20 L0 runs on and
-    /// stops them at 30.
-    pub storage_l0_tables: Gauge,
-    /// Telemetry memtables sealed and waiting for their flush, read when scraped: fjall 3.1
-    /// stops writers while there are 4.
-    pub storage_sealed_memtables: Gauge,
+    /// The telemetry keyspace's backlog, read from the store when metrics are scraped
+    /// (`storage::TelemetryBacklog`): L0 tables not merged into L1 yet, L0 runs (fjall stops
+    /// writers at 30), memtables waiting for their flush (fjall stops writers at 4).
+    pub storage_telemetry_l0_tables: Gauge,
+    pub storage_telemetry_l0_runs: Gauge,
+    pub storage_telemetry_sealed_memtables: Gauge,
     pub actor_activations: Counter,
     pub actor_passivations: Counter,
     pub actor_restarts: Counter,
@@ -255,14 +254,20 @@ impl Metrics {
         simple(
             "storage_telemetry_l0_tables",
             "gauge",
-            "Telemetry keyspace tables in L0, not merged into L1 yet (writes are slowed from 20 on, stopped at 30).",
-            self.storage_l0_tables.get().to_string(),
+            "Telemetry keyspace tables in L0, not merged into L1 yet (a merge starts at 12).",
+            self.storage_telemetry_l0_tables.get().to_string(),
+        );
+        simple(
+            "storage_telemetry_l0_runs",
+            "gauge",
+            "Telemetry keyspace runs in L0, one per flush (writes spin briefly from 21, stop at 30).",
+            self.storage_telemetry_l0_runs.get().to_string(),
         );
         simple(
             "storage_telemetry_sealed_memtables",
             "gauge",
-            "Telemetry memtables waiting for their flush (writes are stopped while there are 4).",
-            self.storage_sealed_memtables.get().to_string(),
+            "Telemetry memtables waiting for their flush (writes stop while there are 4).",
+            self.storage_telemetry_sealed_memtables.get().to_string(),
         );
         simple(
             "actor_activations_total",
@@ -430,8 +435,9 @@ mod tests {
     #[test]
     fn storage_backlog_gauges_render_what_was_read() {
         let m = Metrics::default();
-        m.storage_l0_tables.set(13);
-        m.storage_sealed_memtables.set(2);
+        m.storage_telemetry_l0_tables.set(13);
+        m.storage_telemetry_l0_runs.set(11);
+        m.storage_telemetry_sealed_memtables.set(2);
         let text = m.render();
         assert!(
             text.contains(
@@ -439,6 +445,7 @@ mod tests {
             ),
             "{text}"
         );
+        assert!(text.contains("orbmanager_storage_telemetry_l0_runs 11\n"));
         assert!(text.contains("orbmanager_storage_telemetry_sealed_memtables 2\n"));
     }
 

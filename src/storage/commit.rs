@@ -693,9 +693,10 @@ mod tests {
             assert_eq!(store.commit_blocking(point_batch(&first, i)).unwrap(), Outcome::Stored);
             assert_eq!(store.commit_blocking(point_batch(key, i)).unwrap(), Outcome::Stored);
             ks.rotate_memtable_and_wait().unwrap();
-            assert_eq!(store.telemetry_backlog().sealed_memtables, 0, "flushed");
         }
-        store.telemetry_backlog().l0_tables
+        let backlog = store.telemetry_backlog();
+        assert_eq!(backlog.l0_runs, backlog.l0_tables, "one table per flush, each its own run: {backlog:?}");
+        backlog.l0_tables
     }
 
     /// Waits (at most 30 s) until fjall's workers bring the telemetry keyspace's L0 table
@@ -708,6 +709,13 @@ mod tests {
         store.telemetry_backlog().l0_tables
     }
 
+    /// The L0 table count at which the telemetry keyspace merges, as fjall keeps it.
+    fn merge_threshold(store: &Store) -> Option<u8> {
+        let strategy = &store.ks.get(Ks::Telemetry).config.compaction_strategy;
+        let config = strategy.get_config();
+        config.iter().find(|(k, _)| &k[..] == b"leveled_l0_threshold").and_then(|(_, v)| v.first().copied())
+    }
+
     /// The L0 table count after giving fjall's workers half a second to merge what they would.
     fn l0_after_a_moment(store: &Store) -> usize {
         std::thread::sleep(Duration::from_millis(500));
@@ -717,6 +725,7 @@ mod tests {
     #[test]
     fn telemetry_merges_twelve_flushes_at_a_time() {
         let (dir, _metrics, key, store) = open_store("z1");
+        assert_eq!(merge_threshold(&store), Some(12));
         // The first flush finds the levels empty and is moved below L0.
         flush_points(&store, &key, 0, 1);
         assert_eq!(l0_settles(&store, |n| n == 0), 0);
@@ -726,6 +735,7 @@ mod tests {
         store.close();
         drop(store);
         let store = Store::open(dir.path(), &StoreOptions::default(), Arc::new(Metrics::default())).unwrap();
+        assert_eq!(merge_threshold(&store), Some(12));
         assert_eq!(flush_points(&store, &key, 8, 4), 11);
         assert_eq!(l0_after_a_moment(&store), 11, "eleven runs wait, also after a reopen");
         flush_points(&store, &key, 12, 1);
@@ -745,6 +755,7 @@ mod tests {
             db.keyspace(Ks::Telemetry.name(), fjall::KeyspaceCreateOptions::default).unwrap();
         }
         let store = Store::open(dir.path(), &StoreOptions::default(), Arc::new(Metrics::default())).unwrap();
+        assert_eq!(merge_threshold(&store), Some(4), "fjall's default, as the keyspace was created");
         let key = OrbKey::new(TenantId::parse("t1").unwrap(), OrbId::parse("z1").unwrap());
         flush_points(&store, &key, 0, 1);
         assert_eq!(l0_settles(&store, |n| n == 0), 0);

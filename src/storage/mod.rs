@@ -222,12 +222,16 @@ pub struct Store {
 
 const META_FORMAT: &[u8] = b"format_version";
 
-/// The telemetry keyspace's write backlog. fjall 3.1 slows writers from 20 L0 runs on (one
-/// run per flush while nothing is merging) and stops them at 30 L0 runs or 4 sealed memtables.
+/// The telemetry keyspace's write backlog. fjall 3.1.13 makes each write batch spin briefly
+/// from 21 L0 runs on and stops writers at 30 L0 runs or 4 sealed memtables
+/// ([`crate::limits::TELEMETRY_L0_MERGE_TABLES`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TelemetryBacklog {
-    /// Tables in L0: flushed, not merged into L1 yet.
+    /// Tables in L0: flushed, not merged into L1 yet (the merge starts at 12).
     pub l0_tables: usize,
+    /// Runs in L0: one per flush (a flush of several sealed memtables is one run of several
+    /// tables). fjall's write stalls count these.
+    pub l0_runs: usize,
     /// Memtables sealed and waiting for their flush.
     pub sealed_memtables: usize,
 }
@@ -238,13 +242,13 @@ fn keyspace_options(k: Ks) -> KeyspaceCreateOptions {
     let opts = KeyspaceCreateOptions::default();
     match k {
         // Telemetry is most of what is written and its keys are orb-first, so every flushed
-        // memtable overlaps all of L1: merging 12 flushes at a time instead of fjall's 4
-        // merges into L1 a third as often. In lsm-tree 3.1 the threshold also sets L1's
+        // memtable overlaps all of L1: merging at 12 L0 tables instead of fjall's 4 merges
+        // into L1 a third as often. In lsm-tree 3.1 the threshold also sets L1's
         // target size (64 MiB tables x 12 = 768 MiB instead of 256) and through it every
         // deeper level's: the tree is three times wider per level and shallower for the same
         // data (BENCHMARKS.md, "Telemetry compaction").
         Ks::Telemetry => opts.compaction_strategy(Arc::new(
-            fjall::compaction::Leveled::default().with_l0_threshold(crate::limits::TELEMETRY_L0_RUNS),
+            fjall::compaction::Leveled::default().with_l0_threshold(crate::limits::TELEMETRY_L0_MERGE_TABLES),
         )),
         _ => opts,
     }
@@ -306,7 +310,11 @@ impl Store {
     /// writers on it: see [`TelemetryBacklog`]).
     pub fn telemetry_backlog(&self) -> TelemetryBacklog {
         let ks = self.ks.get(Ks::Telemetry);
-        TelemetryBacklog { l0_tables: ks.l0_table_count(), sealed_memtables: ks.sealed_memtable_count() }
+        TelemetryBacklog {
+            l0_tables: ks.l0_table_count(),
+            l0_runs: fjall::AbstractTree::l0_run_count(&ks.tree),
+            sealed_memtables: ks.sealed_memtable_count(),
+        }
     }
 
     /// Makes `batch` durable.

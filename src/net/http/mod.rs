@@ -174,8 +174,9 @@ async fn metrics(State(ctx): Ctx) -> Response {
     let m = &ctx.api.ingest.metrics;
     m.http_requests.inc();
     let backlog = ctx.api.ingest.store.telemetry_backlog();
-    m.storage_l0_tables.set(backlog.l0_tables as i64);
-    m.storage_sealed_memtables.set(backlog.sealed_memtables as i64);
+    m.storage_telemetry_l0_tables.set(backlog.l0_tables as i64);
+    m.storage_telemetry_l0_runs.set(backlog.l0_runs as i64);
+    m.storage_telemetry_sealed_memtables.set(backlog.sealed_memtables as i64);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()).into_response()
 }
 
