@@ -34,6 +34,12 @@ S3_PORT=${OM_TEST_S3_PORT:-18333}
 weed_dir=$(mktemp -d /tmp/orbmanager-s3.XXXXXX)
 weed_pid=""
 stop_weed() {
+  local status=$?
+  if [ "$status" != 0 ] && [ -s "$weed_dir.log" ]; then
+    # A failed run shows what SeaweedFS said (its errors explain a failed S3 test).
+    echo "==> tests failed; the end of SeaweedFS's log:" >&2
+    tail -40 "$weed_dir.log" >&2
+  fi
   if [ -n "$weed_pid" ]; then
     kill "$weed_pid" 2>/dev/null || true
     # SeaweedFS takes 4-12 s to stop; wait so its ports are free for the next run.
@@ -45,14 +51,16 @@ stop_weed() {
 trap stop_weed EXIT
 
 echo "==> starting SeaweedFS S3 on 127.0.0.1:$S3_PORT"
+# Volume size and count are fixed (mini otherwise derives both from the free disk space, so a
+# fuller CI disk would leave fewer slots for the bucket's volumes); volumes are sparse files.
 weed mini -dir="$weed_dir" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
   -master.port=$((S3_PORT + 1000)) -volume.port=$((S3_PORT + 1007)) -filer.port=$((S3_PORT + 555)) \
   -s3.port="$S3_PORT" -s3.port.iceberg=0 -s3.port.lance=0 -webdav=false \
-  -admin.ui=false -admin.port=$((S3_PORT + 5666)) >"$weed_dir.log" 2>&1 &
+  -admin.ui=false -admin.port=$((S3_PORT + 5666)) -master.volumeSizeLimitMB=64 -volume.max=32 >"$weed_dir.log" 2>&1 &
 weed_pid=$!
 bucket=orbmanager-test
 for i in $(seq 1 300); do
-  if curl -sf -o /dev/null -X PUT --aws-sigv4 "aws:amz:us-east-1:s3" --user "test:testsecret" \
+  if curl -sf -o /dev/null --max-time 10 -X PUT --aws-sigv4 "aws:amz:us-east-1:s3" --user "test:testsecret" \
        "http://127.0.0.1:$S3_PORT/$bucket"; then
     break
   fi
@@ -63,6 +71,29 @@ for i in $(seq 1 300); do
   fi
   sleep 0.2
 done
+# A bucket that exists is not yet one that takes writes: SeaweedFS grows the bucket's first
+# volumes on its first object write and answers 500 InternalError ("no writable volumes") until
+# they are there, which on a loaded machine can outlast a client's retries (a CI run's first S3
+# spill failed so). Write and delete a probe object now, before the tests, until it is stored.
+# (curl signs a body only with its hash given in x-amz-content-sha256.)
+probe="http://127.0.0.1:$S3_PORT/$bucket/.ready-probe"
+probe_sha=$(printf probe | sha256sum | cut -d' ' -f1)
+for i in $(seq 1 300); do
+  code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 -X PUT --data-binary probe \
+    -H "x-amz-content-sha256: $probe_sha" -H "Content-Type: application/octet-stream" \
+    --aws-sigv4 "aws:amz:us-east-1:s3" --user "test:testsecret" "$probe" || true)
+  if [ "$code" = 200 ]; then
+    [ "$i" = 1 ] || echo "==> SeaweedFS took a write after $i attempts"
+    break
+  fi
+  if ! kill -0 "$weed_pid" 2>/dev/null || [ "$i" = 300 ]; then
+    echo "SeaweedFS does not take writes (last answer: HTTP $code); its log:" >&2
+    tail -50 "$weed_dir.log" >&2
+    exit 1
+  fi
+  sleep 0.2
+done
+curl -sf -o /dev/null --max-time 10 -X DELETE --aws-sigv4 "aws:amz:us-east-1:s3" --user "test:testsecret" "$probe" || echo "==> the probe object was not deleted (harmless)"
 export OM_TEST_S3_ENDPOINT="http://127.0.0.1:$S3_PORT" OM_TEST_S3_BUCKET=$bucket
 
 echo "==> cargo test --locked $*"
