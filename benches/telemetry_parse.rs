@@ -1,4 +1,5 @@
-//! Telemetry JSON parse + validate, per payload size (the per-message CPU floor of ingest).
+//! Telemetry JSON parse + validate, per payload size (the per-message CPU floor of ingest), and
+//! the same payloads through the general parser alone (`_general`: without the fast path).
 //! `cargo bench --bench telemetry_parse`
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -15,6 +16,11 @@ fn bench(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(payload.len() as u64));
         g.bench_function(format!("{size}B"), |b| {
             b.iter(|| telemetry::parse(std::hint::black_box(&payload), now, 64 * 1024).unwrap())
+        });
+        // The same payload through the general (serde_json) parser alone: the fast path's
+        // baseline in the same run.
+        g.bench_function(format!("{size}B_general"), |b| {
+            b.iter(|| telemetry::parse_general(std::hint::black_box(&payload), now, 64 * 1024).unwrap())
         });
     }
     g.finish();
