@@ -37,7 +37,7 @@ stop_weed() {
   local status=$?
   if [ "$status" != 0 ] && [ -s "$weed_dir.log" ]; then
     # A failed run shows what SeaweedFS said (its errors explain a failed S3 test).
-    echo "==> tests failed; the end of SeaweedFS's log:" >&2
+    echo "==> failed (exit $status); the end of SeaweedFS's log:" >&2
     tail -40 "$weed_dir.log" >&2
   fi
   if [ -n "$weed_pid" ]; then
@@ -58,41 +58,33 @@ weed mini -dir="$weed_dir" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
   -s3.port="$S3_PORT" -s3.port.iceberg=0 -s3.port.lance=0 -webdav=false \
   -admin.ui=false -admin.port=$((S3_PORT + 5666)) -master.volumeSizeLimitMB=64 -volume.max=32 >"$weed_dir.log" 2>&1 &
 weed_pid=$!
+# s3_until WHAT CURL_ARGS...: repeats a signed request to SeaweedFS until it answers 2xx (every
+# 0.2 s, for up to a minute); ends the run if it never does (the exit trap shows SeaweedFS's log).
+s3_until() {
+  local what=$1 code="" i
+  shift
+  for i in $(seq 1 300); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 \
+      --aws-sigv4 "aws:amz:us-east-1:s3" --user "test:testsecret" "$@" || true)
+    case $code in
+      2??) [ "$i" = 1 ] || echo "==> SeaweedFS: $what after $i attempts"; return 0 ;;
+    esac
+    kill -0 "$weed_pid" 2>/dev/null || break
+    sleep 0.2
+  done
+  echo "SeaweedFS: $what did not succeed (last answer: HTTP ${code:-none})" >&2
+  exit 1
+}
 bucket=orbmanager-test
-for i in $(seq 1 300); do
-  if curl -sf -o /dev/null --max-time 10 -X PUT --aws-sigv4 "aws:amz:us-east-1:s3" --user "test:testsecret" \
-       "http://127.0.0.1:$S3_PORT/$bucket"; then
-    break
-  fi
-  if ! kill -0 "$weed_pid" 2>/dev/null || [ "$i" = 300 ]; then
-    echo "SeaweedFS did not start; its log:" >&2
-    tail -50 "$weed_dir.log" >&2
-    exit 1
-  fi
-  sleep 0.2
-done
+s3_until "bucket created" -X PUT "http://127.0.0.1:$S3_PORT/$bucket"
 # A bucket that exists is not yet one that takes writes: SeaweedFS grows the bucket's first
 # volumes on its first object write and answers 500 InternalError ("no writable volumes") until
 # they are there, which on a loaded machine can outlast a client's retries (a CI run's first S3
 # spill failed so). Write and delete a probe object now, before the tests, until it is stored.
 # (curl signs a body only with its hash given in x-amz-content-sha256.)
 probe="http://127.0.0.1:$S3_PORT/$bucket/.ready-probe"
-probe_sha=$(printf probe | sha256sum | cut -d' ' -f1)
-for i in $(seq 1 300); do
-  code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 -X PUT --data-binary probe \
-    -H "x-amz-content-sha256: $probe_sha" -H "Content-Type: application/octet-stream" \
-    --aws-sigv4 "aws:amz:us-east-1:s3" --user "test:testsecret" "$probe" || true)
-  if [ "$code" = 200 ]; then
-    [ "$i" = 1 ] || echo "==> SeaweedFS took a write after $i attempts"
-    break
-  fi
-  if ! kill -0 "$weed_pid" 2>/dev/null || [ "$i" = 300 ]; then
-    echo "SeaweedFS does not take writes (last answer: HTTP $code); its log:" >&2
-    tail -50 "$weed_dir.log" >&2
-    exit 1
-  fi
-  sleep 0.2
-done
+s3_until "probe object stored" -X PUT --data-binary probe -H "Content-Type: application/octet-stream" \
+  -H "x-amz-content-sha256: $(printf probe | sha256sum | cut -d' ' -f1)" "$probe"
 curl -sf -o /dev/null --max-time 10 -X DELETE --aws-sigv4 "aws:amz:us-east-1:s3" --user "test:testsecret" "$probe" || echo "==> the probe object was not deleted (harmless)"
 export OM_TEST_S3_ENDPOINT="http://127.0.0.1:$S3_PORT" OM_TEST_S3_BUCKET=$bucket
 
