@@ -14,7 +14,7 @@
 //! converts rounds to the same nearest double). Longer numbers are declined: serde_json's
 //! long-number algorithm truncates at 768 digits and can round a tie differently.
 
-use super::{MetricsBuilder, Raw};
+use super::{Key, MetricsBuilder, Raw};
 use crate::limits::TELEMETRY_METRICS_MAX;
 
 /// Powers of ten that a double holds exactly.
@@ -40,36 +40,31 @@ pub(super) fn raw(payload: &[u8]) -> Option<Raw> {
             s.ws();
             s.eat(b':')?;
             s.ws();
-            let bit = match key {
-                "ts" => 1,
-                "msg_id" => 2,
-                "battery" => 4,
-                "lat" => 8,
-                "lon" => 16,
-                "speed" => 32,
-                "mode" => 64,
-                "metrics" => 128,
-                _ => 0,
-            };
-            if bit & raw.seen != 0 {
-                return None; // a field given twice: the serde path names it
-            }
-            raw.seen |= bit;
-            match key {
-                "ts" => raw.ts = s.opt_u64()?,
-                "msg_id" => raw.msg_id = s.opt_string()?.map(str::to_owned),
-                "battery" => raw.battery = s.opt_f64()?,
-                "lat" => raw.lat = s.opt_f64()?,
-                "lon" => raw.lon = s.opt_f64()?,
-                "speed" => raw.speed = s.opt_f64()?,
-                "mode" => raw.mode = s.opt_string()?.map(str::to_owned),
-                "metrics" => s.metrics(&mut raw.metrics)?,
-                name => {
+            match Key::known(key) {
+                Some(field) => {
+                    if field.bit() & raw.seen != 0 {
+                        return None; // a field given twice: the serde path names it
+                    }
+                    raw.seen |= field.bit();
+                    match field {
+                        Key::Ts => raw.ts = s.opt_u64()?,
+                        Key::MsgId => raw.msg_id = s.opt_string()?.map(str::to_owned),
+                        Key::Battery => raw.battery = s.opt_f64()?,
+                        Key::Lat => raw.lat = s.opt_f64()?,
+                        Key::Lon => raw.lon = s.opt_f64()?,
+                        Key::Speed => raw.speed = s.opt_f64()?,
+                        Key::Mode => raw.mode = s.opt_string()?.map(str::to_owned),
+                        Key::Metrics => s.metrics(&mut raw.metrics)?,
+                        Key::Other(_) => return None, // `known` gives no other
+                    }
+                }
+                // Any other top-level number (or boolean) is a metric.
+                None => {
                     if let Some(v) = s.metric_value()? {
                         if raw.metrics.len() >= TELEMETRY_METRICS_MAX {
                             return None;
                         }
-                        raw.metrics.push(name, v);
+                        raw.metrics.push(key, v);
                     }
                 }
             }
@@ -114,7 +109,7 @@ impl<'a> Scan<'a> {
         }
     }
 
-    /// A literal such as `null`, its first byte already seen.
+    /// A literal such as `null` at the current position (its first byte peeked, not consumed).
     fn literal(&mut self, word: &[u8]) -> Option<()> {
         let end = self.i.checked_add(word.len())?;
         (self.b.get(self.i..end)? == word).then(|| self.i = end)
