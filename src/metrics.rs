@@ -254,7 +254,10 @@ impl Metrics {
         simple(
             "storage_telemetry_l0_tables",
             "gauge",
-            "Telemetry keyspace tables in L0, not merged into L1 yet (a merge starts at 12).",
+            &format!(
+                "Telemetry keyspace tables in L0, not merged into L1 yet (a merge starts at {}).",
+                crate::limits::TELEMETRY_L0_MERGE_TABLES
+            ),
             self.storage_telemetry_l0_tables.get().to_string(),
         );
         simple(
