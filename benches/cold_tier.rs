@@ -1,6 +1,9 @@
 //! The cold tier: Parquet encode, spill throughput (MB of 1 KiB JSON telemetry per second; a spill
 //! runs on one core at a time), and a 24 h trajectory query across both tiers against the same
-//! query on a store that was never spilled (the baseline, same run).
+//! query on a store that was never spilled (the baseline, same run). The spill and a page of
+//! one orb's hot history are measured with the points' values in blob files (the default) and
+//! in the tree (`storage.telemetry_blob_min_bytes = 0`, the `_inline` rows), read from flushed
+//! tables.
 //!
 //! `cargo bench --bench cold_tier`
 
@@ -24,10 +27,17 @@ fn now_ms() -> u64 {
 }
 
 /// A store with `orbs` orbs of `per_orb` points of `size` JSON bytes each, one every `step_ms`
-/// up to `end_ms`. Returns the store, its dir and the JSON bytes written.
-fn filled(orbs: usize, per_orb: usize, step_ms: u64, end_ms: u64, size: usize) -> (Store, tempfile::TempDir, u64) {
+/// up to `end_ms`, flushed. Returns the store, its dir and the JSON bytes written.
+fn filled(
+    opts: &StoreOptions,
+    orbs: usize,
+    per_orb: usize,
+    step_ms: u64,
+    end_ms: u64,
+    size: usize,
+) -> (Store, tempfile::TempDir, u64) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), &StoreOptions::default(), Arc::new(Metrics::default())).unwrap();
+    let store = Store::open(dir.path(), opts, Arc::new(Metrics::default())).unwrap();
     let tenant = TenantId::parse("bench").unwrap();
     let records: Vec<OrbRecord> = (0..orbs)
         .map(|i| {
@@ -55,6 +65,7 @@ fn filled(orbs: usize, per_orb: usize, step_ms: u64, end_ms: u64, size: usize) -
             store.commit_blocking(batch).unwrap();
         }
     }
+    store.flush_telemetry().unwrap();
     (store, dir, bytes)
 }
 
@@ -83,33 +94,48 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(r.len() as u64));
     g.bench_function("parquet_encode_10k_rows", |b| b.iter(|| columns::encode(std::hint::black_box(&r)).unwrap()));
 
-    // Spill of 100 orbs x 500 points (50,000 points, ~50 MB of JSON), all past the window.
+    // Spill of 100 orbs x 500 points (50,000 points, ~50 MB of JSON), all past the window;
+    // one page of one orb's hot history (500 points) from the same store.
     let per_point = synthetic("orb-00000", 0, now_ms(), 1024).len() as u64;
-    g.throughput(Throughput::Bytes(per_point * 50_000));
-    g.bench_function("spill_50k_points_1KiB", |b| {
-        b.iter_batched(
-            || {
-                let (store, dir, _) = filled(100, 500, 2000, now_ms() - 2 * HOUR, 1024);
-                let cold = Cold::open(store.clone(), &ObjectTarget::Local(dir.path().join("objects"))).unwrap();
-                (store, dir, cold)
-            },
-            |(store, dir, cold)| {
-                let opts = SpillOptions { hot_window_ms: HOUR, tenant_windows: false, buffer_bytes: 64 << 20 };
-                let report = rt.block_on(cold.spill(now_ms(), &opts, None)).unwrap();
-                assert_eq!(report.rows, 50_000);
-                store.close();
-                drop(dir);
-            },
-            BatchSize::PerIteration,
-        )
-    });
+    let inline = StoreOptions { telemetry_blob_min_bytes: 0, ..StoreOptions::default() };
+    for (name, opts) in [("", StoreOptions::default()), ("_inline", inline)] {
+        g.throughput(Throughput::Bytes(per_point * 50_000));
+        g.bench_function(format!("spill_50k_points_1KiB{name}"), |b| {
+            b.iter_batched(
+                || {
+                    let (store, dir, _) = filled(&opts, 100, 500, 2000, now_ms() - 2 * HOUR, 1024);
+                    let cold = Cold::open(store.clone(), &ObjectTarget::Local(dir.path().join("objects"))).unwrap();
+                    (store, dir, cold)
+                },
+                |(store, dir, cold)| {
+                    let opts = SpillOptions { hot_window_ms: HOUR, tenant_windows: false, buffer_bytes: 64 << 20 };
+                    let report = rt.block_on(cold.spill(now_ms(), &opts, None)).unwrap();
+                    assert_eq!(report.rows, 50_000);
+                    store.close();
+                    drop(dir);
+                },
+                BatchSize::PerIteration,
+            )
+        });
+        let (store, _dir, _) = filled(&opts, 100, 500, 2000, now_ms(), 1024);
+        let key = OrbKey::parse_path("bench/orb-00042").unwrap();
+        g.throughput(Throughput::Elements(500));
+        g.bench_function(format!("hot_history_500_points_1KiB{name}"), |b| {
+            b.iter(|| {
+                let page = store.points(&key, 0, u64::MAX, None, 500).unwrap();
+                assert_eq!(page.len(), 500);
+                page
+            })
+        });
+        store.close();
+    }
 
     // A 24 h trajectory (one point every 2 s: 43,200) downsampled to 1,000 points: 23 h cold +
     // 1 h hot, against the same query on a store never spilled.
     let end = now_ms();
-    let (hot_store, _hot_dir, _) = filled(1, 43_200, 2000, end, 256);
+    let (hot_store, _hot_dir, _) = filled(&StoreOptions::default(), 1, 43_200, 2000, end, 256);
     let hot_cold = Cold::open(hot_store.clone(), &ObjectTarget::Local(_hot_dir.path().join("objects"))).unwrap();
-    let (store, dir, json_bytes) = filled(1, 43_200, 2000, end, 256);
+    let (store, dir, json_bytes) = filled(&StoreOptions::default(), 1, 43_200, 2000, end, 256);
     let cold = Cold::open(store.clone(), &ObjectTarget::Local(dir.path().join("objects"))).unwrap();
     let opts = SpillOptions { hot_window_ms: HOUR, tenant_windows: false, buffer_bytes: 64 << 20 };
     let report = rt.block_on(cold.spill(end, &opts, None)).unwrap();

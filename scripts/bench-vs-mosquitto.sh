@@ -6,8 +6,8 @@
 # table: acked rate, PUBACK latency, broker CPU per acknowledged message (over the whole run and
 # in the steady state after the connection ramp) and RSS; and where OrbManager's steady-state CPU
 # goes, per message, by thread group (MQTT workers, group commit, actors, LSM workers), and the
-# peak of the telemetry keyspace's write backlog (L0 tables and runs, sealed memtables) during
-# the run, sampled every second.
+# peak of the telemetry keyspace's write backlog (L0 tables and runs, sealed memtables) and blob
+# files during the run, sampled every second, and the data directory's size at the end.
 #   scripts/bench-vs-mosquitto.sh                       # both scenarios, 30 s each
 #   SCENARIOS=saturation DUR=20 scripts/bench-vs-mosquitto.sh
 #   SCENARIOS=saturation DUR=300 scripts/bench-vs-mosquitto.sh   # sustained: compaction catches up
@@ -136,6 +136,7 @@ PY
   run_one orbmanager "$scenario" 127.0.0.1:21884 "$OM"
   kill -TERM "$OM"; wait "$OM" 2>/dev/null || true; OM=""
   wait "$SAMPLER" 2>/dev/null || true; SAMPLER=""
+  du -sb "$OUT/data" | cut -f1 > "$OUT/$scenario-data-bytes.txt"
 done
 
 python3 - "$OUT" $SCENARIOS <<'PY'
@@ -168,10 +169,12 @@ for sc in scenarios:
     except (OSError, ValueError):
         bl = {"samples": 0, "errors": 0, "peak": {}}
     o["telemetry_backlog"] = bl
+    o["data_dir_bytes"] = int(open(f"{out}/{sc}-data-bytes.txt").read())
     pk = bl["peak"]
     if bl["samples"]:
         print(f"{sc:<11} orbmanager telemetry keyspace peak (sampled every 1 s, {bl['samples']} samples, {bl['errors']} errors): "
-              + ", ".join(f"{k.replace('_', ' ')} {pk[k]:.0f}" for k in ("l0_tables", "l0_runs", "sealed_memtables") if k in pk))
+              + ", ".join(f"{k.replace('_', ' ')} {pk[k]:.0f}" for k in ("l0_tables", "l0_runs", "sealed_memtables", "blob_files", "blob_stale_bytes") if k in pk)
+              + f"; data directory at the end {o['data_dir_bytes'] / 1e9:.2f} GB")
     else:
         print(f"{sc:<11} orbmanager telemetry keyspace peak: n/a (no sample; see {out}/{sc}-backlog.err)")
     results[sc]["ratios"] = {"throughput_orbmanager_over_mosquitto": o["acked_rate"] / max(m["acked_rate"], 1e-9),

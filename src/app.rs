@@ -451,6 +451,7 @@ fn store_options(config: &Config) -> StoreOptions {
         commit_queue_max: config.storage.commit_queue_max,
         dedupe_filter_bytes: config.storage.dedupe_filter_mb * 1024 * 1024,
         commit_linger: std::time::Duration::from_micros(config.storage.commit_linger_us),
+        telemetry_blob_min_bytes: config.storage.telemetry_blob_min_bytes,
     }
 }
 

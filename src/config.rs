@@ -121,6 +121,10 @@ pub struct StorageConfig {
     /// How long a small commit group (fewer than 32 writes) may wait for more writes to share
     /// its fsync, in microseconds; 0: never. Adds at most this to an acknowledgement.
     pub commit_linger_us: u64,
+    /// Stored telemetry points of at least this many bytes are kept in blob files, out of the
+    /// LSM tree's compactions (more disk, far less rewriting); 0: all in the tree. Applies when
+    /// the store is created: an existing store keeps what it was created with.
+    pub telemetry_blob_min_bytes: u32,
     /// How often expired `msg_id` dedupe entries are removed, in seconds.
     pub dedupe_sweep_interval_s: u64,
     /// Size of each of the two in-memory `msg_id` filters, in MiB (about 1% false positives
@@ -216,6 +220,7 @@ impl Default for StorageConfig {
             cache_mb: 64,
             commit_queue_max: limits::COMMIT_QUEUE_MAX,
             commit_linger_us: limits::COMMIT_LINGER_US,
+            telemetry_blob_min_bytes: limits::TELEMETRY_BLOB_MIN_BYTES,
             dedupe_sweep_interval_s: 60,
             dedupe_filter_mb: 16,
             hot_window: "6h".into(),
@@ -473,6 +478,13 @@ impl Config {
                 limits::COMMIT_LINGER_US_MAX
             ));
         }
+        if s.telemetry_blob_min_bytes > limits::TELEMETRY_BLOB_MIN_BYTES_MAX {
+            return invalid(format!(
+                "storage.telemetry_blob_min_bytes = {} must be 0..{}",
+                s.telemetry_blob_min_bytes,
+                limits::TELEMETRY_BLOB_MIN_BYTES_MAX
+            ));
+        }
         if !(1..=4096).contains(&s.dedupe_filter_mb) {
             return invalid(format!("storage.dedupe_filter_mb = {} must be 1..4096", s.dedupe_filter_mb));
         }
@@ -602,6 +614,9 @@ mod tests {
         c.storage.commit_linger_us = limits::COMMIT_LINGER_US_MAX + 1;
         assert!(c.validate().unwrap_err().to_string().contains("storage.commit_linger_us"));
         c.storage.commit_linger_us = 0;
-        assert!(c.validate().is_ok(), "0 turns holding off");
+        c.storage.telemetry_blob_min_bytes = limits::TELEMETRY_BLOB_MIN_BYTES_MAX + 1;
+        assert!(c.validate().unwrap_err().to_string().contains("storage.telemetry_blob_min_bytes"));
+        c.storage.telemetry_blob_min_bytes = 0;
+        assert!(c.validate().is_ok(), "0 turns either off");
     }
 }

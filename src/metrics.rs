@@ -119,6 +119,8 @@ pub struct Metrics {
     pub storage_telemetry_l0_tables: Gauge,
     pub storage_telemetry_l0_runs: Gauge,
     pub storage_telemetry_sealed_memtables: Gauge,
+    pub storage_telemetry_blob_files: Gauge,
+    pub storage_telemetry_blob_stale_bytes: Gauge,
     pub actor_activations: Counter,
     pub actor_passivations: Counter,
     pub actor_restarts: Counter,
@@ -271,6 +273,18 @@ impl Metrics {
             "gauge",
             "Telemetry memtables waiting for their flush (writes stop while there are 4).",
             self.storage_telemetry_sealed_memtables.get().to_string(),
+        );
+        simple(
+            "storage_telemetry_blob_files",
+            "gauge",
+            "Blob files holding telemetry values (storage.telemetry_blob_min_bytes and more).",
+            self.storage_telemetry_blob_files.get().to_string(),
+        );
+        simple(
+            "storage_telemetry_blob_stale_bytes",
+            "gauge",
+            "Telemetry blob bytes no point refers to any more, waiting for garbage collection.",
+            self.storage_telemetry_blob_stale_bytes.get().to_string(),
         );
         simple(
             "actor_activations_total",
@@ -441,6 +455,8 @@ mod tests {
         m.storage_telemetry_l0_tables.set(13);
         m.storage_telemetry_l0_runs.set(11);
         m.storage_telemetry_sealed_memtables.set(2);
+        m.storage_telemetry_blob_files.set(5);
+        m.storage_telemetry_blob_stale_bytes.set(1 << 33);
         let text = m.render();
         assert!(
             text.contains(
@@ -450,6 +466,8 @@ mod tests {
         );
         assert!(text.contains("orbmanager_storage_telemetry_l0_runs 11\n"));
         assert!(text.contains("orbmanager_storage_telemetry_sealed_memtables 2\n"));
+        assert!(text.contains("orbmanager_storage_telemetry_blob_files 5\n"));
+        assert!(text.contains("orbmanager_storage_telemetry_blob_stale_bytes 8589934592\n"));
     }
 
     #[test]

@@ -39,7 +39,7 @@ async fn only_orbs_in_use_have_live_actors_and_idle_ones_passivate() {
     let ts = TestServer::start_in(dir, false, |c| c.actors.idle_passivate_s = 1).await;
     assert_eq!(ts.metric("orbmanager_live_actors").await, 0.0, "nothing is activated at start");
     // The telemetry keyspace's backlog is read at each scrape: nothing flushed yet.
-    for gauge in ["l0_tables", "l0_runs", "sealed_memtables"] {
+    for gauge in ["l0_tables", "l0_runs", "sealed_memtables", "blob_files", "blob_stale_bytes"] {
         assert_eq!(ts.metric(&format!("orbmanager_storage_telemetry_{gauge}")).await, 0.0, "{gauge}");
     }
 

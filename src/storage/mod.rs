@@ -198,6 +198,9 @@ pub struct StoreOptions {
     pub dedupe_filter_bytes: usize,
     /// How long a small commit group may wait for more writes (zero: never); see `commit::Linger`.
     pub commit_linger: std::time::Duration,
+    /// Telemetry values of at least this many bytes go to the keyspace's blob files (0: none);
+    /// applies when the telemetry keyspace is created ([`keyspace_options`]).
+    pub telemetry_blob_min_bytes: u32,
 }
 
 impl Default for StoreOptions {
@@ -207,6 +210,7 @@ impl Default for StoreOptions {
             commit_queue_max: crate::limits::COMMIT_QUEUE_MAX,
             dedupe_filter_bytes: 16 * 1024 * 1024,
             commit_linger: std::time::Duration::from_micros(crate::limits::COMMIT_LINGER_US),
+            telemetry_blob_min_bytes: crate::limits::TELEMETRY_BLOB_MIN_BYTES,
         }
     }
 }
@@ -222,8 +226,8 @@ pub struct Store {
 
 const META_FORMAT: &[u8] = b"format_version";
 
-/// The telemetry keyspace's write backlog. fjall 3.1.13 makes each write batch spin briefly
-/// from 21 L0 runs on and stops writers at 30 L0 runs or 4 sealed memtables
+/// The telemetry keyspace's write backlog and its blob files. fjall 3.1.13 makes each write
+/// batch spin briefly from 21 L0 runs on and stops writers at 30 L0 runs or 4 sealed memtables
 /// ([`crate::limits::TELEMETRY_L0_MERGE_TABLES`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TelemetryBacklog {
@@ -234,12 +238,17 @@ pub struct TelemetryBacklog {
     pub l0_runs: usize,
     /// Memtables sealed and waiting for their flush.
     pub sealed_memtables: usize,
+    /// Blob files holding the keyspace's separated values.
+    pub blob_files: usize,
+    /// Bytes of blob files no key refers to any more, as compactions have found them: garbage
+    /// collection reclaims them (a file with nothing live is deleted whole).
+    pub blob_stale_bytes: u64,
 }
 
 /// How a keyspace is created. fjall keeps these options with the keyspace: a store created by
-/// an earlier version keeps the ones it was created with.
-fn keyspace_options(k: Ks) -> KeyspaceCreateOptions {
-    let opts = KeyspaceCreateOptions::default();
+/// an earlier version (or with other [`StoreOptions`]) keeps the ones it was created with.
+fn keyspace_options(k: Ks, opts: &StoreOptions) -> KeyspaceCreateOptions {
+    let create = KeyspaceCreateOptions::default();
     match k {
         // Telemetry is most of what is written and its keys are orb-first, so every flushed
         // memtable overlaps all of L1: merging at 12 L0 tables instead of fjall's 4 merges
@@ -247,10 +256,21 @@ fn keyspace_options(k: Ks) -> KeyspaceCreateOptions {
         // target size (64 MiB tables x 12 = 768 MiB instead of 256) and through it every
         // deeper level's: the tree is three times wider per level and shallower for the same
         // data (BENCHMARKS.md, "Telemetry compaction").
-        Ks::Telemetry => opts.compaction_strategy(Arc::new(
-            fjall::compaction::Leveled::default().with_l0_threshold(crate::limits::TELEMETRY_L0_MERGE_TABLES),
-        )),
-        _ => opts,
+        // Values of `telemetry_blob_min_bytes` and more are written once, in write order, to
+        // blob files (LZ4 per value); the tree keeps the key and a pointer, so compactions
+        // rewrite ~50 bytes per point instead of the whole point. Points leave the hot tier
+        // by the hour (the spill), so whole blob files go dead together and are deleted
+        // without rewriting (BENCHMARKS.md, "Telemetry values in blob files").
+        Ks::Telemetry => {
+            let create = create.compaction_strategy(Arc::new(
+                fjall::compaction::Leveled::default().with_l0_threshold(crate::limits::TELEMETRY_L0_MERGE_TABLES),
+            ));
+            match opts.telemetry_blob_min_bytes {
+                0 => create,
+                min => create.with_kv_separation(Some(fjall::KvSeparationOptions::default().separation_threshold(min))),
+            }
+        }
+        _ => create,
     }
 }
 
@@ -271,7 +291,7 @@ impl Store {
                 },
             )?;
         let handles: Vec<Keyspace> =
-            Ks::ALL.iter().map(|k| db.keyspace(k.name(), || keyspace_options(*k))).collect::<Result<_, _>>()?;
+            Ks::ALL.iter().map(|k| db.keyspace(k.name(), || keyspace_options(*k, opts))).collect::<Result<_, _>>()?;
         let handles: [Keyspace; Ks::ALL.len()] =
             handles.try_into().unwrap_or_else(|_| unreachable!("one handle per keyspace"));
         let ks = Keyspaces(Arc::new(handles));
@@ -306,15 +326,24 @@ impl Store {
         self.committer.shutdown();
     }
 
-    /// What the telemetry keyspace has not flushed or merged yet (fjall slows and stops
-    /// writers on it: see [`TelemetryBacklog`]).
+    /// What the telemetry keyspace has not flushed, merged or collected yet (fjall slows and
+    /// stops writers on the first two: see [`TelemetryBacklog`]).
     pub fn telemetry_backlog(&self) -> TelemetryBacklog {
         let ks = self.ks.get(Ks::Telemetry);
         TelemetryBacklog {
             l0_tables: ks.l0_table_count(),
             l0_runs: fjall::AbstractTree::l0_run_count(&ks.tree),
             sealed_memtables: ks.sealed_memtable_count(),
+            blob_files: ks.blob_file_count(),
+            blob_stale_bytes: ks.fragmented_blob_bytes(),
         }
+    }
+
+    /// Writes the telemetry keyspace's memtable out (a table, and blob files for separated
+    /// values) and waits for it; for benches and tests, which would otherwise read from memory.
+    #[doc(hidden)]
+    pub fn flush_telemetry(&self) -> Result<(), Error> {
+        Ok(self.ks.get(Ks::Telemetry).rotate_memtable_and_wait()?)
     }
 
     /// Makes `batch` durable.

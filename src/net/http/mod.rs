@@ -177,6 +177,8 @@ async fn metrics(State(ctx): Ctx) -> Response {
     m.storage_telemetry_l0_tables.set(backlog.l0_tables as i64);
     m.storage_telemetry_l0_runs.set(backlog.l0_runs as i64);
     m.storage_telemetry_sealed_memtables.set(backlog.sealed_memtables as i64);
+    m.storage_telemetry_blob_files.set(backlog.blob_files as i64);
+    m.storage_telemetry_blob_stale_bytes.set(i64::try_from(backlog.blob_stale_bytes).unwrap_or(i64::MAX));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()).into_response()
 }
 

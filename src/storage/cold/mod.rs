@@ -823,7 +823,7 @@ mod tests {
 mod read_tests {
     use super::*;
     use crate::model::{OrbId, TelemetryPoint};
-    use crate::storage::Batch;
+    use crate::storage::{Batch, Ks, StoreOptions};
 
     /// A read that listed a file retention then deleted goes on without it; a file that is
     /// still referenced but unreadable is an error, as before.
@@ -872,5 +872,125 @@ mod read_tests {
         }
         drop(cold);
         tokio::task::spawn_blocking(move || store.close()).await.unwrap();
+    }
+
+    /// A store with telemetry points of `metrics` metrics each (about 14 bytes stored per
+    /// metric), `n` per hour-long stretch 30 h ago; flushed.
+    async fn filled(opts: &StoreOptions, metrics: usize, n: u64) -> (tempfile::TempDir, Store, Cold, OrbKey, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), opts, Arc::new(crate::metrics::Metrics::default())).unwrap();
+        let cold = Cold::open(store.clone(), &ObjectTarget::Local(dir.path().join("objects"))).unwrap();
+        let key = OrbKey::new(TenantId::parse("acme").unwrap(), OrbId::parse("o1").unwrap());
+        let now = 1_795_820_400_000;
+        let mut batch = Batch::new();
+        Store::add_orb(&mut batch, &crate::model::orb::OrbRecord::provisioned(key.clone(), None, 1));
+        store.commit(batch).await.unwrap();
+        let fields: Vec<String> = (0..metrics).map(|m| format!(r#""m{m}": {m}.5"#)).collect();
+        let raw = format!(r#"{{"ts": {now}, "metrics": {{{}}}}}"#, fields.join(","));
+        let template = crate::model::telemetry::parse(raw.as_bytes(), now, 64 * 1024).unwrap();
+        let mut batch = Batch::new();
+        for i in 0..n {
+            let point =
+                TelemetryPoint { ts: now - 30 * 3_600_000 + i * 1_000, battery: Some(i as f64), ..template.clone() };
+            Store::add_telemetry(&mut batch, &key, &point, point.ts, &i.to_be_bytes());
+        }
+        assert_eq!(store.commit(batch).await.unwrap(), crate::storage::Outcome::Stored);
+        store.flush_telemetry().unwrap();
+        (dir, store, cold, key, now)
+    }
+
+    /// Some stored point of `key` (the hot tier's last).
+    fn ks_point(store: &Store, key: &OrbKey) -> TelemetryPoint {
+        store.latest_point(key).unwrap().expect("a hot point").point
+    }
+
+    fn batteries(store: &Store, key: &OrbKey) -> Vec<f64> {
+        store.points(key, 0, u64::MAX, None, 10_000).unwrap().iter().filter_map(|(_, p)| p.point.battery).collect()
+    }
+
+    /// Points of 256 stored bytes and more live in blob files; once spilled (deleted from the
+    /// hot tier) and compacted, the blob files have nothing live and are deleted whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn telemetry_values_live_in_blob_files_that_go_when_their_points_are_spilled() {
+        let (dir, store, cold, key, now) = filled(&StoreOptions::default(), 40, 2_000).await;
+        let ks = store.ks.get(Ks::Telemetry).clone();
+        assert!(ks.blob_file_count() >= 1, "the flush wrote the values to a blob file");
+        let blob_bytes = walk(dir.path())
+            .into_iter()
+            .filter(|p| p.parent().is_some_and(|d| d.ends_with("blobs")))
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum::<u64>();
+        assert!(blob_bytes > 2_000 * 256, "the values are in the blob files: {blob_bytes} bytes");
+        assert_eq!(batteries(&store, &key), (0..2_000).map(|i| i as f64).collect::<Vec<_>>());
+        assert_eq!(
+            store.latest_point(&key).unwrap().unwrap().point.metrics.get("m39"),
+            Some(39.5),
+            "a point read through its blob"
+        );
+
+        let small = TelemetryPoint { ts: now, metrics: Default::default(), ..ks_point(&store, &key) };
+
+        let opts = SpillOptions { hot_window_ms: 3_600_000, tenant_windows: false, buffer_bytes: 1 << 20 };
+        assert_eq!(cold.spill(now, &opts, Some(&key.tenant)).await.unwrap().rows, 2_000);
+        assert!(batteries(&store, &key).is_empty(), "the spill removed the hot points");
+        store.flush_telemetry().unwrap();
+        ks.major_compact().unwrap();
+        let stale = store.telemetry_backlog().blob_stale_bytes;
+        // Every value counted (the rest of the file is its own index and header).
+        assert!(stale > blob_bytes * 3 / 4, "the compaction found the blobs dead: {stale} of {blob_bytes} bytes");
+        // A dead blob file is deleted at the tree's next compaction (lsm-tree 3.1 looks for
+        // dead files as a compaction starts); here one merging a point too small for a blob.
+        let mut batch = Batch::new();
+        Store::add_telemetry(&mut batch, &key, &small.clone(), now, b"small");
+        store.commit(batch).await.unwrap();
+        store.flush_telemetry().unwrap();
+        assert_eq!(store.telemetry_backlog().blob_files, 1, "a flush alone leaves it");
+        ks.major_compact().unwrap();
+        let backlog = store.telemetry_backlog();
+        assert_eq!((backlog.blob_files, backlog.blob_stale_bytes), (0, 0), "the dead blob file is deleted whole");
+        // Its file goes when no version of the tree refers to it any more: old versions are
+        // let go at later flushes and compactions.
+        let mut batch = Batch::new();
+        Store::add_telemetry(&mut batch, &key, &TelemetryPoint { ts: now + 1, ..small }, now, b"later");
+        store.commit(batch).await.unwrap();
+        store.flush_telemetry().unwrap();
+        let on_disk: Vec<_> =
+            walk(dir.path()).into_iter().filter(|p| p.parent().is_some_and(|d| d.ends_with("blobs"))).collect();
+        assert!(on_disk.is_empty(), "blob files left on disk: {on_disk:?}");
+        let (rows, _) = cold.history_page(&key, 0, now + 1, None, 10_000).await.unwrap();
+        assert_eq!(rows.len(), 2_002, "the spilled points (in the cold tier) and the two small ones");
+        drop(cold);
+        tokio::task::spawn_blocking(move || store.close()).await.unwrap();
+    }
+
+    /// `telemetry_blob_min_bytes = 0` keeps every value in the tree, and fjall keeps the choice
+    /// with the keyspace: reopening with other options changes nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_blob_threshold_is_fixed_when_the_keyspace_is_created() {
+        let inline = StoreOptions { telemetry_blob_min_bytes: 0, ..StoreOptions::default() };
+        let (dir, store, cold, key, _) = filled(&inline, 40, 500).await;
+        assert_eq!(store.telemetry_backlog().blob_files, 0);
+        drop(cold);
+        let closing = store.clone();
+        tokio::task::spawn_blocking(move || closing.close()).await.unwrap();
+        drop(store);
+        let store =
+            Store::open(dir.path(), &StoreOptions::default(), Arc::new(crate::metrics::Metrics::default())).unwrap();
+        let point = store.latest_point(&key).unwrap().unwrap().point;
+        let mut batch = Batch::new();
+        Store::add_telemetry(&mut batch, &key, &TelemetryPoint { ts: point.ts + 1, ..point }, 0, b"x");
+        store.commit(batch).await.unwrap();
+        store.flush_telemetry().unwrap();
+        assert_eq!(store.telemetry_backlog().blob_files, 0, "created without blob files, kept so");
+        assert_eq!(batteries(&store, &key).len(), 501);
+        tokio::task::spawn_blocking(move || store.close()).await.unwrap();
+    }
+
+    /// Every file under `dir`.
+    fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        match std::fs::read_dir(dir) {
+            Ok(entries) => entries.flat_map(|e| walk(&e.unwrap().path())).collect(),
+            Err(_) => vec![dir.to_path_buf()],
+        }
     }
 }
