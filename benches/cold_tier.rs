@@ -108,8 +108,8 @@ fn bench(c: &mut Criterion) {
                     (store, dir, cold)
                 },
                 |(store, dir, cold)| {
-                    let opts = SpillOptions { hot_window_ms: HOUR, tenant_windows: false, buffer_bytes: 64 << 20 };
-                    let report = rt.block_on(cold.spill(now_ms(), &opts, None)).unwrap();
+                    let spill = SpillOptions { hot_window_ms: HOUR, tenant_windows: false, buffer_bytes: 64 << 20 };
+                    let report = rt.block_on(cold.spill(now_ms(), &spill, None)).unwrap();
                     assert_eq!(report.rows, 50_000);
                     store.close();
                     drop(dir);

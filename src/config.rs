@@ -121,9 +121,9 @@ pub struct StorageConfig {
     /// How long a small commit group (fewer than 32 writes) may wait for more writes to share
     /// its fsync, in microseconds; 0: never. Adds at most this to an acknowledgement.
     pub commit_linger_us: u64,
-    /// Stored telemetry points of at least this many bytes are kept in blob files, out of the
-    /// LSM tree's compactions (more disk, far less rewriting); 0: all in the tree. Applies when
-    /// the store is created: an existing store keeps what it was created with.
+    /// Stored telemetry points of at least this many bytes are kept in blob files, which the
+    /// LSM tree's merges do not rewrite (more disk, far less rewriting); 0: all in the tree.
+    /// Applies when the store is created: an existing store keeps what it was created with.
     pub telemetry_blob_min_bytes: u32,
     /// How often expired `msg_id` dedupe entries are removed, in seconds.
     pub dedupe_sweep_interval_s: u64,

@@ -113,8 +113,8 @@ pub const FJALL_WORKERS_MAX: usize = 4;
 /// fjall internals: recheck them when fjall is upgraded.
 pub const TELEMETRY_L0_MERGE_TABLES: u8 = 12;
 /// Default `storage.telemetry_blob_min_bytes`: stored telemetry points of this size and more
-/// (a point of ~10 metrics) are kept in the telemetry keyspace's blob files, out of the tree's
-/// compactions. Applies when the keyspace is created.
+/// (a point of ~10 metrics) are kept in the telemetry keyspace's blob files, which the tree's
+/// merges do not rewrite. Applies when the keyspace is created.
 pub const TELEMETRY_BLOB_MIN_BYTES: u32 = 256;
 /// Largest `storage.telemetry_blob_min_bytes` (a point is at most ~64 KiB of JSON).
 pub const TELEMETRY_BLOB_MIN_BYTES_MAX: u32 = 1024 * 1024;

@@ -283,7 +283,7 @@ impl Metrics {
         simple(
             "storage_telemetry_blob_stale_bytes",
             "gauge",
-            "Telemetry blob bytes no point refers to any more, waiting for garbage collection.",
+            "Telemetry blob bytes merges have found deleted, not yet reclaimed (a file with nothing live goes whole).",
             self.storage_telemetry_blob_stale_bytes.get().to_string(),
         );
         simple(

@@ -688,11 +688,10 @@ mod tests {
     /// count after it.
     fn flush_points(store: &Store, key: &OrbKey, from: u64, n: u64) -> usize {
         let first = OrbKey::new(key.tenant.clone(), OrbId::parse("a").unwrap());
-        let ks = store.ks.get(Ks::Telemetry);
         for i in from..from + n {
             assert_eq!(store.commit_blocking(point_batch(&first, i)).unwrap(), Outcome::Stored);
             assert_eq!(store.commit_blocking(point_batch(key, i)).unwrap(), Outcome::Stored);
-            ks.rotate_memtable_and_wait().unwrap();
+            store.flush_telemetry().unwrap();
         }
         let backlog = store.telemetry_backlog();
         assert_eq!(backlog.l0_runs, backlog.l0_tables, "one table per flush, each its own run: {backlog:?}");

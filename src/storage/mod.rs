@@ -170,6 +170,12 @@ impl Keyspaces {
     pub(crate) fn get(&self, which: Ks) -> &Keyspace {
         &self.0[which as usize]
     }
+
+    /// The stored size from which telemetry values are kept in blob files, as fjall keeps it
+    /// with the keyspace (0: none).
+    pub(crate) fn telemetry_blob_min_bytes(&self) -> u32 {
+        self.get(Ks::Telemetry).config.kv_separation_opts.as_ref().map_or(0, |o| o.separation_threshold)
+    }
 }
 
 /// A tenant as the registry knows it.
@@ -240,8 +246,8 @@ pub struct TelemetryBacklog {
     pub sealed_memtables: usize,
     /// Blob files holding the keyspace's separated values.
     pub blob_files: usize,
-    /// Bytes of blob files no key refers to any more, as compactions have found them: garbage
-    /// collection reclaims them (a file with nothing live is deleted whole).
+    /// Bytes of blob values that merges have found deleted so far (not yet all that is dead):
+    /// a file with nothing live is dropped whole by a later merge.
     pub blob_stale_bytes: u64,
 }
 
@@ -256,11 +262,11 @@ fn keyspace_options(k: Ks, opts: &StoreOptions) -> KeyspaceCreateOptions {
         // target size (64 MiB tables x 12 = 768 MiB instead of 256) and through it every
         // deeper level's: the tree is three times wider per level and shallower for the same
         // data (BENCHMARKS.md, "Telemetry compaction").
-        // Values of `telemetry_blob_min_bytes` and more are written once, in write order, to
-        // blob files (LZ4 per value); the tree keeps the key and a pointer, so compactions
-        // rewrite ~50 bytes per point instead of the whole point. Points leave the hot tier
-        // by the hour (the spill), so whole blob files go dead together and are deleted
-        // without rewriting (BENCHMARKS.md, "Telemetry values in blob files").
+        // Values of `telemetry_blob_min_bytes` and more are written once, at their flush, to
+        // blob files (LZ4 per value); the tree keeps the key and a pointer, so merges rewrite
+        // ~50 bytes per point instead of the whole point. Points leave the hot tier by the
+        // hour (the spill), so blob files mostly go dead whole and are dropped by a later
+        // merge without rewriting (ADR 007; BENCHMARKS.md, "Telemetry values in blob files").
         Ks::Telemetry => {
             let create = create.compaction_strategy(Arc::new(
                 fjall::compaction::Leveled::default().with_l0_threshold(crate::limits::TELEMETRY_L0_MERGE_TABLES),
@@ -295,6 +301,14 @@ impl Store {
         let handles: [Keyspace; Ks::ALL.len()] =
             handles.try_into().unwrap_or_else(|_| unreachable!("one handle per keyspace"));
         let ks = Keyspaces(Arc::new(handles));
+        let kept = ks.telemetry_blob_min_bytes();
+        if kept != opts.telemetry_blob_min_bytes {
+            tracing::warn!(
+                configured = opts.telemetry_blob_min_bytes,
+                kept,
+                "storage.telemetry_blob_min_bytes applies when a store is created; this store keeps what it was created with"
+            );
+        }
         let meta = ks.get(Ks::Meta);
         match meta.get(META_FORMAT)? {
             None => {

@@ -899,11 +899,6 @@ mod read_tests {
         (dir, store, cold, key, now)
     }
 
-    /// Some stored point of `key` (the hot tier's last).
-    fn ks_point(store: &Store, key: &OrbKey) -> TelemetryPoint {
-        store.latest_point(key).unwrap().expect("a hot point").point
-    }
-
     fn batteries(store: &Store, key: &OrbKey) -> Vec<f64> {
         store.points(key, 0, u64::MAX, None, 10_000).unwrap().iter().filter_map(|(_, p)| p.point.battery).collect()
     }
@@ -915,20 +910,12 @@ mod read_tests {
         let (dir, store, cold, key, now) = filled(&StoreOptions::default(), 40, 2_000).await;
         let ks = store.ks.get(Ks::Telemetry).clone();
         assert!(ks.blob_file_count() >= 1, "the flush wrote the values to a blob file");
-        let blob_bytes = walk(dir.path())
-            .into_iter()
-            .filter(|p| p.parent().is_some_and(|d| d.ends_with("blobs")))
-            .map(|p| std::fs::metadata(p).unwrap().len())
-            .sum::<u64>();
+        let blob_bytes: u64 = blob_files_on_disk(dir.path()).iter().map(|(_, len)| len).sum();
         assert!(blob_bytes > 2_000 * 256, "the values are in the blob files: {blob_bytes} bytes");
         assert_eq!(batteries(&store, &key), (0..2_000).map(|i| i as f64).collect::<Vec<_>>());
-        assert_eq!(
-            store.latest_point(&key).unwrap().unwrap().point.metrics.get("m39"),
-            Some(39.5),
-            "a point read through its blob"
-        );
-
-        let small = TelemetryPoint { ts: now, metrics: Default::default(), ..ks_point(&store, &key) };
+        let latest = store.latest_point(&key).unwrap().expect("a hot point").point;
+        assert_eq!(latest.metrics.get("m39"), Some(39.5), "a point read through its blob");
+        let small = TelemetryPoint { ts: now, metrics: Default::default(), ..latest };
 
         let opts = SpillOptions { hot_window_ms: 3_600_000, tenant_windows: false, buffer_bytes: 1 << 20 };
         assert_eq!(cold.spill(now, &opts, Some(&key.tenant)).await.unwrap().rows, 2_000);
@@ -938,59 +925,66 @@ mod read_tests {
         let stale = store.telemetry_backlog().blob_stale_bytes;
         // Every value counted (the rest of the file is its own index and header).
         assert!(stale > blob_bytes * 3 / 4, "the compaction found the blobs dead: {stale} of {blob_bytes} bytes");
-        // A dead blob file is deleted at the tree's next compaction (lsm-tree 3.1 looks for
-        // dead files as a compaction starts); here one merging a point too small for a blob.
+        // A dead blob file leaves the tree when a later merge compaction commits (lsm-tree 3.1
+        // looks for dead files when a merge starts, in the version before it); here one
+        // merging a point too small for a blob, whose flush adds no blob file.
         let mut batch = Batch::new();
         Store::add_telemetry(&mut batch, &key, &small.clone(), now, b"small");
         store.commit(batch).await.unwrap();
         store.flush_telemetry().unwrap();
-        assert_eq!(store.telemetry_backlog().blob_files, 1, "a flush alone leaves it");
+        assert_eq!(store.telemetry_backlog().blob_files, 1, "a flush neither drops it nor adds one");
         ks.major_compact().unwrap();
         let backlog = store.telemetry_backlog();
-        assert_eq!((backlog.blob_files, backlog.blob_stale_bytes), (0, 0), "the dead blob file is deleted whole");
+        assert_eq!((backlog.blob_files, backlog.blob_stale_bytes), (0, 0), "the dead blob file is dropped whole");
         // Its file goes when no version of the tree refers to it any more: old versions are
         // let go at later flushes and compactions.
         let mut batch = Batch::new();
         Store::add_telemetry(&mut batch, &key, &TelemetryPoint { ts: now + 1, ..small }, now, b"later");
         store.commit(batch).await.unwrap();
         store.flush_telemetry().unwrap();
-        let on_disk: Vec<_> =
-            walk(dir.path()).into_iter().filter(|p| p.parent().is_some_and(|d| d.ends_with("blobs"))).collect();
-        assert!(on_disk.is_empty(), "blob files left on disk: {on_disk:?}");
+        assert_eq!(blob_files_on_disk(dir.path()), vec![], "blob files left on disk");
         let (rows, _) = cold.history_page(&key, 0, now + 1, None, 10_000).await.unwrap();
         assert_eq!(rows.len(), 2_002, "the spilled points (in the cold tier) and the two small ones");
         drop(cold);
         tokio::task::spawn_blocking(move || store.close()).await.unwrap();
     }
 
-    /// `telemetry_blob_min_bytes = 0` keeps every value in the tree, and fjall keeps the choice
-    /// with the keyspace: reopening with other options changes nothing.
+    /// fjall keeps the blob threshold with the keyspace: reopening with another
+    /// `telemetry_blob_min_bytes` changes nothing, either way.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_blob_threshold_is_fixed_when_the_keyspace_is_created() {
         let inline = StoreOptions { telemetry_blob_min_bytes: 0, ..StoreOptions::default() };
-        let (dir, store, cold, key, _) = filled(&inline, 40, 500).await;
-        assert_eq!(store.telemetry_backlog().blob_files, 0);
-        drop(cold);
-        let closing = store.clone();
-        tokio::task::spawn_blocking(move || closing.close()).await.unwrap();
-        drop(store);
-        let store =
-            Store::open(dir.path(), &StoreOptions::default(), Arc::new(crate::metrics::Metrics::default())).unwrap();
-        let point = store.latest_point(&key).unwrap().unwrap().point;
-        let mut batch = Batch::new();
-        Store::add_telemetry(&mut batch, &key, &TelemetryPoint { ts: point.ts + 1, ..point }, 0, b"x");
-        store.commit(batch).await.unwrap();
-        store.flush_telemetry().unwrap();
-        assert_eq!(store.telemetry_backlog().blob_files, 0, "created without blob files, kept so");
-        assert_eq!(batteries(&store, &key).len(), 501);
-        tokio::task::spawn_blocking(move || store.close()).await.unwrap();
+        for (created, reopened, kept) in
+            [(&inline, &StoreOptions::default(), 0), (&StoreOptions::default(), &inline, 256)]
+        {
+            let (dir, store, cold, key, _) = filled(created, 40, 500).await;
+            assert_eq!(store.ks.telemetry_blob_min_bytes(), kept);
+            let blob_files = store.telemetry_backlog().blob_files;
+            assert_eq!(blob_files > 0, kept > 0, "{blob_files} blob files");
+            drop(cold);
+            let closing = store.clone();
+            tokio::task::spawn_blocking(move || closing.close()).await.unwrap();
+            drop(store);
+            let store = Store::open(dir.path(), reopened, Arc::new(crate::metrics::Metrics::default())).unwrap();
+            assert_eq!(store.ks.telemetry_blob_min_bytes(), kept, "as created, whatever the options now");
+            let point = store.latest_point(&key).unwrap().unwrap().point;
+            let mut batch = Batch::new();
+            Store::add_telemetry(&mut batch, &key, &TelemetryPoint { ts: point.ts + 1, ..point }, 0, b"x");
+            store.commit(batch).await.unwrap();
+            store.flush_telemetry().unwrap();
+            let more = usize::from(kept > 0);
+            assert_eq!(store.telemetry_backlog().blob_files, blob_files + more, "the next flush does as created");
+            assert_eq!(batteries(&store, &key).len(), 501);
+            tokio::task::spawn_blocking(move || store.close()).await.unwrap();
+        }
     }
 
-    /// Every file under `dir`.
-    fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-        match std::fs::read_dir(dir) {
-            Ok(entries) => entries.flat_map(|e| walk(&e.unwrap().path())).collect(),
-            Err(_) => vec![dir.to_path_buf()],
-        }
+    /// The blob files under a data directory and their sizes (`fjall/keyspaces/<id>/blobs/`).
+    fn blob_files_on_disk(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64)> {
+        let listing = |d: &std::path::Path| std::fs::read_dir(d).into_iter().flatten().flatten().map(|e| e.path());
+        listing(&dir.join("fjall/keyspaces"))
+            .flat_map(|ks| listing(&ks.join("blobs")).collect::<Vec<_>>())
+            .filter_map(|p| Some((p.clone(), std::fs::metadata(&p).ok()?.len())))
+            .collect()
     }
 }
