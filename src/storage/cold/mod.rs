@@ -874,8 +874,8 @@ mod read_tests {
         tokio::task::spawn_blocking(move || store.close()).await.unwrap();
     }
 
-    /// A store with telemetry points of `metrics` metrics each (about 14 bytes stored per
-    /// metric), `n` per hour-long stretch 30 h ago; flushed.
+    /// A store with `n` telemetry points of one orb, a second apart from 30 h ago, each with
+    /// `metrics` metrics (about 14 bytes stored per metric); flushed.
     async fn filled(opts: &StoreOptions, metrics: usize, n: u64) -> (tempfile::TempDir, Store, Cold, OrbKey, u64) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), opts, Arc::new(crate::metrics::Metrics::default())).unwrap();
