@@ -11,6 +11,10 @@
 #   scripts/bench-vs-mosquitto.sh                       # both scenarios, 30 s each
 #   SCENARIOS=saturation DUR=20 scripts/bench-vs-mosquitto.sh
 #   SCENARIOS=saturation DUR=300 scripts/bench-vs-mosquitto.sh   # sustained: compaction catches up
+#   SERVER_ENV="TOKIO_WORKER_THREADS=1" SCENARIOS=devices scripts/bench-vs-mosquitto.sh
+# SERVER_ENV: NAME=value words set for the OrbManager server only (not the simulator, not
+# mosquitto), e.g. ORBMANAGER_* configuration overrides, for an A/B of a setting; it is
+# recorded in results.json.
 # Scenarios: `saturation` (1,000 connections x 1 KiB every 10 ms: 100K msg/s offered, more than
 # either broker takes here) and `devices` (15,000 connections x 1 KiB every 2 s: 7.5K msg/s).
 set -euo pipefail
@@ -22,6 +26,14 @@ MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 # BIN=path runs another build (an A/B against an older commit) and skips the build.
 if [ -n "${BIN:-}" ]; then B=$BIN; else cargo build --release --quiet; B=target/release/orbmanager; fi
 DUR=${DUR:-30}; BYTES=${BYTES:-1024}; SCENARIOS=${SCENARIOS:-"saturation devices"}
+SERVER_ENV=${SERVER_ENV:-}
+read -r -a server_env <<< "$SERVER_ENV"
+for kv in "${server_env[@]}"; do
+  if ! [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*=[^[:space:]]*$ ]]; then
+    echo "SERVER_ENV: '$kv' is not NAME=value (words are separated by spaces; a value has none)" >&2
+    exit 2
+  fi
+done
 OUT=${OUT:-target/bench-vs-mosquitto}
 rm -rf "$OUT"; mkdir -p "$OUT"
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # utime + stime, in clock ticks
@@ -90,7 +102,7 @@ CONF
   kill "$MQ"; wait "$MQ" 2>/dev/null || true; MQ=""
 
   rm -rf "$OUT/data"
-  "$B" serve --dev --data-dir "$OUT/data" --mqtt-addr 127.0.0.1:21884 --http-addr 127.0.0.1:0 --mqtts-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 \
+  env "${server_env[@]}" "$B" serve --dev --data-dir "$OUT/data" --mqtt-addr 127.0.0.1:21884 --http-addr 127.0.0.1:0 --mqtts-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 \
     > "$OUT/orbmanager.log" 2>&1 &
   OM=$!
   sleep 2
@@ -139,10 +151,12 @@ PY
   du -sb "$OUT/data" | cut -f1 > "$OUT/$scenario-data-bytes.txt"
 done
 
-python3 - "$OUT" $SCENARIOS <<'PY'
+python3 - "$OUT" "$SERVER_ENV" $SCENARIOS <<'PY'
 import json, sys
-out, scenarios = sys.argv[1], sys.argv[2:]
-results = {}
+out, server_env, scenarios = sys.argv[1], sys.argv[2], sys.argv[3:]
+results = {"server_env": server_env.split()}
+if server_env.split():
+    print(f"OrbManager server run with: {server_env}")
 print(f"{'scenario':<11} {'broker':<11} {'acked/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'CPU us/msg':>10} {'steady':>7} {'RSS MiB':>8}")
 for sc in scenarios:
     results[sc] = {}
