@@ -23,10 +23,8 @@ if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
   apt-get update -qq && apt-get install -y -qq mosquitto
 fi
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-# BIN=path runs another build (an A/B against an older commit) and skips the build.
-if [ -n "${BIN:-}" ]; then B=$BIN; else cargo build --release --quiet; B=target/release/orbmanager; fi
-DUR=${DUR:-30}; BYTES=${BYTES:-1024}; SCENARIOS=${SCENARIOS:-"saturation devices"}
 SERVER_ENV=${SERVER_ENV:-}
+# Checked before anything is built or started.
 read -r -a server_env <<< "$SERVER_ENV"
 for kv in "${server_env[@]}"; do
   if ! [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*=[^[:space:]]*$ ]]; then
@@ -34,6 +32,9 @@ for kv in "${server_env[@]}"; do
     exit 2
   fi
 done
+# BIN=path runs another build (an A/B against an older commit) and skips the build.
+if [ -n "${BIN:-}" ]; then B=$BIN; else cargo build --release --quiet; B=target/release/orbmanager; fi
+DUR=${DUR:-30}; BYTES=${BYTES:-1024}; SCENARIOS=${SCENARIOS:-"saturation devices"}
 OUT=${OUT:-target/bench-vs-mosquitto}
 rm -rf "$OUT"; mkdir -p "$OUT"
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # utime + stime, in clock ticks
@@ -155,7 +156,7 @@ python3 - "$OUT" "$SERVER_ENV" $SCENARIOS <<'PY'
 import json, sys
 out, server_env, scenarios = sys.argv[1], sys.argv[2], sys.argv[3:]
 results = {"server_env": server_env.split()}
-if server_env.split():
+if results["server_env"]:
     print(f"OrbManager server run with: {server_env}")
 print(f"{'scenario':<11} {'broker':<11} {'acked/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'CPU us/msg':>10} {'steady':>7} {'RSS MiB':>8}")
 for sc in scenarios:
